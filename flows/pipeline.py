@@ -1,0 +1,105 @@
+"""The pipeline as a Prefect 3 flow: the same six stage functions as ``dvc repro``, as tasks.
+
+Entrypoint ``flows/pipeline.py:pipeline``. Runs offline on Prefect's ephemeral API (no server).
+Defaults come from params.yaml; the flow's only parameters are the file and dotted *overrides*
+(``{"train.miner.type_of_triplets": "hard"}``), validated exactly like the file.
+
+One MLflow parent run per flow run: created here with every param flattened, handed to train, and
+picked up by the later stages from ``paths.run_info`` — the same path ``dvc repro`` takes.
+
+    python -m flows.pipeline [--params params.yaml] [--set train.loss.margin=0.1 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Offline-friendly defaults (a user's own settings win): no analytics, and time for the ephemeral
+# API server's first start on a slow machine (~17 s measured; Prefect's default limit is 20 s).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, tracking, train  # noqa: E402
+from tasks.params import flatten, load_params  # noqa: E402
+
+
+def _as_task(module, retries: int):
+    """A Prefect task around a stage's ``run``. No caching: DVC is our cache; retries only for
+    stages whose failures can be transient (file systems, network storage), not for training."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    return task(module.run, name=name, retries=retries, retry_delay_seconds=2, cache_policy=NONE)
+
+
+ingest_task = _as_task(ingest, retries=2)
+make_batches_task = _as_task(make_batches, retries=2)
+train_task = _as_task(train, retries=0)
+export_task = _as_task(export_embeddings, retries=2)
+index_task = _as_task(build_index, retries=2)
+evaluate_task = _as_task(evaluate, retries=1)
+
+
+@flow(name="tripletflow", log_prints=True)
+def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """ingest → make_batches → train → export_embeddings → build_index → evaluate; returns the
+    metrics and the MLflow run id."""
+    params = load_params(params_file, overrides)  # invalid params: fail before any output
+    paths = params.paths
+    root = Path(paths.root)
+    logger = get_run_logger()
+    run_id = tracking.start_pipeline_run(
+        root, params.train.experiment, {"prefect.flow_run_id": str(flow_run.id or ""), "tripletflow.runner": "prefect"}
+    )
+    tracking.Tracker(root, run_id).params(flatten(params.model_dump(exclude={"paths"})))
+    logger.info("MLflow run %s (%s)", run_id, tracking.tracking_uri(root))
+    try:
+        ingest_task(params.ingest, paths)
+        make_batches_task(params.make_batches, paths)
+        train_task(params.train, paths, parent_run_id=run_id)
+        export_task(params.export_embeddings, paths)
+        index_task(params.build_index, paths)
+        metrics = evaluate_task(params.evaluate, paths)
+    except BaseException:
+        tracking.finish_pipeline_run(root, run_id, "FAILED")
+        raise
+    logger.info("metrics: %s", json.dumps(metrics))
+    return {"run_id": run_id, "metrics": metrics}
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        out[key] = yaml.safe_load(value)  # so 0.1 is a float and [1, 5] a list, as in params.yaml
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    from tasks.cli import USER_ERRORS
+
+    try:
+        # Validate before starting Prefect (its ephemeral server takes seconds to come up).
+        load_params(args.params, _parse_set(args.overrides))
+        result = pipeline(params_file=str(Path(args.params).resolve()), overrides=_parse_set(args.overrides) or None)
+    except USER_ERRORS as err:
+        raise SystemExit(f"tripletflow: error: {err}") from None
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

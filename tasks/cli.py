@@ -1,0 +1,31 @@
+"""The thin ``main()`` every stage shares: load params.yaml, run the stage, turn known errors into
+one clear line on stderr and a non-zero exit (no traceback for a user's mistake)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks.contracts import ContractError
+from tasks.params import ParamsError, Paths, load_params
+
+# Errors that describe the user's input, not a bug: reported without a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ParamsError, ContractError, ValueError, FileNotFoundError)
+
+
+def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        section = getattr(params, name)
+        paths: Paths = params.paths
+        result = run(section, paths)
+    except USER_ERRORS as err:
+        print(f"tripletflow {name}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps({name: result}, default=str))

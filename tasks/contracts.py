@@ -1,0 +1,181 @@
+"""Data contracts: the column names and Arrow schemas of every artifact, and their checked I/O.
+
+Every table a stage writes or reads goes through :func:`write_table` / :func:`read_table`, which
+check it against its :class:`Contract` and raise :class:`ContractError` naming the file and the
+column — a hand-edited or stale file fails loudly at the stage boundary, not as a shape error deep
+inside training. Writes are atomic (temporary file in the same directory + ``os.replace``), so an
+interrupted stage never leaves a half-written file for DVC to cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"tripletflow"
+
+# Column names, spelled once.
+ITEM_ID, LABEL, SPLIT, IS_QUERY, IS_GALLERY, SOURCE, PIXELS = (
+    "item_id", "label", "split", "is_query", "is_gallery", "source", "pixels",
+)
+EPOCH, BATCH = "epoch", "batch"
+ANCHOR, POSITIVE, NEGATIVE = "anchor", "positive", "negative"
+EMBEDDING, POSITION, PATH, REASON = "embedding", "position", "path", "reason"
+TRAIN, TEST = "train", "test"
+
+
+class ContractError(ValueError):
+    """A file does not match its data contract (missing column, wrong type, bad metadata)."""
+
+
+def _fixed_list_of(value_type: pa.DataType) -> Callable[[pa.DataType], bool]:
+    def check(t: pa.DataType) -> bool:
+        return pa.types.is_fixed_size_list(t) and t.value_type == value_type
+
+    check.__doc__ = f"fixed_size_list<{value_type}>"
+    return check
+
+
+TypeSpec = pa.DataType | Callable[[pa.DataType], bool]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Name, ordered columns (type or predicate) and the metadata keys a file must carry."""
+
+    name: str
+    columns: tuple[tuple[str, TypeSpec], ...]
+    required_meta: tuple[str, ...] = ()
+
+    def schema(self, overrides: dict[str, pa.DataType] | None = None) -> pa.Schema:
+        """The Arrow schema; predicate columns need a concrete type in ``overrides``."""
+        overrides = overrides or {}
+        fields = []
+        for name, spec in self.columns:
+            t = overrides.get(name, spec)
+            if not isinstance(t, pa.DataType):
+                raise TypeError(f"{self.name}.{name} needs a concrete type")
+            fields.append(pa.field(name, t, nullable=False))
+        return pa.schema(fields)
+
+    def check(self, schema: pa.Schema, where: str) -> dict[str, Any]:
+        """Raise ContractError unless ``schema`` fits; return the decoded metadata."""
+        for name, spec in self.columns:
+            idx = schema.get_field_index(name)
+            if idx < 0:
+                raise ContractError(f"{where}: {self.name} has no column {name!r}")
+            t = schema.field(idx).type
+            ok = spec(t) if callable(spec) and not isinstance(spec, pa.DataType) else t == spec
+            if not ok:
+                want = spec.__doc__ if callable(spec) and not isinstance(spec, pa.DataType) else spec
+                raise ContractError(f"{where}: {self.name}.{name} is {t}, expected {want}")
+        raw = (schema.metadata or {}).get(META_KEY)
+        meta = json.loads(raw) if raw else {}
+        missing = [k for k in self.required_meta if k not in meta]
+        if missing:
+            raise ContractError(f"{where}: {self.name} metadata lacks {missing}")
+        return meta
+
+
+ITEMS = Contract(
+    "items",
+    (
+        (ITEM_ID, pa.string()),
+        (LABEL, pa.string()),
+        (SPLIT, pa.string()),
+        (IS_QUERY, pa.bool_()),
+        (IS_GALLERY, pa.bool_()),
+        (SOURCE, pa.string()),
+        (PIXELS, _fixed_list_of(pa.uint8())),  # H*W*C bytes, row-major HWC
+    ),
+    required_meta=("height", "width", "channels"),
+)
+QUARANTINE = Contract("quarantine", ((PATH, pa.string()), (REASON, pa.string())))
+BATCHES = Contract(
+    "batches",
+    ((EPOCH, pa.int32()), (BATCH, pa.int32()), (ITEM_ID, pa.string())),
+    required_meta=("classes_per_batch", "images_per_class", "epochs", "small_classes"),
+)
+TRIPLETS = Contract("triplets", ((ANCHOR, pa.string()), (POSITIVE, pa.string()), (NEGATIVE, pa.string())))
+EMBEDDINGS = Contract(
+    "embeddings",
+    (
+        (ITEM_ID, pa.string()),
+        (LABEL, pa.string()),
+        (SPLIT, pa.string()),
+        (IS_QUERY, pa.bool_()),
+        (IS_GALLERY, pa.bool_()),
+        (EMBEDDING, _fixed_list_of(pa.float32())),
+    ),
+    required_meta=("dim", "model_sha256", "normalized"),
+)
+INDEX_IDS = Contract("index_ids", ((POSITION, pa.int64()), (ITEM_ID, pa.string()), (LABEL, pa.string())))
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def with_meta(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
+    return table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def write_table(table: pa.Table, path: Path, contract: Contract, meta: dict[str, Any] | None = None) -> None:
+    """Check ``table`` against ``contract`` and write it to ``path`` atomically as Parquet."""
+    if meta is not None:
+        table = with_meta(table, meta)
+    contract.check(table.schema, f"writing {path}")
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_meta(path: Path, contract: Contract) -> dict[str, Any]:
+    """Metadata of a contract file, checked, without reading its rows."""
+    return contract.check(_schema(path), str(path))
+
+
+def _schema(path: Path) -> pa.Schema:
+    if not path.exists():
+        raise ContractError(f"{path}: missing (has the stage that writes it run?)")
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ContractError(f"{path}: not a readable Parquet file: {err}") from None
+
+
+def read_table(path: Path, contract: Contract, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a contract file (optionally only some columns); return the table and its metadata."""
+    meta = contract.check(_schema(path), str(path))
+    table = pq.read_table(path, columns=columns)
+    nulls = [c for c in table.column_names if table.column(c).null_count]
+    if nulls:
+        raise ContractError(f"{path}: {contract.name} has nulls in {nulls}")
+    return table, meta

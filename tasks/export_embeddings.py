@@ -1,0 +1,79 @@
+"""Stage 4 — export_embeddings: embed every query/gallery image with the trained model.
+
+Output ``paths.embeddings`` (contract ``EMBEDDINGS``): item_id, label, split, is_query, is_gallery
+and ``embedding`` as fixed-size list<float32>[dim]; its metadata records dim, the model file's
+SHA-256 (so an index can be traced to the exact weights) and that vectors are L2-normalised.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from tqdm import tqdm
+
+from tasks import contracts as C
+from tasks import tracking
+from tasks.models import file_sha256, load_checkpoint, pick_device, pixels_to_tensor
+from tasks.params import ExportEmbeddingsParams, Paths, flatten
+
+
+@torch.inference_mode()
+def embed(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    """uint8 (N, C, H, W) on the CPU -> float32 (N, D), in batches, with a progress bar."""
+    out = []
+    for i in tqdm(range(0, len(pixels), batch_size), desc="export: embed", unit="batch", file=sys.stderr, disable=None):
+        out.append(model(pixels[i : i + batch_size].to(device, non_blocking=True)).float().cpu())
+    if not out:
+        return np.empty((0, 0), np.float32)
+    return torch.cat(out).numpy()
+
+
+def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
+    """Embed query ∪ gallery items of ``paths.items`` with ``paths.model``; write ``paths.embeddings``."""
+    items, meta = C.read_table(paths["items"], C.ITEMS)
+    items = items.filter(pc.or_(items[C.IS_QUERY], items[C.IS_GALLERY]))
+    device = pick_device(params.device)
+    model = load_checkpoint(paths["model"], device)
+    pixels = pixels_to_tensor(items[C.PIXELS], meta["height"], meta["width"], meta["channels"])
+    vectors = embed(model, pixels, params.batch_size, device)
+    dim = model.config["embedding_dim"]
+    sha = file_sha256(paths["model"])
+    table = pa.table(
+        {
+            **{c: items[c] for c in (C.ITEM_ID, C.LABEL, C.SPLIT, C.IS_QUERY, C.IS_GALLERY)},
+            C.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        },
+        schema=C.EMBEDDINGS.schema({C.EMBEDDING: pa.list_(pa.float32(), dim)}),
+    )
+    C.write_table(table, paths["embeddings"], C.EMBEDDINGS, {"dim": dim, "model_sha256": sha, "normalized": True})
+
+    root = Path(paths.root)
+    parent_id = tracking.parent_from_run_info(root, paths["run_info"])
+    with tracking.stage_run(root, parent_id, "export_embeddings") as (child, parent):
+        child.params(flatten(params, "export_embeddings."))
+        parent.params(flatten(params, "export_embeddings."))
+        child.metrics({"n_embedded": len(vectors)})
+    return {"n_embedded": len(vectors), "dim": dim, "device": str(device), "model_sha256": sha}
+
+
+def read_embeddings(path: Path) -> tuple[pa.Table, np.ndarray, dict]:
+    """-> (table without the vectors, float32 (N, dim) C-contiguous, metadata)."""
+    table, meta = C.read_table(path, C.EMBEDDINGS)
+    col = table[C.EMBEDDING].combine_chunks()
+    vectors = np.ascontiguousarray(col.flatten().to_numpy().reshape(-1, meta["dim"]), dtype=np.float32)
+    return table.drop_columns([C.EMBEDDING]), vectors, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tasks.cli import stage_main
+
+    stage_main("export_embeddings", run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Pictures for people: the Recall@K curve and a retrieval grid (query, top-k, right/wrong)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tasks.contracts import atomic_path  # noqa: E402
+
+GREEN, RED = (0.1, 0.7, 0.2), (0.85, 0.1, 0.1)
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def recall_curve(ks: np.ndarray, recall: np.ndarray, path: Path, title: str) -> None:
+    """Recall@K against K (log-scaled x when K spans a decade)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, recall, marker="o", ms=3)
+    if ks.max() >= 10:
+        ax.set_xscale("log")
+    ax.set(xlabel="K", ylabel="Recall@K", ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def retrieval_grid(
+    queries: np.ndarray,
+    neighbors: np.ndarray,
+    correct: np.ndarray,
+    scores: np.ndarray,
+    query_labels: list[str],
+    path: Path,
+) -> None:
+    """One row per query: the query image, then its top-k results framed green (same label) or red.
+
+    queries (Q, H, W, C) uint8, neighbors (Q, k, H, W, C) uint8, correct (Q, k) bool, scores (Q, k).
+    """
+    q, k = correct.shape
+    fig, axes = plt.subplots(q, k + 1, figsize=(1.3 * (k + 1), 1.45 * q), squeeze=False)
+    gray = queries.shape[-1] == 1
+    show = (lambda ax, img: ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=255))
+    for i in range(q):
+        show(axes[i, 0], queries[i])
+        axes[i, 0].set_title(f"query\n{query_labels[i][-14:]}", fontsize=7)
+        for j in range(k):
+            ax = axes[i, j + 1]
+            show(ax, neighbors[i, j])
+            for spine in ax.spines.values():
+                spine.set_edgecolor(GREEN if correct[i, j] else RED)
+                spine.set_linewidth(3)
+            ax.set_title(f"#{j + 1} {scores[i, j]:.2f}", fontsize=7, color=GREEN if correct[i, j] else RED)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    _save(fig, path)

@@ -1,0 +1,178 @@
+"""Stage 1 — ingest: images + labels from a source into one Parquet table of decoded pixels.
+
+Output (``paths.items``, contract ``ITEMS``): item_id (content hash), label, split (train/test,
+class-disjoint: test classes are never seen in training), is_query / is_gallery (leave-one-out on
+the test split), source, and pixels decoded once to ``image_size``² × ``channels`` uint8, so
+training and export never decode an image again. Files that cannot be used are skipped and listed
+with their reason in ``paths.quarantine`` — never a crash mid-stage, never a silently lost file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from tasks import contracts as C
+from tasks import sources
+from tasks.params import IngestParams, Paths
+
+_CHUNK = 512  # records per worker task: large enough to amortise pickling, small for a live bar
+
+
+class DatasetError(ValueError):
+    """The source yields a dataset that metric learning cannot use (too few classes or images)."""
+
+
+def _decode_chunk(args: tuple[list[bytes], int, int]) -> list[np.ndarray | str]:
+    blobs, size, channels = args
+    out: list[np.ndarray | str] = []
+    for blob in blobs:
+        try:
+            out.append(sources.decode(blob, size, channels))
+        except ValueError as err:
+            out.append(str(err))
+    return out
+
+
+def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.Rejected]:
+    src = p.source
+    if src.kind == "digits":
+        return sources.digits()
+    if src.root is not None:
+        return sources.image_folder(root / src.root, split=None)
+    return (
+        r
+        for split, rel in ((C.TRAIN, src.train_root), (C.TEST, src.test_root))
+        for r in sources.image_folder(root / rel, split=split)
+    )
+
+
+def _decode_all(records: list[sources.Record], p: IngestParams) -> list[np.ndarray | str]:
+    """Decode in parallel across cores (fork: workers inherit nothing but the chunk they get)."""
+    chunks = [
+        ([r.data for r in records[i : i + _CHUNK]], p.image_size, p.channels)
+        for i in range(0, len(records), _CHUNK)
+    ]
+    workers = min(p.workers or os.cpu_count() or 1, len(chunks))
+    bar = tqdm(total=len(records), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
+    results: list[np.ndarray | str] = []
+    if workers <= 1:
+        mapped = map(_decode_chunk, chunks)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        mapped = pool.imap(_decode_chunk, chunks)
+    try:
+        for chunk in mapped:
+            results.extend(chunk)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return results
+
+
+def _split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
+    """Keep a source's own split; otherwise send a seeded ``test_fraction`` of classes to test."""
+    if all(s is not None for s in splits):
+        return [s for s in splits if s is not None]
+    classes = sorted(set(labels))
+    rng = np.random.default_rng(p.seed)
+    n_test = min(max(1, round(len(classes) * p.test_fraction)), len(classes) - 1)
+    test = {classes[i] for i in rng.permutation(len(classes))[:n_test]}
+    return [C.TEST if label in test else C.TRAIN for label in labels]
+
+
+def _check_usable(labels: list[str], splits: list[str]) -> None:
+    for name, wanted in ((C.TRAIN, 2), (C.TEST, 1)):
+        counts = Counter(label for label, s in zip(labels, splits) if s == name)
+        usable = [c for c, n in counts.items() if n >= 2]
+        if len(counts) < 2 or len(usable) < wanted:
+            raise DatasetError(
+                f"{name} split has {len(counts)} classes, {len(usable)} with at least 2 images; "
+                f"metric learning needs at least 2 classes and {wanted} with 2+ images"
+            )
+
+
+def run(params: IngestParams, paths: Paths) -> dict:
+    """Read the source, decode, split by class, write ``paths.items`` and ``paths.quarantine``."""
+    kept: list[sources.Record] = []
+    rejected: list[sources.Rejected] = []
+    first_seen: dict[str, str] = {}
+    for rec in _records(params, Path(paths.root)):
+        if isinstance(rec, sources.Rejected):
+            rejected.append(rec)
+        elif rec.item_id in first_seen:
+            rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[rec.item_id]}"))
+        else:
+            first_seen[rec.item_id] = rec.source
+            kept.append(rec)
+    decoded = _decode_all(kept, params)
+    good = [(r, px) for r, px in zip(kept, decoded) if not isinstance(px, str)]
+    rejected += [sources.Rejected(r.source, px) for r, px in zip(kept, decoded) if isinstance(px, str)]
+    if not good:
+        raise DatasetError(f"no usable image in source {params.source.model_dump()}")
+
+    labels = [r.label for r, _ in good]
+    splits = _split_by_class(labels, [r.split for r, _ in good], params)
+    _check_usable(labels, splits)
+    is_test = pa.array([s == C.TEST for s in splits])
+    flat = np.stack([px for _, px in good]).reshape(len(good), -1)
+    table = pa.table(
+        {
+            C.ITEM_ID: [r.item_id for r, _ in good],
+            C.LABEL: labels,
+            C.SPLIT: splits,
+            C.IS_QUERY: is_test,
+            C.IS_GALLERY: is_test,
+            C.SOURCE: [r.source for r, _ in good],
+            C.PIXELS: pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
+        },
+        schema=C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), flat.shape[1])}),
+    )
+    # Deterministic row order whatever the file-system order: by split, label, then content id.
+    table = table.sort_by([(C.SPLIT, "ascending"), (C.LABEL, "ascending"), (C.ITEM_ID, "ascending")])
+    reasons = Counter(r.reason.split(":")[0].split(" of ")[0] for r in rejected)
+    summary = {
+        "ingested": len(good),
+        "skipped": len(rejected),
+        "skipped_by_reason": dict(reasons),
+        "classes": {s: len({l for l, sp in zip(labels, splits) if sp == s}) for s in (C.TRAIN, C.TEST)},
+        "images": dict(Counter(splits)),
+    }
+    meta = {
+        "height": params.image_size,
+        "width": params.image_size,
+        "channels": params.channels,
+        "params": params.model_dump(),
+        "summary": summary,
+    }
+    C.write_table(table, paths["items"], C.ITEMS, meta)
+    quarantine = pa.table(
+        {C.PATH: [r.source for r in rejected], C.REASON: [r.reason for r in rejected]},
+        schema=C.QUARANTINE.schema(),
+    )
+    C.write_table(quarantine, paths["quarantine"], C.QUARANTINE)
+    detail = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
+    print(f"ingest: {len(good):,} ingested, {len(rejected):,} skipped" + (f": {detail}" if detail else ""))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tasks.cli import stage_main
+
+    stage_main("ingest", run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Stage 2 — make_batches: a seeded P×K batch plan (and explicit triplets) from the train labels.
+
+Each batch holds P distinct classes × K images of each. Within an epoch every train image appears
+once where possible: each class's images are shuffled and cut into K-sized chunks; the short last
+chunk is topped up with other images of the same class. Classes with fewer than K images are
+either sampled with replacement (``small_classes: replace``) or excluded (``drop``); the output's
+metadata says which classes were treated so. Training reads this plan, so a batch composition is
+versioned by DVC and identical between runs.
+
+Outputs: ``paths.batches`` (epoch, batch, item_id) and ``paths.triplets`` (anchor, positive,
+negative item ids: ``triplets_per_anchor`` per train image, for losses that take fixed triplets).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tasks import contracts as C
+from tasks.params import MakeBatchesParams, Paths
+
+
+def _class_chunks(members: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle one class's item indices into K-sized chunks covering every item once.
+
+    The last chunk is topped up from the class's other items (without replacement when it can be,
+    which needs ≥ K items; smaller classes come here only under ``replace``).
+    """
+    order = rng.permutation(members)
+    chunks = [order[i : i + k] for i in range(0, len(order), k)]
+    short = k - len(chunks[-1])
+    if short:
+        pool = np.setdiff1d(members, chunks[-1])
+        if len(pool) >= short:
+            extra = rng.choice(pool, size=short, replace=False)
+        else:
+            extra = rng.choice(members, size=short, replace=True)
+        chunks[-1] = np.concatenate([chunks[-1], extra])
+    return chunks
+
+
+def plan_epoch(classes: list[np.ndarray], p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of batches, each an int array of P·K item indices from P distinct classes.
+
+    Classes are drawn with probability proportional to their remaining chunks, so big classes do
+    not all end up in the last batches. When fewer than P classes still have chunks, the batch is
+    completed with fresh chunks of other classes (those images then appear twice this epoch).
+    """
+    queues = [_class_chunks(m, k, rng) for m in classes]
+    batches: list[np.ndarray] = []
+    while True:
+        left = np.array([len(q) for q in queues])
+        live = np.flatnonzero(left)
+        if len(live) == 0:
+            return batches
+        if len(live) >= p:
+            chosen = rng.choice(live, size=p, replace=False, p=left[live] / left[live].sum())
+            parts = [queues[c].pop() for c in chosen]
+        else:
+            parts = [queues[c].pop() for c in live]
+            others = np.setdiff1d(np.arange(len(classes)), live)
+            for c in rng.choice(others, size=p - len(live), replace=False):
+                parts.append(_class_chunks(classes[c], k, rng)[0])
+        batches.append(np.concatenate(parts))
+
+
+def run(params: MakeBatchesParams, paths: Paths) -> dict:
+    """Plan ``epochs`` epochs of P×K batches over the train split; write batches and triplets."""
+    items, _ = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT])
+    train = items.filter(pc.equal(items[C.SPLIT], C.TRAIN))
+    ids = np.asarray(train[C.ITEM_ID].to_pylist(), dtype=object)
+    names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
+    members = [np.flatnonzero(codes == c) for c in range(len(names))]
+    p, k = params.classes_per_batch, params.images_per_class
+    small = [str(names[c]) for c, m in enumerate(members) if len(m) < k]
+    # A class with one image can never give a positive pair: always excluded.
+    min_size = k if params.small_classes == "drop" else 2
+    usable = [m for m in members if len(m) >= min_size]
+    if len(usable) < p:
+        raise ValueError(
+            f"make_batches.classes_per_batch={p} but only {len(usable)} train classes can fill "
+            f"{k} images each (small_classes={params.small_classes!r}); lower P or K"
+        )
+
+    rng = np.random.default_rng(params.seed)
+    epoch_col, batch_col, item_col = [], [], []
+    for epoch in range(params.epochs):
+        for b, idx in enumerate(plan_epoch(usable, p, k, rng)):
+            epoch_col.append(np.full(len(idx), epoch, np.int32))
+            batch_col.append(np.full(len(idx), b, np.int32))
+            item_col.append(ids[idx])
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dt))
+    batches = pa.table(
+        {
+            C.EPOCH: pa.array(cat(epoch_col, np.int32)),
+            C.BATCH: pa.array(cat(batch_col, np.int32)),
+            C.ITEM_ID: pa.array(cat(item_col, object), pa.string()),
+        },
+        schema=C.BATCHES.schema(),
+    )
+    meta = {
+        "classes_per_batch": p,
+        "images_per_class": k,
+        "epochs": params.epochs,
+        "small_classes": params.small_classes,
+        "classes_smaller_than_k": small,
+        "excluded_classes": [str(names[c]) for c, m in enumerate(members) if len(m) < min_size],
+        "batches_per_epoch": len(batches) // (p * k * params.epochs) if params.epochs else 0,
+        "seed": params.seed,
+        "triplets_per_anchor": params.triplets_per_anchor,
+    }
+    C.write_table(batches, paths["batches"], C.BATCHES, meta)
+
+    triplets = _triplets(usable, ids, params.triplets_per_anchor, rng)
+    C.write_table(triplets, paths["triplets"], C.TRIPLETS, {"per_anchor": params.triplets_per_anchor})
+    return {k_: v for k_, v in meta.items() if k_ not in ("classes_smaller_than_k", "excluded_classes")} | {
+        "n_small_classes": len(small),
+        "n_triplets": triplets.num_rows,
+    }
+
+
+def _triplets(classes: list[np.ndarray], ids: np.ndarray, per_anchor: int, rng: np.random.Generator) -> pa.Table:
+    """``per_anchor`` (anchor, positive, negative) per image: positive = another image of its
+    class, negative = a random image of another class."""
+    anchors, positives, negatives = [], [], []
+    everyone = np.concatenate(classes)
+    for c, members in enumerate(classes):
+        others = np.setdiff1d(everyone, members)
+        for a in np.repeat(members, per_anchor):
+            anchors.append(a)
+            positives.append(rng.choice(members[members != a]))
+            negatives.append(rng.choice(others))
+    col = lambda xs: pa.array(ids[np.asarray(xs, dtype=np.int64)] if xs else [], pa.string())  # noqa: E731
+    return pa.table(
+        {C.ANCHOR: col(anchors), C.POSITIVE: col(positives), C.NEGATIVE: col(negatives)},
+        schema=C.TRIPLETS.schema(),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tasks.cli import stage_main
+
+    stage_main("make_batches", run, argv)
+
+
+if __name__ == "__main__":
+    main()

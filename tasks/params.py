@@ -1,0 +1,261 @@
+"""Typed, validated params: the one schema of params.yaml.
+
+Every stage and the Prefect flow load params.yaml through :func:`load_params`. An unknown key, a
+missing key or a wrong type raises :class:`ParamsError` naming the dotted key (``train.loss.margin``)
+before any stage touches an output. Pydantic runs in strict mode, so ``"3"`` is not silently an int.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is invalid; the message names every offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Paths(_Strict):
+    """Where each stage reads and writes, relative to ``root`` (the directory of params.yaml)."""
+
+    root: str = "."  # filled in by load_params; never written in params.yaml
+    items: str
+    quarantine: str
+    batches: str
+    triplets: str
+    model: str
+    run_info: str
+    train_curve: str
+    embeddings: str
+    index: str
+    index_ids: str
+    metrics: str
+    recall_curve: str
+    figures: str
+
+    def __getitem__(self, name: str) -> Path:
+        """``paths["model"]`` -> absolute Path of that entry."""
+        value = getattr(self, name)
+        path = Path(value)
+        return path if path.is_absolute() else Path(self.root) / path
+
+
+class DigitsSource(_Strict):
+    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes): the offline default."""
+
+    kind: Literal["digits"]
+
+
+class ImageFolderSource(_Strict):
+    """``root/<label>/.../*.png|jpg`` trees or zips of one; label = relative folder path.
+
+    Either ``root`` (one tree, split by class with ``ingest.test_fraction``) or ``train_root`` and
+    ``test_root`` (an official split, e.g. Omniglot background / evaluation).
+    """
+
+    kind: Literal["image_folder"]
+    root: str | None = None
+    train_root: str | None = None
+    test_root: str | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "ImageFolderSource":
+        has_split = self.train_root is not None or self.test_root is not None
+        if self.root is None and not (self.train_root and self.test_root):
+            raise ValueError("give either `root` or both `train_root` and `test_root`")
+        if self.root is not None and has_split:
+            raise ValueError("give either `root` or `train_root`/`test_root`, not both")
+        return self
+
+
+Source = Annotated[Union[DigitsSource, ImageFolderSource], Field(discriminator="kind")]
+
+
+class IngestParams(_Strict):
+    source: Source
+    image_size: int = Field(gt=0, le=1024)
+    channels: Literal[1, 3]
+    test_fraction: float = Field(gt=0, lt=1)
+    workers: int = Field(ge=0)  # 0 = one per core
+    seed: int
+
+
+class MakeBatchesParams(_Strict):
+    classes_per_batch: int = Field(ge=2)  # P
+    images_per_class: int = Field(ge=2)  # K
+    epochs: int = Field(ge=0)  # 0 = an untrained network (the baseline every run must beat)
+    small_classes: Literal["replace", "drop"]
+    triplets_per_anchor: int = Field(ge=0)
+    seed: int
+
+
+class Component(BaseModel):
+    """A class chosen by name plus its keyword arguments, e.g. ``{name: TripletMarginLoss, margin: 0.2}``."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+def _check_component(spec: Component | None, module: str, key: str) -> list[str]:
+    """Errors for a class name absent from ``module`` or a kwarg its constructor does not take."""
+    if spec is None:
+        return []
+    mod = importlib.import_module(module)
+    cls = getattr(mod, spec.name, None)
+    if not inspect.isclass(cls):
+        return [f"{key}.name: {spec.name!r} is not a class in {module}"]
+    # pytorch-metric-learning classes forward **kwargs to their bases: the accepted names are
+    # the union up the class hierarchy for as long as each __init__ forwards **kwargs.
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        accepted |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    accepted.discard("self")
+    return [
+        f"{key}.{kw}: {spec.name} takes no argument {kw!r}" for kw in spec.kwargs if kw not in accepted
+    ]
+
+
+class TrainParams(_Strict):
+    backbone: str  # "small_cnn" or a torchvision model name (resnet18, ...)
+    width: int = Field(gt=0)  # channels of the small CNN's blocks
+    embedding_dim: int = Field(gt=0)
+    loss: Component
+    miner: Component | None
+    optimizer: Component
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    experiment: str = Field(min_length=1)
+    seed: int
+
+
+class ExportEmbeddingsParams(_Strict):
+    batch_size: int = Field(gt=0)
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class BuildIndexParams(_Strict):
+    factory: str = Field(min_length=1)  # any faiss index_factory string: Flat, IVF64,Flat, HNSW32 ...
+    metric: Literal["inner_product", "l2"]
+
+
+class EvaluateParams(_Strict):
+    recall_at: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    map_at: int = Field(gt=0)  # mAP@k, Google Landmark Retrieval definition (k=100)
+    grid_queries: int = Field(ge=0)
+    grid_top_k: int = Field(gt=0)
+    seed: int
+
+
+class Params(_Strict):
+    paths: Paths
+    ingest: IngestParams
+    make_batches: MakeBatchesParams
+    train: TrainParams
+    export_embeddings: ExportEmbeddingsParams
+    build_index: BuildIndexParams
+    evaluate: EvaluateParams
+
+
+def _format(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        # Discriminated unions put the tag in the location (source.digits.root); drop it.
+        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-after")]
+        key = ".".join(loc) or "<top level>"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}{got}")
+    return f"{origin}: invalid params\n" + "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``{"train.loss.margin": 0.1}``) in a copy of ``raw``.
+
+    Only the flow and tests override; the defaults stay in params.yaml. An override of a section
+    that does not exist is an error here, an unknown leaf is caught by validation.
+    """
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for i, part in enumerate(parents):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"override {dotted!r}: no section {'.'.join(parents[: i + 1])!r}")
+            node = node[part]
+        if not isinstance(node, dict):
+            raise ParamsError(f"override {dotted!r}: {'.'.join(parents)!r} is not a section")
+        node[leaf] = value
+    return out
+
+
+def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
+    """Validate an already-loaded mapping; ``root`` anchors every relative path."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    if "root" in raw.get("paths", {}):
+        raise ParamsError(f"{origin}: paths.root is set by the loader, not in the file")
+    raw = copy.deepcopy(raw)
+    raw.setdefault("paths", {})
+    if isinstance(raw["paths"], dict):
+        raw["paths"]["root"] = str(root.resolve())
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format(err, origin)) from None
+    # Classes chosen by name are checked once the types are right, so the message can name the
+    # exact key (train.loss.margn), which a pydantic validator on `train` could not.
+    t = params.train
+    errors = (
+        _check_component(t.loss, "pytorch_metric_learning.losses", "train.loss")
+        + _check_component(t.miner, "pytorch_metric_learning.miners", "train.miner")
+        + _check_component(t.optimizer, "torch.optim", "train.optimizer")
+    )
+    if errors:
+        raise ParamsError(f"{origin}: invalid params\n" + "\n".join(f"  {e}" for e in errors))
+    return params
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read, override and validate params.yaml. Relative paths resolve against its directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return parse_params(raw, path.parent, origin=str(path))
+
+
+def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train.loss.margin": 0.2, ...}`` — the form MLflow logs params in."""
+    data = params.model_dump() if isinstance(params, BaseModel) else params
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,142 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per stage execution.
+
+The parent run is created by the Prefect flow (and handed to train) or, under ``dvc repro``, by the
+train stage itself; train records its id in ``paths.run_info`` so the downstream stages (export,
+index, evaluate) log into the same run whichever way the pipeline was started. Stage params and
+timings go to the stage's child run; metrics and artifacts also go to the parent, which is what a
+user opens in ``mlflow ui``.
+
+We use ``MlflowClient`` with explicit run ids rather than the fluent API, whose active-run stack is
+process-global state. Tracking URI: ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<project>/mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tasks.contracts import write_json
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Logs to one MLflow run; thin, so stages do not import mlflow themselves."""
+
+    def __init__(self, root: Path, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.root = Path(root)
+        self.client = MlflowClient(tracking_uri(root))
+        self.run_id = run_id
+
+    def params(self, values: dict[str, Any]) -> None:
+        """Log params not yet on the run (params are immutable in MLflow: first write wins)."""
+        from mlflow.entities import Param
+
+        have = self.client.get_run(self.run_id).data.params
+        new = [Param(k, _param_str(v)) for k, v in values.items() if k not in have]
+        for i in range(0, len(new), 100):  # MLflow's log_batch limit is 100 params
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), subdir)
+        else:
+            self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def tags(self, values: dict[str, str]) -> None:
+        for k, v in values.items():
+            self.client.set_tag(self.run_id, k, v)
+
+
+def _param_str(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]  # MLflow's param value limit
+
+
+def _experiment_id(client, name: str, root: Path) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # With the default SQLite store MLflow would put artifacts under the *cwd*'s ./mlruns; pin
+    # them beside the database instead, so where you run from does not matter.
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(root).resolve() / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_pipeline_run(root: Path, experiment: str, tags: dict[str, str] | None = None) -> str:
+    """Create the parent run of one pipeline run; return its id."""
+    from mlflow.tracking import MlflowClient
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # alembic/sqlalchemy chatter on a new SQLite store
+        client = MlflowClient(tracking_uri(root))
+        exp_id = _experiment_id(client, experiment, root)
+    run = client.create_run(exp_id, tags={"tripletflow.kind": "pipeline", **(tags or {})})
+    return run.info.run_id
+
+
+def finish_pipeline_run(root: Path, run_id: str, status: str = "FINISHED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri(root)).set_terminated(run_id, status)
+
+
+def write_run_info(path: Path, run_id: str, experiment: str) -> None:
+    write_json(path, {"run_id": run_id, "experiment": experiment})
+
+
+def parent_from_run_info(root: Path, run_info: Path) -> str:
+    """The parent run recorded by train; a new one if that run is not in this store
+    (e.g. DVC restored train's outputs from cache into a fresh clone with an empty mlflow.db)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads(run_info.read_text())
+    client = MlflowClient(tracking_uri(root))
+    try:
+        client.get_run(info["run_id"])
+        return info["run_id"]
+    except MlflowException:
+        return start_pipeline_run(root, info["experiment"], {"tripletflow.original_run_id": info["run_id"]})
+
+
+@contextmanager
+def stage_run(root: Path, parent_run_id: str, stage: str) -> Iterator[tuple[Tracker, Tracker]]:
+    """A child run for one stage execution under ``parent_run_id``; yields (child, parent).
+
+    The child ends FINISHED, or FAILED if the stage raised; its duration is logged as a metric.
+    """
+    parent = Tracker(root, parent_run_id)
+    exp_id = parent.client.get_run(parent_run_id).info.experiment_id
+    run = parent.client.create_run(exp_id, run_name=stage, tags={PARENT_TAG: parent_run_id, "tripletflow.stage": stage})
+    child = Tracker(root, run.info.run_id)
+    start = time.perf_counter()
+    status = "FAILED"
+    try:
+        yield child, parent
+        status = "FINISHED"
+    finally:
+        seconds = time.perf_counter() - start
+        child.metrics({"stage_seconds": seconds})
+        parent.metrics({f"{stage}.seconds": seconds})
+        child.client.set_terminated(child.run_id, status)

@@ -1,0 +1,62 @@
+"""The Prefect flow, offline, under prefect_test_harness."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline
+from tasks import tracking
+from tasks.params import ParamsError
+from tests.conftest import FAST, ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def test_flow_runs_every_stage_and_logs_one_mlflow_run(make_project):
+    params_file = make_project(FAST)
+    result = pipeline(params_file=str(params_file), overrides={"evaluate.grid_queries": 3})
+    root = params_file.parent
+    assert 0 < result["metrics"]["map_at_r"] <= 1
+    for out in ("data/items.parquet", "data/batches.parquet", "models/model.pt", "models/index.faiss", "metrics.json"):
+        assert (root / out).exists(), out
+
+    client = MlflowClient(tracking.tracking_uri(root))
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"]
+    # Every section of params.yaml, flattened; overrides win over the file.
+    assert run.data.params["evaluate.grid_queries"] == "3"
+    assert run.data.params["make_batches.epochs"] == str(FAST["make_batches.epochs"])
+    assert run.data.params["train.loss.name"] == "TripletMarginLoss"
+    assert run.data.metrics["map_at_r"] == pytest.approx(result["metrics"]["map_at_r"])
+    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+    assert sorted(c.data.tags["tripletflow.stage"] for c in children) == ["build_index", "evaluate", "export_embeddings", "train"]
+
+
+def test_invalid_override_fails_before_any_output(make_project):
+    params_file = make_project(FAST)
+    with pytest.raises(ParamsError, match="train.no_such_key"):
+        pipeline(params_file=str(params_file), overrides={"train.no_such_key": 1})
+    assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]
+
+
+def test_cli_rejects_a_bad_value_naming_the_key(make_project):
+    params_file = make_project(FAST)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", "--params", str(params_file), "--set", "make_batches.epochs=many"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode != 0
+    assert "make_batches.epochs" in proc.stderr
+    assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]

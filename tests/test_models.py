@@ -1,0 +1,52 @@
+import torch
+
+from tasks.models import EmbeddingNet, SmallCNN, load_checkpoint, pick_device, save_checkpoint
+
+
+def _config(**kw):
+    return {"backbone": "small_cnn", "width": 8, "embedding_dim": 12, "in_channels": 1, "image_size": 16} | kw
+
+
+def test_embeddings_are_unit_norm_with_the_configured_dim():
+    model = EmbeddingNet(_config()).eval()
+    out = model(torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8))
+    assert out.shape == (5, 12)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+
+
+def test_small_cnn_stops_pooling_at_one_pixel():
+    # 8×8 digits: three pools reach 1×1; a fourth would fail.
+    net = SmallCNN(in_channels=1, width=4, image_size=8)
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) == 3
+
+
+def test_torchvision_backbone_takes_grayscale():
+    model = EmbeddingNet(_config(backbone="resnet18", image_size=32)).eval()
+    out = model(torch.zeros(2, 1, 32, 32, dtype=torch.uint8))
+    assert out.shape == (2, 12)
+
+
+def test_unknown_backbone_is_a_clear_error():
+    import pytest
+
+    with pytest.raises(ValueError, match="train.backbone"):
+        EmbeddingNet(_config(backbone="no_such_net"))
+
+
+def test_checkpoint_roundtrip_is_weights_only_loadable(tmp_path):
+    torch.manual_seed(0)
+    model = EmbeddingNet(_config(in_channels=3)).eval()
+    path = tmp_path / "m.pt"
+    sha = save_checkpoint(model, path, {"epochs": 3})
+    assert len(sha) == 64
+    state = torch.load(path, weights_only=True)  # no pickled code objects
+    assert state["epochs"] == 3 and state["config"]["in_channels"] == 3
+    again = load_checkpoint(path)
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    torch.testing.assert_close(model(x), again(x))
+
+
+def test_pick_device():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

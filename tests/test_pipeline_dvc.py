@@ -1,0 +1,78 @@
+"""End to end: `dvc repro` in a temporary git repository made from this one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import copy_repo
+
+pytestmark = pytest.mark.slow
+STAGES = ["ingest", "make_batches", "train", "export_embeddings", "build_index", "evaluate"]
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def _ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = copy_repo(tmp_path_factory.mktemp("clone"))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    _run(["git", "init", "-q"], root)
+    _run(git + ["add", "-A"], root)
+    _run(git + ["commit", "-q", "-m", "snapshot"], root)
+    return root
+
+
+def test_dvc_repro_runs_all_then_nothing_then_only_downstream(repo: Path):
+    dvc = [sys.executable, "-m", "dvc"]
+    first = _run(dvc + ["repro"], repo)
+    assert _ran(first) == STAGES
+    metrics = json.loads((repo / "metrics.json").read_text())
+    assert 0 < metrics["map_at_r"] <= 1 and metrics["n_queries"] > 0
+
+    assert _ran(_run(dvc + ["repro"], repo)) == []  # nothing changed: nothing runs
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["miner"]["type_of_triplets"] = "hard"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_run(dvc + ["repro"], repo)) == STAGES[2:]
+
+    shown = json.loads(_run(dvc + ["metrics", "show", "--json"], repo))
+    assert "map_at_r" in json.dumps(shown)
+
+
+def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tripletflow")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags.get("tripletflow.kind") == "pipeline"]
+    assert len(parents) == 2  # the first repro and the miner change
+    latest = parents[-1]
+    assert latest.info.status == "FINISHED"
+    assert latest.data.params["train.miner.type_of_triplets"] == "hard"
+    assert latest.data.params["ingest.source.kind"] == "digits"
+    assert latest.data.params["make_batches.classes_per_batch"] == "7"
+    assert latest.data.params["evaluate.map_at"] == "100"
+    assert {"map_at_r", "recall_at_1", "train.loss"} <= set(latest.data.metrics)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == latest.info.run_id]
+    assert sorted(r.data.tags["tripletflow.stage"] for r in children) == sorted(STAGES[2:])
+    artifacts = {a.path for a in client.list_artifacts(latest.info.run_id)}
+    assert {"model", "index", "evaluation", "plots"} <= artifacts
+    evaluation = {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "evaluation")}
+    assert {"metrics.json", "recall_at_k.csv", "recall_at_k.png", "retrieval_grid.png"} <= evaluation

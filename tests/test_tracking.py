@@ -1,0 +1,55 @@
+import json
+
+from mlflow.tracking import MlflowClient
+
+from tasks import tracking
+
+
+def test_stage_runs_are_children_of_the_pipeline_run(tmp_path):
+    parent_id = tracking.start_pipeline_run(tmp_path, "exp")
+    with tracking.stage_run(tmp_path, parent_id, "train") as (child, parent):
+        child.params({"train.lr": 0.1, "train.sizes": [1, 2]})
+        parent.metrics({"loss": 1.5}, step=0)
+        parent.metrics({"loss": 0.5}, step=1)
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    child_run = client.get_run(child.run_id)
+    assert child_run.data.tags[tracking.PARENT_TAG] == parent_id
+    assert child_run.info.status == "FINISHED"
+    assert child_run.data.params == {"train.lr": "0.1", "train.sizes": "[1, 2]"}
+    assert [m.value for m in client.get_metric_history(parent_id, "loss")] == [1.5, 0.5]
+    assert "train.seconds" in client.get_run(parent_id).data.metrics
+    # Artifacts sit beside the database, not under whatever directory the process ran from.
+    exp = client.get_experiment_by_name("exp")
+    assert exp.artifact_location == (tmp_path.resolve() / "mlruns").as_uri()
+
+
+def test_a_failing_stage_marks_its_run_failed(tmp_path):
+    parent_id = tracking.start_pipeline_run(tmp_path, "exp")
+    try:
+        with tracking.stage_run(tmp_path, parent_id, "evaluate") as (child, _):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert MlflowClient(tracking.tracking_uri(tmp_path)).get_run(child.run_id).info.status == "FAILED"
+
+
+def test_params_are_first_write_wins(tmp_path):
+    run_id = tracking.start_pipeline_run(tmp_path, "exp")
+    t = tracking.Tracker(tmp_path, run_id)
+    t.params({"a": 1})
+    t.params({"a": 2, "b": 3})  # MLflow would raise on a changed value; we keep the first
+    assert MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run_id).data.params == {"a": "1", "b": "3"}
+
+
+def test_run_info_pointing_at_a_missing_run_starts_a_new_one(tmp_path):
+    info = tmp_path / "run.json"
+    info.write_text(json.dumps({"run_id": "0" * 32, "experiment": "exp"}))
+    new_id = tracking.parent_from_run_info(tmp_path, info)
+    run = MlflowClient(tracking.tracking_uri(tmp_path)).get_run(new_id)
+    assert run.data.tags["tripletflow.original_run_id"] == "0" * 32
+
+
+def test_tracking_uri_honours_the_environment(tmp_path, monkeypatch):
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"

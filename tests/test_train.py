@@ -1,0 +1,79 @@
+import csv
+import json
+
+import pytest
+import torch
+from pytorch_metric_learning import losses, miners
+
+from tasks import make_batches, train
+from tasks.params import load_params
+from tasks.train import mining_stats
+from tests.conftest import FAST, synthetic_items
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(make_project):
+    params = load_params(make_project(FAST | {"make_batches.epochs": 6, "train.miner": None}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    result = train.run(params.train, params.paths)
+
+    curve = _csv(params.paths["train_curve"])
+    assert len(curve) == 6
+    assert float(curve[-1]["loss"]) < 0.5 * float(curve[0]["loss"])
+    state = torch.load(params.paths["model"], weights_only=True)
+    assert state["config"]["embedding_dim"] == FAST["train.embedding_dim"]
+    assert json.loads(params.paths["run_info"].read_text())["run_id"] == result["run_id"]
+
+
+def test_zero_epochs_saves_the_untrained_network(make_project):
+    params = load_params(make_project(FAST | {"make_batches.epochs": 0}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    result = train.run(params.train, params.paths)
+    assert result["epochs"] == 0 and result["steps"] == 0
+    assert params.paths["model"].exists()
+
+
+def test_non_finite_loss_stops_with_the_epoch_and_step(make_project):
+    # lr=inf turns the weights into NaN after the first step, so the second loss is NaN.
+    params = load_params(make_project(FAST | {"train.optimizer": {"name": "SGD", "lr": float("inf")}}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step 1"):
+        train.run(params.train, params.paths)
+    assert not params.paths["model"].exists()
+
+
+def test_mining_stats_on_a_hand_made_batch():
+    # 1-D embeddings on the unit circle: class 0 at angle 0 and 0.1, class 1 at angle 0.5.
+    ang = torch.tensor([0.0, 0.1, 0.5])
+    emb = torch.stack([ang.cos(), ang.sin()], 1)
+    labels = torch.tensor([0, 0, 1])
+    loss_fn = losses.TripletMarginLoss(margin=0.2)
+    triplets = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+    stats = mining_stats(emb, labels, triplets, loss_fn)
+    d_ap, d_an = 2 * torch.sin(torch.tensor(0.05)), 2 * torch.sin(torch.tensor(0.25))
+    assert stats["mined"] == 1
+    assert stats["pos_distance"] == pytest.approx(d_ap.item(), abs=1e-5)
+    assert stats["neg_distance"] == pytest.approx(d_an.item(), abs=1e-5)
+    assert stats["frac_active"] == (1.0 if d_ap - d_an + 0.2 > 0 else 0.0)
+    # The miner's own output feeds the same statistics: with a margin of 1 both triplets
+    # (0,1,2) and (1,0,2) violate it; with 0.2 neither does (d_an - d_ap ≈ 0.39).
+    wide = miners.TripletMarginMiner(margin=1.0, type_of_triplets="all")(emb, labels)
+    assert mining_stats(emb, labels, wide, loss_fn)["mined"] == 2
+    narrow = miners.TripletMarginMiner(margin=0.2, type_of_triplets="all")(emb, labels)
+    assert mining_stats(emb, labels, narrow, loss_fn) | {"pos_distance": 0, "neg_distance": 0} == {
+        "mined": 0, "frac_active": 0.0, "pos_distance": 0, "neg_distance": 0}
+
+
+def test_mining_stats_on_pairs():
+    emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    pairs = miners.MultiSimilarityMiner()(emb, labels)
+    stats = mining_stats(emb, labels, pairs, losses.MultiSimilarityLoss())
+    assert stats["mined"] == sum(len(p) for p in pairs) / 2

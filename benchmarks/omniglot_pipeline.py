@@ -55,7 +55,8 @@ def main() -> None:
         start = time.perf_counter()
         out = pipeline(params_file=str(work / "params.yaml"), overrides=overrides | extra)
         results[name] = out["metrics"] | {"wall_s": time.perf_counter() - start, "run_id": out["run_id"]}
-    curve = (work / "plots" / "train_curve.csv").read_text().splitlines()
+        if name == "trained":
+            curve = (work / "plots" / "train_curve.csv").read_text().splitlines()
     for key in ("map_at_r", "r_precision", "precision_at_1", "recall_at_1", "recall_at_8", "map_at_100"):
         print(json.dumps({
             "figure": f"omniglot_{key}", "trained": round(results["trained"][key], 4),

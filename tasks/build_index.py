@@ -9,7 +9,6 @@ the dataset's item ids again.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 from tasks import contracts as C
 from tasks import tracking
 from tasks.export_embeddings import read_embeddings
-from tasks.params import BuildIndexParams, Paths, flatten
+from tasks.params import BuildIndexParams, Paths
 
 METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
@@ -57,12 +56,8 @@ def run(params: BuildIndexParams, paths: Paths) -> dict:
     )
     C.write_table(ids, paths["index_ids"], C.INDEX_IDS, {"factory": params.factory, "metric": params.metric, "model_sha256": meta["model_sha256"]})
 
-    root = Path(paths.root)
-    parent_id = tracking.parent_from_run_info(root, paths["run_info"])
     result = {"n_indexed": int(index.ntotal), "build_seconds": seconds, "index_bytes": paths["index"].stat().st_size}
-    with tracking.stage_run(root, parent_id, "build_index") as (child, parent):
-        child.params(flatten(params, "build_index."))
-        parent.params(flatten(params, "build_index."))
+    with tracking.stage_run(paths, "build_index", params) as (child, parent):
         child.metrics(result)
         parent.artifact(paths["index"], "index")
         parent.artifact(paths["index_ids"], "index")

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from tasks import contracts as C
 from tasks import figures, metrics, tracking
 from tasks.export_embeddings import read_embeddings
-from tasks.params import EvaluateParams, Paths, flatten
+from tasks.params import EvaluateParams, Paths
 
 
 def search_excluding_self(
@@ -85,17 +85,13 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     figures.recall_curve(ks, recall, fig_dir / "recall_at_k.png", f"Recall@K ({int(answered.sum())} queries)")
     _grid(params, paths, query_ids, pos, scores, hits, query_labels, ids_table, fig_dir / "retrieval_grid.png")
 
-    root = Path(paths.root)
-    parent_id = tracking.parent_from_run_info(root, paths["run_info"])
     numeric = {k_: float(v) for k_, v in result.items() if isinstance(v, (int, float))}
-    with tracking.stage_run(root, parent_id, "evaluate") as (child, parent):
-        child.params(flatten(params, "evaluate."))
-        parent.params(flatten(params, "evaluate."))
+    with tracking.stage_run(paths, "evaluate", params) as (child, parent):
         child.metrics(numeric)
         parent.metrics(numeric)
         for path in (paths["metrics"], paths["recall_curve"], fig_dir):
             parent.artifact(path, "evaluation")
-    tracking.finish_pipeline_run(root, parent_id)
+    tracking.finish_pipeline_run(Path(paths.root), parent.run_id)
     return result
 
 

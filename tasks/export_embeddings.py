@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tasks import contracts as C
 from tasks import tracking
 from tasks.models import file_sha256, load_checkpoint, pick_device, pixels_to_tensor
-from tasks.params import ExportEmbeddingsParams, Paths, flatten
+from tasks.params import ExportEmbeddingsParams, Paths
 
 
 @torch.inference_mode()
@@ -52,11 +52,7 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     )
     C.write_table(table, paths["embeddings"], C.EMBEDDINGS, {"dim": dim, "model_sha256": sha, "normalized": True})
 
-    root = Path(paths.root)
-    parent_id = tracking.parent_from_run_info(root, paths["run_info"])
-    with tracking.stage_run(root, parent_id, "export_embeddings") as (child, parent):
-        child.params(flatten(params, "export_embeddings."))
-        parent.params(flatten(params, "export_embeddings."))
+    with tracking.stage_run(paths, "export_embeddings", params) as (child, parent):
         child.metrics({"n_embedded": len(vectors)})
     return {"n_embedded": len(vectors), "dim": dim, "device": str(device), "model_sha256": sha}
 

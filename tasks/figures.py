@@ -27,6 +27,9 @@ def recall_curve(ks: np.ndarray, recall: np.ndarray, path: Path, title: str) -> 
     ax.plot(ks, recall, marker="o", ms=3)
     if ks.max() >= 10:
         ax.set_xscale("log")
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= ks.max()]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.annotate(f"R@1 = {recall[0]:.3f}", (ks[0], recall[0]), textcoords="offset points", xytext=(8, -14))
     ax.set(xlabel="K", ylabel="Recall@K", ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     _save(fig, path)
@@ -57,7 +60,7 @@ def retrieval_grid(
             for spine in ax.spines.values():
                 spine.set_edgecolor(GREEN if correct[i, j] else RED)
                 spine.set_linewidth(3)
-            ax.set_title(f"#{j + 1} {scores[i, j]:.2f}", fontsize=7, color=GREEN if correct[i, j] else RED)
+            ax.set_title(f"#{j + 1} {scores[i, j]:.3f}", fontsize=7, color=GREEN if correct[i, j] else RED)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

@@ -21,7 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from tasks.contracts import write_json
+from tasks.params import Paths, flatten
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -121,15 +124,24 @@ def parent_from_run_info(root: Path, run_info: Path) -> str:
 
 
 @contextmanager
-def stage_run(root: Path, parent_run_id: str, stage: str) -> Iterator[tuple[Tracker, Tracker]]:
-    """A child run for one stage execution under ``parent_run_id``; yields (child, parent).
+def stage_run(
+    paths: Paths, stage: str, params: BaseModel, parent_run_id: str | None = None
+) -> Iterator[tuple[Tracker, Tracker]]:
+    """A child run for one stage execution; yields (child, parent).
 
-    The child ends FINISHED, or FAILED if the stage raised; its duration is logged as a metric.
+    The parent is ``parent_run_id`` or, for the stages after train, the run recorded in
+    ``paths.run_info``. The stage's params (``<stage>.<key>``) go to both runs; the child ends
+    FINISHED, or FAILED if the stage raised; its duration is logged as a metric on both.
     """
+    root = Path(paths.root)
+    parent_run_id = parent_run_id or parent_from_run_info(root, paths["run_info"])
     parent = Tracker(root, parent_run_id)
     exp_id = parent.client.get_run(parent_run_id).info.experiment_id
-    run = parent.client.create_run(exp_id, run_name=stage, tags={PARENT_TAG: parent_run_id, "tripletflow.stage": stage})
-    child = Tracker(root, run.info.run_id)
+    tags = {PARENT_TAG: parent_run_id, "tripletflow.stage": stage}
+    child = Tracker(root, parent.client.create_run(exp_id, run_name=stage, tags=tags).info.run_id)
+    flat = flatten(params, f"{stage}.")
+    child.params(flat)
+    parent.params(flat)
     start = time.perf_counter()
     status = "FAILED"
     try:

@@ -107,13 +107,13 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     run_id = parent_run_id or tracking.start_pipeline_run(root, params.experiment)
     tracking.write_run_info(paths["run_info"], run_id, params.experiment)
     curve: list[dict[str, float]] = []
-    with tracking.stage_run(root, run_id, "train") as (child, parent):
+    with tracking.stage_run(paths, "train", params, run_id) as (child, parent):
         # The params that produced the data, read from the data itself (true even when DVC
         # restored it from cache), plus ours.
         plan_params = {k: v for k, v in plan_meta.items() if k in MakeBatchesParams.model_fields}
         upstream = {"ingest": items_meta["params"], "make_batches": plan_params}
-        parent.params(flatten(upstream) | flatten(params, "train."))
-        child.params(flatten(params, "train.") | {"device": str(device), "n_train_images": len(labels)})
+        parent.params(flatten(upstream))
+        child.params({"device": str(device), "n_train_images": len(labels)})
         steps = sum(len(e) for e in plan)
         bar = tqdm(total=steps, desc=f"train ({device})", unit="batch", file=sys.stderr, disable=None)
         model.train()

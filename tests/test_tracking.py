@@ -5,28 +5,44 @@ from mlflow.tracking import MlflowClient
 from tasks import tracking
 
 
+def _paths(tmp_path):
+    from tasks.params import parse_params
+    from tests.conftest import default_params
+
+    return parse_params(default_params(), tmp_path).paths
+
+
 def test_stage_runs_are_children_of_the_pipeline_run(tmp_path):
+    from tasks.params import BuildIndexParams
+
     parent_id = tracking.start_pipeline_run(tmp_path, "exp")
-    with tracking.stage_run(tmp_path, parent_id, "train") as (child, parent):
-        child.params({"train.lr": 0.1, "train.sizes": [1, 2]})
+    stage_params = BuildIndexParams(factory="Flat", metric="l2")
+    with tracking.stage_run(_paths(tmp_path), "build_index", stage_params, parent_id) as (child, parent):
+        child.params({"extra.sizes": [1, 2]})
         parent.metrics({"loss": 1.5}, step=0)
         parent.metrics({"loss": 0.5}, step=1)
     client = MlflowClient(tracking.tracking_uri(tmp_path))
     child_run = client.get_run(child.run_id)
     assert child_run.data.tags[tracking.PARENT_TAG] == parent_id
     assert child_run.info.status == "FINISHED"
-    assert child_run.data.params == {"train.lr": "0.1", "train.sizes": "[1, 2]"}
+    expected = {"build_index.factory": "Flat", "build_index.metric": "l2"}
+    assert child_run.data.params == expected | {"extra.sizes": "[1, 2]"}
+    assert client.get_run(parent_id).data.params == expected
     assert [m.value for m in client.get_metric_history(parent_id, "loss")] == [1.5, 0.5]
-    assert "train.seconds" in client.get_run(parent_id).data.metrics
+    assert "build_index.seconds" in client.get_run(parent_id).data.metrics
     # Artifacts sit beside the database, not under whatever directory the process ran from.
     exp = client.get_experiment_by_name("exp")
     assert exp.artifact_location == (tmp_path.resolve() / "mlruns").as_uri()
 
 
 def test_a_failing_stage_marks_its_run_failed(tmp_path):
-    parent_id = tracking.start_pipeline_run(tmp_path, "exp")
+    from tasks.params import BuildIndexParams
+
+    paths = _paths(tmp_path)
+    # The later stages find their parent run through paths.run_info, as under `dvc repro`.
+    tracking.write_run_info(paths["run_info"], tracking.start_pipeline_run(tmp_path, "exp"), "exp")
     try:
-        with tracking.stage_run(tmp_path, parent_id, "evaluate") as (child, _):
+        with tracking.stage_run(paths, "build_index", BuildIndexParams(factory="Flat", metric="l2")) as (child, _):
             raise RuntimeError("boom")
     except RuntimeError:
         pass

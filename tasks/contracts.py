@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 META_KEY = b"tripletflow"
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process umask, restored immediately
 
 # Column names, spelled once.
 ITEM_ID, LABEL, SPLIT, IS_QUERY, IS_GALLERY, SOURCE, PIXELS = (
@@ -129,6 +131,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp creates 0600; give the file the permissions any other new file would get.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -153,6 +157,7 @@ def write_table(table: pa.Table, path: Path, contract: Contract, meta: dict[str,
     if meta is not None:
         table = with_meta(table, meta)
     contract.check(table.schema, f"writing {path}")
+    _check_no_nulls(table, f"writing {path}", contract)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
@@ -175,7 +180,11 @@ def read_table(path: Path, contract: Contract, columns: list[str] | None = None)
     """Read a contract file (optionally only some columns); return the table and its metadata."""
     meta = contract.check(_schema(path), str(path))
     table = pq.read_table(path, columns=columns)
+    _check_no_nulls(table, str(path), contract)
+    return table, meta
+
+
+def _check_no_nulls(table: pa.Table, where: str, contract: Contract) -> None:
     nulls = [c for c in table.column_names if table.column(c).null_count]
     if nulls:
-        raise ContractError(f"{path}: {contract.name} has nulls in {nulls}")
-    return table, meta
+        raise ContractError(f"{where}: {contract.name} has nulls in {nulls}")

@@ -84,9 +84,11 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
         )
 
     rng = np.random.default_rng(params.seed)
-    epoch_col, batch_col, item_col = [], [], []
+    epoch_col, batch_col, item_col, per_epoch = [], [], [], []
     for epoch in range(params.epochs):
-        for b, idx in enumerate(plan_epoch(usable, p, k, rng)):
+        plan = plan_epoch(usable, p, k, rng)
+        per_epoch.append(len(plan))
+        for b, idx in enumerate(plan):
             epoch_col.append(np.full(len(idx), epoch, np.int32))
             batch_col.append(np.full(len(idx), b, np.int32))
             item_col.append(ids[idx])
@@ -106,7 +108,7 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
         "small_classes": params.small_classes,
         "classes_smaller_than_k": small,
         "excluded_classes": [str(names[c]) for c, m in enumerate(members) if len(m) < min_size],
-        "batches_per_epoch": len(batches) // (p * k * params.epochs) if params.epochs else 0,
+        "batches_per_epoch": per_epoch,
         "seed": params.seed,
         "triplets_per_anchor": params.triplets_per_anchor,
     }

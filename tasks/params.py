@@ -79,6 +79,7 @@ class ImageFolderSource(_Strict):
 
 
 Source = Annotated[Union[DigitsSource, ImageFolderSource], Field(discriminator="kind")]
+_SOURCE_KINDS = ("digits", "image_folder")
 
 
 class IngestParams(_Strict):
@@ -180,6 +181,7 @@ def _format(err: ValidationError, origin: str) -> str:
     for e in err.errors():
         # Discriminated unions put the tag in the location (source.digits.root); drop it.
         loc = [str(p) for p in e["loc"] if not str(p).startswith("function-after")]
+        loc = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "source" and p in _SOURCE_KINDS)]
         key = ".".join(loc) or "<top level>"
         msg = e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
@@ -211,7 +213,7 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
     """Validate an already-loaded mapping; ``root`` anchors every relative path."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
-    if "root" in raw.get("paths", {}):
+    if isinstance(raw.get("paths"), dict) and "root" in raw["paths"]:
         raise ParamsError(f"{origin}: paths.root is set by the loader, not in the file")
     raw = copy.deepcopy(raw)
     raw.setdefault("paths", {})

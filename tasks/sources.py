@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -89,6 +90,11 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
     with zipfile.ZipFile(root) as zf:
         infos = sorted((i for i in zf.infolist() if not i.is_dir()), key=lambda i: i.filename)
+        # Zips made on macOS carry __MACOSX/ resource forks: not images, and not a top folder.
+        for info in infos:
+            if info.filename.startswith("__MACOSX/"):
+                yield Rejected(f"{root.name}/{info.filename}", "macOS resource fork (__MACOSX/)")
+        infos = [i for i in infos if not i.filename.startswith("__MACOSX/")]
         tops = {PurePosixPath(i.filename).parts[0] for i in infos}
         strip = 1 if len(tops) == 1 and all(len(PurePosixPath(i.filename).parts) > 1 for i in infos) else 0
         for info in infos:
@@ -104,7 +110,8 @@ def _record(source: str, rel: PurePosixPath, split: str | None, read) -> Record 
         return Rejected(source, "no label: the file is not inside a class folder")
     try:
         data = read()
-    except OSError as err:
+    # A damaged zip member raises BadZipFile/zlib.error, an encrypted one RuntimeError.
+    except (OSError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
         return Rejected(source, f"unreadable: {err}")
     if not data:
         return Rejected(source, "empty file")
@@ -122,6 +129,11 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
                 raise ValueError(f"too large ({img.width}x{img.height} px): decompression-bomb limit")
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I;16") or img.mode == "I":
+                # 16-bit grayscale (PIL also opens it as 32-bit "I"): convert("L") would clip
+                # at 255 rather than scale, so scale 0..65535 to 0..255 ourselves.
+                wide = np.asarray(img, dtype=np.float64) / 257.0
+                img = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)

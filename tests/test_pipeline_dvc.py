@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import copy_repo
 
 pytestmark = pytest.mark.slow
+FIRST: dict = {}  # metrics of the default run, for the untrained-baseline comparison
 STAGES = ["ingest", "make_batches", "train", "export_embeddings", "build_index", "evaluate"]
 
 
@@ -45,6 +46,7 @@ def test_dvc_repro_runs_all_then_nothing_then_only_downstream(repo: Path):
     assert _ran(first) == STAGES
     metrics = json.loads((repo / "metrics.json").read_text())
     assert 0 < metrics["map_at_r"] <= 1 and metrics["n_queries"] > 0
+    FIRST.update(metrics)
 
     assert _ran(_run(dvc + ["repro"], repo)) == []  # nothing changed: nothing runs
 
@@ -76,3 +78,15 @@ def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
     assert {"model", "index", "evaluation", "plots"} <= artifacts
     evaluation = {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "evaluation")}
     assert {"metrics.json", "recall_at_k.csv", "recall_at_k.png", "retrieval_grid.png"} <= evaluation
+
+
+def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["miner"]["type_of_triplets"] = "semihard"
+    params["make_batches"]["epochs"] = 0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == STAGES[1:]
+    untrained = json.loads((repo / "metrics.json").read_text())
+    assert FIRST, "runs after test_dvc_repro_runs_all_then_nothing_then_only_downstream"
+    assert FIRST["map_at_r"] > untrained["map_at_r"] + 0.05
+    assert FIRST["recall_at_1"] >= untrained["recall_at_1"]

@@ -1,0 +1,304 @@
+"""Tests for tasks.contracts: checked Parquet I/O against data contracts, and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import contracts as C
+from tasks.contracts import ContractError
+
+
+def items_table(n: int = 3, pixels: int = 4) -> pa.Table:
+    flat = pa.array([i % 256 for i in range(n * pixels)], pa.uint8())
+    return pa.table(
+        {
+            C.ITEM_ID: [f"id{i}" for i in range(n)],
+            C.LABEL: [str(i % 2) for i in range(n)],
+            C.SPLIT: [C.TRAIN] * n,
+            C.IS_QUERY: [False] * n,
+            C.IS_GALLERY: [False] * n,
+            C.SOURCE: [f"src/{i}.png" for i in range(n)],
+            C.PIXELS: pa.FixedSizeListArray.from_arrays(flat, pixels),
+        },
+        schema=C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), pixels)}),
+    )
+
+
+META = {"height": 2, "width": 2, "channels": 1, "params": {"nested": [1, 2]}, "note": "é"}
+
+
+def _raw_write(table: pa.Table, path: Path, meta: dict | None = None) -> None:
+    """Write Parquet around the contract checks (what a hand-edited or stale file looks like)."""
+    if meta is not None:
+        table = C.with_meta(table, meta)
+    pq.write_table(table, path)
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+# ------------------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_with_metadata(tmp_path):
+    path = tmp_path / "sub" / "items.parquet"  # parent created on write
+    table = items_table()
+    C.write_table(table, path, C.ITEMS, META)
+    back, meta = C.read_table(path, C.ITEMS)
+    assert back.equals(table)
+    assert back.schema.field(C.PIXELS).type == pa.list_(pa.uint8(), 4)
+    assert meta == META
+    assert C.read_meta(path, C.ITEMS) == META
+    assert _leftovers(path.parent) == []
+
+
+def test_read_selected_columns(tmp_path):
+    path = tmp_path / "items.parquet"
+    C.write_table(items_table(), path, C.ITEMS, META)
+    back, meta = C.read_table(path, C.ITEMS, columns=[C.ITEM_ID, C.LABEL])
+    assert back.column_names == [C.ITEM_ID, C.LABEL]
+    assert back[C.ITEM_ID].to_pylist() == ["id0", "id1", "id2"]
+    assert meta["channels"] == 1
+
+
+def test_round_trip_without_required_meta_contracts(tmp_path):
+    path = tmp_path / "q.parquet"
+    table = pa.table({C.PATH: ["a/b.txt"], C.REASON: ["not an image"]}, schema=C.QUARANTINE.schema())
+    C.write_table(table, path, C.QUARANTINE)
+    back, meta = C.read_table(path, C.QUARANTINE)
+    assert back.to_pydict() == {C.PATH: ["a/b.txt"], C.REASON: ["not an image"]}
+    assert meta == {}
+
+
+def test_empty_table_round_trip(tmp_path):
+    path = tmp_path / "b.parquet"
+    meta = {"classes_per_batch": 2, "images_per_class": 2, "epochs": 0, "small_classes": "drop"}
+    C.write_table(C.BATCHES.schema().empty_table(), path, C.BATCHES, meta)
+    back, got = C.read_table(path, C.BATCHES)
+    assert back.num_rows == 0 and got == meta
+
+
+def test_extra_columns_are_tolerated(tmp_path):
+    path = tmp_path / "q.parquet"
+    table = pa.table({C.PATH: ["p"], C.REASON: ["r"], "extra": [1]})
+    C.write_table(table, path, C.QUARANTINE)
+    back, _ = C.read_table(path, C.QUARANTINE)
+    assert "extra" in back.column_names
+
+
+def test_schema_needs_concrete_type_for_predicate_columns():
+    with pytest.raises(TypeError, match="items.pixels"):
+        C.ITEMS.schema()
+
+
+# ------------------------------------------------------------------------------ contract violations
+
+
+def test_missing_column_on_write(tmp_path):
+    path = tmp_path / "items.parquet"
+    with pytest.raises(ContractError, match=r"items has no column 'label'") as info:
+        C.write_table(items_table().drop_columns([C.LABEL]), path, C.ITEMS, META)
+    assert str(path) in str(info.value)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_missing_column_on_read(tmp_path):
+    path = tmp_path / "items.parquet"
+    _raw_write(items_table().drop_columns([C.SPLIT]), path, META)
+    with pytest.raises(ContractError, match=r"no column 'split'") as info:
+        C.read_table(path, C.ITEMS)
+    assert str(path) in str(info.value)
+    with pytest.raises(ContractError, match=r"no column 'split'"):
+        C.read_meta(path, C.ITEMS)
+
+
+@pytest.mark.parametrize(
+    "column, array, expected",
+    [
+        (C.LABEL, pa.array([0, 1, 0], pa.int64()), "items.label is int64, expected string"),
+        (C.IS_QUERY, pa.array(["no", "no", "no"]), "items.is_query is string, expected bool"),
+        # pixels must be a *fixed-size* list of uint8
+        (C.PIXELS, pa.array([[1, 2], [3], [4]], pa.list_(pa.uint8())), "fixed_size_list<uint8>"),
+        (
+            C.PIXELS,
+            pa.FixedSizeListArray.from_arrays(pa.array(range(12), pa.int16()), 4),
+            "fixed_size_list<uint8>",
+        ),
+    ],
+)
+def test_wrong_column_type(tmp_path, column, array, expected):
+    table = items_table()
+    table = table.set_column(table.schema.get_field_index(column), column, array)
+    path = tmp_path / "items.parquet"
+    with pytest.raises(ContractError, match="expected") as info:
+        C.write_table(table, path, C.ITEMS, META)
+    assert expected in str(info.value)
+    assert not path.exists()
+    _raw_write(table, path, META)
+    with pytest.raises(ContractError) as info:
+        C.read_table(path, C.ITEMS)
+    assert expected in str(info.value)
+
+
+def test_wrong_contract_is_rejected(tmp_path):
+    path = tmp_path / "q.parquet"
+    C.write_table(pa.table({C.PATH: ["p"], C.REASON: ["r"]}), path, C.QUARANTINE)
+    with pytest.raises(ContractError, match=r"batches has no column 'epoch'"):
+        C.read_table(path, C.BATCHES)
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"height": 2, "width": 2}])
+def test_missing_required_metadata(tmp_path, meta):
+    path = tmp_path / "items.parquet"
+    with pytest.raises(ContractError, match=r"metadata lacks .*channels"):
+        C.write_table(items_table(), path, C.ITEMS, meta)
+    assert not path.exists()
+    _raw_write(items_table(), path, meta)
+    with pytest.raises(ContractError, match=r"metadata lacks .*channels"):
+        C.read_table(path, C.ITEMS)
+    with pytest.raises(ContractError, match=r"metadata lacks"):
+        C.read_meta(path, C.ITEMS)
+
+
+def test_nulls_rejected_on_read(tmp_path):
+    path = tmp_path / "q.parquet"
+    _raw_write(pa.table({C.PATH: ["a", None], C.REASON: ["x", "y"]}), path)
+    with pytest.raises(ContractError, match=r"quarantine has nulls in \['path'\]") as info:
+        C.read_table(path, C.QUARANTINE)
+    assert str(path) in str(info.value)
+
+
+def test_nulls_in_unread_column_ignored(tmp_path):
+    path = tmp_path / "q.parquet"
+    _raw_write(pa.table({C.PATH: ["a", "b"], C.REASON: ["x", None]}), path)
+    back, _ = C.read_table(path, C.QUARANTINE, columns=[C.PATH])
+    assert back[C.PATH].to_pylist() == ["a", "b"]
+
+
+def test_nulls_not_written_with_contract_schema(tmp_path):
+    path = tmp_path / "q.parquet"
+    table = pa.table({C.PATH: ["a", None], C.REASON: ["x", "y"]}, schema=C.QUARANTINE.schema())
+    with pytest.raises(Exception):  # noqa: B017 - pyarrow refuses nulls in a non-nullable column
+        C.write_table(table, path, C.QUARANTINE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_refuses_what_read_rejects(tmp_path):
+    path = tmp_path / "q.parquet"
+    with pytest.raises(ContractError, match="nulls"):
+        C.write_table(pa.table({C.PATH: ["a", None], C.REASON: ["x", "y"]}), path, C.QUARANTINE)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.parquet"
+    with pytest.raises(ContractError, match="missing") as info:
+        C.read_table(path, C.QUARANTINE)
+    assert str(path) in str(info.value)
+    with pytest.raises(ContractError, match="missing"):
+        C.read_meta(path, C.QUARANTINE)
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"not parquet at all", b"PAR1garbagePAR1", json.dumps({"a": 1}).encode()]
+)
+def test_non_parquet_file(tmp_path, content):
+    path = tmp_path / "items.parquet"
+    path.write_bytes(content)
+    with pytest.raises(ContractError, match="not a readable Parquet file") as info:
+        C.read_table(path, C.ITEMS)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_parquet_file(tmp_path):
+    path = tmp_path / "items.parquet"
+    C.write_table(items_table(), path, C.ITEMS, META)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ContractError, match="not a readable Parquet file"):
+        C.read_table(path, C.ITEMS)
+
+
+# -------------------------------------------------------------------------------------- atomicity
+
+
+def test_atomic_path_exception_keeps_old_file(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with C.atomic_path(path) as tmp:
+            assert tmp.parent == path.parent and tmp != path
+            tmp.write_text("half-written")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_path_exception_without_old_file(tmp_path):
+    path = tmp_path / "new" / "out.txt"
+    with pytest.raises(KeyboardInterrupt):
+        with C.atomic_path(path) as tmp:
+            tmp.write_text("partial")
+            raise KeyboardInterrupt
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []
+
+
+def test_atomic_path_success_replaces(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with C.atomic_path(path) as tmp:
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # not visible before the block ends
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_write_table_failure_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "items.parquet"
+    C.write_table(items_table(2), path, C.ITEMS, META)
+    before = path.read_bytes()
+
+    def broken(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(C.pq, "write_table", broken)
+    with pytest.raises(OSError, match="disk full"):
+        C.write_table(items_table(5), path, C.ITEMS, META)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.parquet"]
+
+
+def test_write_table_contract_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "items.parquet"
+    C.write_table(items_table(2), path, C.ITEMS, META)
+    before = path.read_bytes()
+    with pytest.raises(ContractError):
+        C.write_table(items_table(5), path, C.ITEMS, {"height": 2})
+    assert path.read_bytes() == before
+    assert C.read_table(path, C.ITEMS)[0].num_rows == 2
+
+
+def test_write_table_overwrites(tmp_path):
+    path = tmp_path / "items.parquet"
+    C.write_table(items_table(2), path, C.ITEMS, META)
+    C.write_table(items_table(5), path, C.ITEMS, {**META, "height": 3})
+    back, meta = C.read_table(path, C.ITEMS)
+    assert back.num_rows == 5 and meta["height"] == 3
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_text_and_json(tmp_path):
+    path = tmp_path / "a" / "m.json"
+    C.write_json(path, {"b": 1, "a": [1.5]})
+    assert path.read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
+    C.write_text(path, "x")
+    assert path.read_text() == "x"
+    assert os.listdir(path.parent) == ["m.json"]

@@ -1,0 +1,379 @@
+"""Tests for tasks.ingest: digits and image-folder sources, class-disjoint splits, quarantine, errors."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from tasks import contracts as C
+from tasks import ingest
+from tasks.ingest import DatasetError
+from tasks.params import load_params
+
+SMALL = {
+    "ingest.source": {"kind": "digits"},
+    "ingest.image_size": 8,
+    "ingest.channels": 1,
+    "ingest.test_fraction": 0.4,
+    "ingest.workers": 1,
+    "ingest.seed": 0,
+}  # pinned: params.yaml defaults may change
+
+
+def png(seed: int, shape=(6, 6)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tree(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, list[bytes]]:
+    """``root/<label>/img<i>.png`` with distinct random images; returns the bytes per label."""
+    out: dict[str, list[bytes]] = {}
+    for c, (label, n) in enumerate(sorted(sizes.items())):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        out[label] = []
+        for i in range(n):
+            data = png(seed * 100_000 + c * 1000 + i, (6, 6) if i % 2 else (5, 7))
+            (folder / f"img{i:03d}.png").write_bytes(data)
+            out[label].append(data)
+    return out
+
+
+def run_ingest(params_path: Path, overrides: dict | None = None):
+    params = load_params(params_path, overrides)
+    summary = ingest.run(params.ingest, params.paths)
+    items, meta = C.read_table(params.paths["items"], C.ITEMS)
+    quarantine, _ = C.read_table(params.paths["quarantine"], C.QUARANTINE)
+    return summary, items, meta, quarantine
+
+
+def folder_project(make_project, source: dict, name: str = "project", **extra) -> Path:
+    return make_project({**SMALL, "ingest.source": {"kind": "image_folder", **source}, **extra}, name=name)
+
+
+def classes_of(items: pa.Table, split: str) -> set[str]:
+    return {l for l, s in zip(items[C.LABEL].to_pylist(), items[C.SPLIT].to_pylist()) if s == split}
+
+
+def assert_flags(items: pa.Table) -> None:
+    split = np.array(items[C.SPLIT].to_pylist())
+    is_test = split == C.TEST
+    assert set(split) <= {C.TRAIN, C.TEST}
+    assert np.array_equal(np.array(items[C.IS_QUERY].to_pylist()), is_test)
+    assert np.array_equal(np.array(items[C.IS_GALLERY].to_pylist()), is_test)
+
+
+# ------------------------------------------------------------------------------------------ digits
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One digits ingest shared by the read-only checks below."""
+    import yaml
+
+    from conftest import default_params, set_dotted
+
+    root = tmp_path_factory.mktemp("digits")
+    raw = default_params()
+    for key, value in {**SMALL, "ingest.source": {"kind": "digits"}, "ingest.test_fraction": 0.4}.items():
+        set_dotted(raw, key, value)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return run_ingest(root / "params.yaml")
+
+
+def test_digits_table(digits_run):
+    summary, items, meta, quarantine = digits_run
+    assert items.num_rows == 1797
+    assert items.column_names == [name for name, _ in C.ITEMS.columns]
+    assert len(set(items[C.ITEM_ID].to_pylist())) == 1797
+    assert set(items[C.LABEL].to_pylist()) == {str(d) for d in range(10)}
+    assert all(s.startswith("digits/") for s in items[C.SOURCE].to_pylist())
+    assert items.schema.field(C.PIXELS).type == pa.list_(pa.uint8(), 8 * 8 * 1)
+    assert (meta["height"], meta["width"], meta["channels"]) == (8, 8, 1)
+    assert meta["summary"] == summary
+    assert meta["params"]["image_size"] == 8
+    assert quarantine.num_rows == 0 and quarantine.column_names == [C.PATH, C.REASON]
+    assert summary["ingested"] == 1797 and summary["skipped"] == 0
+
+
+def test_digits_splits_are_class_disjoint(digits_run):
+    _, items, _, _ = digits_run
+    train, test = classes_of(items, C.TRAIN), classes_of(items, C.TEST)
+    assert not train & test
+    assert train | test == {str(d) for d in range(10)}
+    assert len(test) == round(10 * 0.4)
+    assert_flags(items)
+    counts = Counter(items[C.SPLIT].to_pylist())
+    assert digits_run[0]["images"] == dict(counts)
+    assert digits_run[0]["classes"] == {C.TRAIN: len(train), C.TEST: len(test)}
+
+
+def test_digits_rows_sorted_by_split_label_id(digits_run):
+    _, items, _, _ = digits_run
+    keys = list(zip(items[C.SPLIT].to_pylist(), items[C.LABEL].to_pylist(), items[C.ITEM_ID].to_pylist()))
+    assert keys == sorted(keys)
+
+
+def test_digits_pixels_match_source(digits_run):
+    from sklearn.datasets import load_digits
+
+    from tasks import sources
+
+    _, items, _, _ = digits_run
+    data = load_digits()
+    by_source = dict(zip(items[C.SOURCE].to_pylist(), range(items.num_rows)))
+    px = items[C.PIXELS]
+    for i in (0, 5, 1796):
+        row = by_source[f"digits/{i:04d}"]
+        want = np.rint(data.images[i] * 255 / 16).astype(np.uint8).ravel()
+        assert np.array_equal(np.asarray(px[row].values.to_numpy(zero_copy_only=False)), want)
+        assert items[C.LABEL][row].as_py() == str(data.target[i])
+        assert items[C.ITEM_ID][row].as_py() == next(
+            r.item_id for j, r in enumerate(sources.digits()) if j == i
+        )
+
+
+@pytest.mark.parametrize("size, channels, fraction", [(5, 3, 0.2), (12, 1, 0.5)])
+def test_digits_shape_and_fraction(make_project, size, channels, fraction):
+    path = make_project(
+        {**SMALL, "ingest.image_size": size, "ingest.channels": channels, "ingest.test_fraction": fraction}
+    )
+    summary, items, meta, quarantine = run_ingest(path)
+    assert (meta["height"], meta["width"], meta["channels"]) == (size, size, channels)
+    assert items.schema.field(C.PIXELS).type.list_size == size * size * channels
+    assert len(classes_of(items, C.TEST)) == round(10 * fraction)
+    assert quarantine.num_rows == 0
+    if channels == 3:
+        px = np.asarray(items[C.PIXELS][0].values.to_numpy(zero_copy_only=False)).reshape(size, size, 3)
+        assert np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])
+
+
+def test_digits_deterministic_and_seeded(make_project, digits_run):
+    _, first, _, _ = digits_run
+    again = run_ingest(make_project({**SMALL, "ingest.test_fraction": 0.4}, name="again"))[1]
+    assert again.equals(first)
+    other = run_ingest(make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.seed": 1}, name="other"))[
+        1
+    ]
+    assert classes_of(other, C.TEST) != classes_of(first, C.TEST)
+
+
+def test_workers_2_matches_workers_1(make_project, monkeypatch, digits_run):
+    _, serial, serial_meta, _ = digits_run
+    contexts = []
+    real = ingest.multiprocessing.get_context
+
+    def spy(method=None):
+        contexts.append(method)
+        return real(method)
+
+    monkeypatch.setattr(ingest.multiprocessing, "get_context", spy)
+    _, parallel, meta, quarantine = run_ingest(
+        make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.workers": 2}, name="w2")
+    )
+    assert contexts == ["fork"]  # 1,797 digits = 4 chunks: the pool really ran
+    assert parallel.equals(serial)
+    assert meta["summary"] == serial_meta["summary"]
+    assert quarantine.num_rows == 0
+
+
+def test_prints_summary_line(make_project, capsys):
+    root = make_project({**SMALL, "ingest.source": {"kind": "image_folder", "root": "imgs"}}).parent
+    write_tree(root / "imgs", {f"c{i}": 3 for i in range(5)})
+    (root / "imgs" / "c0" / "x.txt").write_text("x")
+    run_ingest(root / "params.yaml")
+    out = capsys.readouterr().out
+    assert "ingest: 15 ingested, 1 skipped: 1 not an image file" in out
+
+
+# ------------------------------------------------------------------------------------ image folder
+
+
+def test_image_folder_single_root_split_by_class(make_project):
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.test_fraction": 0.4})
+    tree = write_tree(path.parent / "imgs", {f"class{i}": 2 + i % 3 for i in range(6)})
+    summary, items, meta, quarantine = run_ingest(path)
+    assert items.num_rows == sum(len(v) for v in tree.values())
+    train, test = classes_of(items, C.TRAIN), classes_of(items, C.TEST)
+    assert not train & test and train | test == set(tree)
+    assert len(test) == round(6 * 0.4)
+    assert_flags(items)
+    assert quarantine.num_rows == 0
+    assert set(items[C.SOURCE].to_pylist()) == {
+        f"imgs/{label}/img{i:03d}.png" for label, blobs in tree.items() for i in range(len(blobs))
+    }
+    assert summary["images"] == dict(Counter(items[C.SPLIT].to_pylist()))
+
+
+def test_image_folder_nested_labels_and_pixels(make_project):
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.channels": 3, "ingest.image_size": 6})
+    root = path.parent / "imgs"
+    for seed, alphabet in enumerate(("greek", "latin"), start=1):
+        write_tree(root / alphabet, {"char01": 2, "char02": 3}, seed=seed)
+    _, items, meta, _ = run_ingest(path)
+    assert set(items[C.LABEL].to_pylist()) == {f"{a}/char0{i}" for a in ("greek", "latin") for i in (1, 2)}
+    assert meta["channels"] == 3
+    row = items[C.SOURCE].to_pylist().index("imgs/greek/char01/img001.png")  # a 6×6 image
+    with Image.open(root / "greek/char01/img001.png") as img:
+        want = np.asarray(img.convert("RGB")).ravel()
+    got = np.asarray(items[C.PIXELS][row].values.to_numpy(zero_copy_only=False))
+    assert np.array_equal(got, want)
+
+
+def test_image_folder_official_split_is_kept(make_project):
+    # test_fraction would send 1 of 7 classes to test; the official split has 3 test classes
+    path = folder_project(
+        make_project,
+        {"train_root": "background", "test_root": "evaluation.zip"},
+        **{"ingest.test_fraction": 0.1},
+    )
+    root = path.parent
+    train_tree = write_tree(root / "background", {"a": 3, "b": 2, "c": 4, "d": 2}, seed=1)
+    test_tree = write_tree(root / "eval_src" / "evaluation", {"x": 2, "y": 3, "z": 1}, seed=2)
+    with zipfile.ZipFile(root / "evaluation.zip", "w") as zf:  # the test root as a zip, Omniglot style
+        for file in sorted((root / "eval_src").rglob("*.png")):
+            zf.write(file, file.relative_to(root / "eval_src").as_posix())
+    summary, items, _, quarantine = run_ingest(path)
+    assert classes_of(items, C.TRAIN) == set(train_tree)
+    assert classes_of(items, C.TEST) == set(test_tree)  # zip top folder stripped from labels
+    assert summary["classes"] == {C.TRAIN: 4, C.TEST: 3}
+    assert summary["images"] == {C.TRAIN: 11, C.TEST: 6}
+    assert_flags(items)
+    assert quarantine.num_rows == 0
+    test_sources = [
+        s for s, sp in zip(items[C.SOURCE].to_pylist(), items[C.SPLIT].to_pylist()) if sp == C.TEST
+    ]
+    assert all(s.startswith("evaluation.zip/evaluation/") for s in test_sources)
+
+
+def test_image_folder_absolute_root(make_project, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    write_tree(elsewhere, {f"k{i}": 2 for i in range(5)})
+    path = folder_project(make_project, {"root": str(elsewhere)})
+    _, items, _, _ = run_ingest(path)
+    assert items.num_rows == 10
+
+
+def test_bad_files_are_quarantined(make_project):
+    path = folder_project(make_project, {"root": "imgs"})
+    root = path.parent / "imgs"
+    tree = write_tree(root, {f"c{i}": 3 for i in range(5)})
+    good = png(999_999)
+    (root / "c0" / "corrupt.png").write_bytes(good[: len(good) // 2])
+    (root / "c1" / "zero.png").write_bytes(b"")
+    (root / "c1" / "garbage.png").write_bytes(b"this is not a png")
+    (root / "c2" / "notes.txt").write_text("not an image")
+    (root / "c3" / "copy.png").write_bytes(tree["c0"][0])  # duplicate of c0/img000.png
+    (root / "stray.png").write_bytes(png(123_456))  # no class folder
+
+    summary, items, _, quarantine = run_ingest(path)
+    assert items.num_rows == 15
+    assert set(items[C.LABEL].to_pylist()) == set(tree)
+    reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
+    assert set(reasons) == {
+        "imgs/c0/corrupt.png",
+        "imgs/c1/zero.png",
+        "imgs/c1/garbage.png",
+        "imgs/c2/notes.txt",
+        "imgs/c3/copy.png",
+        "imgs/stray.png",
+    }
+    assert reasons["imgs/c0/corrupt.png"].startswith("corrupt or unsupported image")
+    assert reasons["imgs/c1/garbage.png"].startswith("corrupt or unsupported image")
+    assert reasons["imgs/c1/zero.png"] == "empty file"
+    assert reasons["imgs/c2/notes.txt"].startswith("not an image file")
+    assert reasons["imgs/c3/copy.png"] == "duplicate of imgs/c0/img000.png"
+    assert reasons["imgs/stray.png"].startswith("no label")
+    assert all(reasons.values())
+    assert summary["skipped"] == 6 and summary["ingested"] == 15
+    assert summary["skipped_by_reason"] == {
+        "corrupt or unsupported image": 2,
+        "empty file": 1,
+        "not an image file (suffix '.txt')": 1,
+        "duplicate": 1,
+        "no label": 1,
+    }
+    # the duplicate's first copy is kept, under its own label
+    assert "imgs/c0/img000.png" in items[C.SOURCE].to_pylist()
+    assert "imgs/c3/copy.png" not in items[C.SOURCE].to_pylist()
+
+
+def test_rerun_replaces_outputs(make_project):
+    path = folder_project(make_project, {"root": "imgs"})
+    root = path.parent / "imgs"
+    write_tree(root, {f"c{i}": 2 for i in range(5)})
+    (root / "c0" / "bad.png").write_bytes(b"x")
+    assert run_ingest(path)[3].num_rows == 1
+    (root / "c0" / "bad.png").unlink()
+    write_tree(root, {"c9": 2}, seed=7)
+    summary, items, _, quarantine = run_ingest(path)
+    assert items.num_rows == 12 and quarantine.num_rows == 0 and summary["skipped"] == 0
+
+
+# ---------------------------------------------------------------------------------- unusable data
+
+
+def _assert_no_outputs(path: Path) -> None:
+    params = load_params(path)
+    assert not params.paths["items"].exists()
+    assert not params.paths["quarantine"].exists()
+
+
+def test_single_class_is_dataset_error(make_project):
+    path = folder_project(make_project, {"root": "imgs"})
+    write_tree(path.parent / "imgs", {"only": 6})
+    with pytest.raises(DatasetError, match="classes"):
+        run_ingest(path)
+    _assert_no_outputs(path)
+
+
+def test_no_class_with_two_images_is_dataset_error(make_project):
+    path = folder_project(make_project, {"root": "imgs"})
+    write_tree(path.parent / "imgs", {f"c{i}": 1 for i in range(8)})
+    with pytest.raises(DatasetError, match="at least 2 images"):
+        run_ingest(path)
+    _assert_no_outputs(path)
+
+
+def test_train_split_needs_two_usable_classes(make_project):
+    # official split: train has 2 classes but only one with 2+ images
+    path = folder_project(make_project, {"train_root": "tr", "test_root": "te"})
+    write_tree(path.parent / "tr", {"a": 3, "b": 1})
+    write_tree(path.parent / "te", {"x": 2, "y": 2}, seed=3)
+    with pytest.raises(DatasetError, match=r"train split has 2 classes, 1 with at least 2 images"):
+        run_ingest(path)
+
+
+def test_test_split_needs_two_classes(make_project):
+    path = folder_project(make_project, {"train_root": "tr", "test_root": "te"})
+    write_tree(path.parent / "tr", {"a": 3, "b": 2})
+    write_tree(path.parent / "te", {"x": 4}, seed=3)
+    with pytest.raises(DatasetError, match=r"test split has 1 classes"):
+        run_ingest(path)
+
+
+def test_nothing_decodable_is_dataset_error(make_project):
+    path = folder_project(make_project, {"root": "imgs"})
+    for c in ("a", "b", "c"):
+        (path.parent / "imgs" / c).mkdir(parents=True)
+        for i in range(2):
+            (path.parent / "imgs" / c / f"{i}.png").write_bytes(f"junk {c}{i}".encode())
+    with pytest.raises(DatasetError, match="no usable image"):
+        run_ingest(path)
+    _assert_no_outputs(path)
+
+
+def test_missing_root_is_file_not_found(make_project):
+    path = folder_project(make_project, {"root": "does-not-exist"})
+    with pytest.raises(FileNotFoundError):
+        run_ingest(path)
+    _assert_no_outputs(path)

@@ -1,0 +1,457 @@
+"""Tests for tasks.params: the schema of params.yaml, overrides, flatten, Paths and the CLI's error path."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from conftest import ROOT, default_params
+from tasks.params import (
+    Component,
+    ParamsError,
+    Params,
+    _check_component,
+    apply_overrides,
+    flatten,
+    load_params,
+    parse_params,
+)
+
+
+def _error(overrides: dict, tmp_path: Path | None = None) -> str:
+    """The ParamsError message for the repository defaults + ``overrides`` (must be invalid)."""
+    raw = apply_overrides(default_params(), overrides)
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw, tmp_path or Path("."))
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------- valid
+
+
+def test_repository_params_validate():
+    raw = default_params()
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.ingest.source.kind == raw["ingest"]["source"]["kind"]
+    assert params.train.loss.name == raw["train"]["loss"]["name"]
+    assert params.train.loss.kwargs == {k: v for k, v in raw["train"]["loss"].items() if k != "name"}
+    assert params.make_batches.model_dump() == raw["make_batches"]
+    assert params.evaluate.recall_at == raw["evaluate"]["recall_at"]
+    assert Path(params.paths.root) == ROOT.resolve()
+    assert params.paths.items == raw["paths"]["items"]
+
+
+def test_params_are_frozen():
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(pydantic.ValidationError):
+        params.make_batches.epochs = 3  # type: ignore[misc]
+
+
+def test_image_folder_source_layouts_accepted(make_project):
+    one = load_params(make_project({"ingest.source": {"kind": "image_folder", "root": "imgs"}}))
+    assert one.ingest.source.root == "imgs" and one.ingest.source.train_root is None
+    split = load_params(
+        make_project({"ingest.source": {"kind": "image_folder", "train_root": "a", "test_root": "b"}})
+    )
+    assert (split.ingest.source.train_root, split.ingest.source.test_root) == ("a", "b")
+
+
+# ------------------------------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(
+    "dotted",
+    ["bogus", "make_batches.bogus", "train.bogus", "paths.bogus", "evaluate.bogus", "ingest.bogus"],
+)
+def test_unknown_key_is_named(dotted):
+    msg = _error({dotted: 1})
+    assert dotted in msg
+    assert "Extra inputs are not permitted" in msg
+
+
+def test_unknown_key_in_source_is_reported():
+    msg = _error({"ingest.source": {"kind": "image_folder", "root": "x", "bogus": 1}})
+    assert "ingest.source" in msg and "bogus" in msg
+
+
+def test_unknown_key_in_source_names_exact_dotted_key():
+    msg = _error({"ingest.source": {"kind": "image_folder", "root": "x", "bogus": 1}})
+    assert "ingest.source.bogus:" in msg
+
+
+def test_key_of_other_source_kind_names_exact_dotted_key():
+    # `root` belongs to image_folder, not digits
+    msg = _error({"ingest.source.root": "imgs"})
+    assert "ingest.source.root:" in msg
+
+
+def test_unknown_source_kind():
+    msg = _error({"ingest.source": {"kind": "webdataset"}})
+    assert "ingest.source" in msg and "webdataset" in msg
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        {"kind": "image_folder"},
+        {"kind": "image_folder", "train_root": "a"},
+        {"kind": "image_folder", "root": "r", "train_root": "a", "test_root": "b"},
+    ],
+)
+def test_image_folder_layout_rules(source):
+    msg = _error({"ingest.source": source})
+    assert "ingest.source" in msg and "root" in msg
+
+
+def test_paths_root_may_not_be_set_in_file():
+    msg = _error({"paths.root": "/elsewhere"})
+    assert "paths.root" in msg
+
+
+# -------------------------------------------------------------------------------- types and missing
+
+
+@pytest.mark.parametrize(
+    "dotted, value",
+    [
+        ("make_batches.epochs", "3"),  # strict: no str -> int coercion
+        ("make_batches.epochs", 3.0),
+        ("make_batches.epochs", True),
+        ("ingest.image_size", "16"),
+        ("ingest.channels", 2),
+        ("ingest.test_fraction", 1.0),
+        ("make_batches.small_classes", "keep"),
+        ("train.device", "gpu"),
+        ("build_index.metric", "cosine"),
+        ("evaluate.recall_at", []),
+        ("evaluate.recall_at", [1, 0]),
+        ("train.loss.name", 5),
+        ("paths.items", 3),
+    ],
+)
+def test_wrong_type_or_value_names_key(dotted, value):
+    msg = _error({dotted: value})
+    assert dotted in msg
+    assert repr(value) in msg or "evaluate.recall_at" in dotted
+
+
+@pytest.mark.parametrize(
+    "dotted", ["make_batches.epochs", "paths.items", "train.loss.name", "ingest.source.kind"]
+)
+def test_missing_key_is_named(dotted):
+    raw = default_params()
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw, Path("."))
+    assert dotted.rsplit(".", 1)[0] in str(info.value)
+    if dotted != "ingest.source.kind":  # a missing discriminator is reported at the union
+        assert f"{dotted}: Field required" in str(info.value)
+
+
+def test_missing_section_is_named():
+    raw = default_params()
+    del raw["build_index"]
+    with pytest.raises(ParamsError, match=r"build_index: Field required"):
+        parse_params(raw, Path("."))
+
+
+def test_every_error_is_reported_at_once():
+    msg = _error({"make_batches.epochs": "3", "ingest.bogus": 1, "train.width": 0})
+    for key in ("make_batches.epochs", "ingest.bogus", "train.width"):
+        assert key in msg
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(path)
+
+
+def test_empty_paths_section_is_params_error(tmp_path):
+    raw = default_params()
+    raw["paths"] = None
+    with pytest.raises(ParamsError, match="paths"):
+        parse_params(raw, tmp_path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("ingest: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+# ------------------------------------------------------------------------------------- components
+
+
+def test_unknown_component_classes_are_named():
+    for dotted, module in (
+        ("train.loss.name", "pytorch_metric_learning.losses"),
+        ("train.miner.name", "pytorch_metric_learning.miners"),
+        ("train.optimizer.name", "torch.optim"),
+    ):
+        msg = _error({dotted: "NoSuchThing"})
+        assert "NoSuchThing" in msg and module in msg
+        assert f"{dotted}:" in msg
+
+
+def test_component_name_must_be_a_class():
+    # a submodule of torch.optim is not a class
+    msg = _error({"train.optimizer.name": "lr_scheduler"})
+    assert "train.optimizer.name:" in msg
+
+
+def test_unknown_loss_kwarg_is_reported():
+    msg = _error({"train.loss.marginn": 0.1})
+    assert "loss.marginn" in msg and "TripletMarginLoss" in msg
+    msg = _error({"train.optimizer.momentum": 0.9})  # AdamW has no momentum
+    assert "optimizer.momentum" in msg and "AdamW" in msg
+
+
+def test_unknown_kwarg_names_dotted_key():
+    assert "train.loss.marginn: TripletMarginLoss takes no argument 'marginn'" in _error(
+        {"train.loss.marginn": 0.1}
+    )
+    msg = _error({"train.miner.epsilonn": 0.1, "train.optimizer.momentum": 0.9})
+    assert "train.miner.epsilonn:" in msg and "train.optimizer.momentum:" in msg  # both reported
+
+
+@pytest.mark.parametrize(
+    "dotted, value",
+    [
+        ("train.loss.swap", True),  # TripletMarginLoss's own
+        ("train.loss.smooth_loss", True),
+        ("train.loss.embedding_reg_weight", 0.5),  # EmbeddingRegularizerMixin via **kwargs
+        ("train.loss.reducer", None),  # ModuleWithRecordsAndReducer via **kwargs
+        ("train.loss.distance", None),  # ModuleWithRecordsAndDistance via **kwargs
+        ("train.loss.collect_stats", False),  # ModuleWithRecords, the end of the chain
+        ("train.miner.distance", None),
+        ("train.miner.collect_stats", False),
+        ("train.optimizer.betas", [0.9, 0.99]),
+        ("train.optimizer.amsgrad", True),
+    ],
+)
+def test_valid_component_kwargs_accepted(dotted, value):
+    params = parse_params(apply_overrides(default_params(), {dotted: value}), Path("."))
+    section, component, kw = dotted.split(".")
+    assert getattr(params.train, component).kwargs[kw] == value
+
+
+def test_mro_walk_stops_at_init_without_var_kwargs():
+    # torch.nn.Module.__init__ takes *args/**kwargs, but ModuleWithRecords.__init__ (no **kwargs)
+    # ends the walk first: Module's names must not leak in, nor must `self`.
+    errors = _check_component(
+        Component(name="TripletMarginLoss", self=1, args=2, kwargs=3),
+        "pytorch_metric_learning.losses",
+        "loss",
+    )
+    assert len(errors) == 3
+    # a class whose own __init__ has no **kwargs: only its own parameters
+    assert _check_component(Component(name="SGD", lr=0.1, momentum=0.9), "torch.optim", "optimizer") == []
+    assert _check_component(Component(name="SGD", distance=None), "torch.optim", "optimizer") == [
+        "optimizer.distance: SGD takes no argument 'distance'"
+    ]
+
+
+def test_other_component_classes_accepted():
+    raw = apply_overrides(
+        default_params(),
+        {
+            "train.loss": {"name": "ContrastiveLoss", "pos_margin": 0.0, "neg_margin": 1.0},
+            "train.miner": {"name": "MultiSimilarityMiner", "epsilon": 0.1},
+            "train.optimizer": {"name": "SGD", "lr": 0.01, "momentum": 0.9},
+        },
+    )
+    params = parse_params(raw, Path("."))
+    assert params.train.loss.kwargs == {"pos_margin": 0.0, "neg_margin": 1.0}
+    assert params.train.miner.name == "MultiSimilarityMiner"
+
+
+def test_miner_null_accepted(make_project):
+    params = load_params(make_project({"train.miner": None}))
+    assert params.train.miner is None
+
+
+# --------------------------------------------------------------------------------------- overrides
+
+
+def test_apply_overrides_sets_copy():
+    raw = default_params()
+    before = copy.deepcopy(raw)
+    out = apply_overrides(raw, {"train.loss.margin": 0.5, "make_batches.epochs": 1, "train.miner": None})
+    assert out["train"]["loss"]["margin"] == 0.5
+    assert out["make_batches"]["epochs"] == 1
+    assert out["train"]["miner"] is None
+    assert out["ingest"] == raw["ingest"]
+    assert raw == before  # input untouched (deep copy)
+    out["ingest"]["source"]["kind"] = "changed"
+    assert raw["ingest"]["source"]["kind"] == before["ingest"]["source"]["kind"]
+
+
+def test_load_params_with_overrides(make_project):
+    path = make_project()
+    params = load_params(path, {"make_batches.epochs": 1, "train.loss.margin": 0.3})
+    assert params.make_batches.epochs == 1
+    assert params.train.loss.kwargs["margin"] == 0.3
+    # the file itself unchanged
+    assert load_params(path).make_batches.epochs == default_params()["make_batches"]["epochs"] != 1
+
+
+def test_override_into_missing_section(make_project):
+    with pytest.raises(ParamsError, match=r"no section 'nosuch'"):
+        load_params(make_project(), {"nosuch.key": 1})
+    with pytest.raises(ParamsError, match=r"no section 'train.lossy'"):
+        apply_overrides(default_params(), {"train.lossy.margin": 1})
+
+
+def test_override_below_a_leaf(make_project):
+    with pytest.raises(ParamsError, match="not a section"):
+        load_params(make_project(), {"train.loss.margin.x": 1})
+
+
+def test_override_with_unknown_leaf_fails_validation(make_project):
+    with pytest.raises(ParamsError, match=r"make_batches\.epochz"):
+        load_params(make_project(), {"make_batches.epochz": 1})
+
+
+def test_override_with_wrong_type_fails(make_project):
+    with pytest.raises(ParamsError, match=r"make_batches\.epochs"):
+        load_params(make_project(), {"make_batches.epochs": "3"})
+
+
+# ----------------------------------------------------------------------------------------- flatten
+
+
+def test_flatten_params():
+    raw = apply_overrides(
+        default_params(),
+        {
+            "train.loss": {"name": "TripletMarginLoss", "margin": 0.25},
+            "train.miner": {"name": "TripletMarginMiner", "type_of_triplets": "hard"},
+            "evaluate.recall_at": [1, 2],
+            "paths.items": "d/items.parquet",
+        },
+    )
+    flat = flatten(parse_params(raw, Path(".")))
+    assert flat["train.loss.margin"] == 0.25
+    assert flat["train.loss.name"] == "TripletMarginLoss"
+    assert flat["train.miner.type_of_triplets"] == "hard"
+    assert flat["ingest.source.kind"] == raw["ingest"]["source"]["kind"]
+    assert flat["evaluate.recall_at"] == [1, 2]
+    assert flat["paths.items"] == "d/items.parquet"
+    assert flat["make_batches.seed"] == raw["make_batches"]["seed"]
+    assert not any(isinstance(v, dict) and v for v in flat.values())
+    assert "train" not in flat and "train.loss" not in flat
+
+
+def test_flatten_null_miner_and_dicts():
+    params = parse_params(apply_overrides(default_params(), {"train.miner": None}), Path("."))
+    assert flatten(params)["train.miner"] is None
+    assert flatten({"a": {"b": {"c": 1}, "d": {}}, "e": [1]}) == {"a.b.c": 1, "a.d": {}, "e": [1]}
+    assert flatten({"x": 1}, prefix="p.") == {"p.x": 1}
+
+
+# ------------------------------------------------------------------------------------------- Paths
+
+
+def test_paths_resolve_against_params_dir(make_project, tmp_path, monkeypatch):
+    path = make_project()
+    params = load_params(path)
+    project = path.parent.resolve()
+    assert params.paths["items"] == project / "data" / "items.parquet"
+    assert params.paths["figures"] == project / "plots" / "figures"
+    assert params.paths["items"].is_absolute()
+    # a relative params path still anchors at its directory, not at the cwd
+    monkeypatch.chdir(tmp_path)
+    rel = load_params(Path(path.parent.name) / "params.yaml")
+    assert rel.paths["items"] == project / "data" / "items.parquet"
+
+
+def test_absolute_paths_kept(make_project, tmp_path):
+    target = tmp_path / "elsewhere" / "items.parquet"
+    params = load_params(make_project({"paths.items": str(target)}))
+    assert params.paths["items"] == target
+
+
+def test_paths_unknown_entry():
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(AttributeError):
+        params.paths["nope"]
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _run_cli(stage: str, params_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"tasks.{stage}", "--params", str(params_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_bad_params_exits_nonzero_and_writes_nothing(make_project):
+    """The real entry point, in a subprocess: exit status, stderr, no output files."""
+    path = make_project({"make_batches.epochs": "3", "ingest.image_size": "16"})
+    proc = _run_cli("ingest", path)
+    assert proc.returncode != 0
+    assert "ingest.image_size" in proc.stderr
+    assert "make_batches.epochs" in proc.stderr  # another stage's section also blocks this stage
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in path.parent.rglob("*")) == ["params.yaml"]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"ingest.bogus": 1}, "ingest.bogus"),
+        ({"train.loss.marginn": 1}, "loss.marginn"),
+        ({"ingest.source": {"kind": "image_folder", "root": "imgs"}}, "imgs"),  # missing folder
+    ],
+)
+def test_stage_main_bad_input_exits_2_and_writes_nothing(make_project, capsys, overrides, key):
+    """Same path in-process (cheaper than a subprocess per case)."""
+    from tasks import ingest
+
+    path = make_project(overrides)
+    with pytest.raises(SystemExit) as info:
+        ingest.main(["--params", str(path)])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert key in captured.err and captured.err.startswith("tripletflow ingest: error:")
+    assert captured.out == ""
+    assert sorted(p.name for p in path.parent.rglob("*")) == ["params.yaml"]
+
+
+def test_cli_missing_params_file(tmp_path):
+    proc = _run_cli("ingest", tmp_path / "params.yaml")
+    assert proc.returncode != 0
+    assert "no such params file" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage_main_valid_params_runs(make_project, capsys):
+    from tasks import ingest
+
+    path = make_project({"ingest.source": {"kind": "digits"}, "ingest.image_size": 8, "ingest.workers": 1})
+    ingest.main(["--params", str(path)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ingest"]
+    assert summary["ingested"] == 1797
+    assert (path.parent / "data" / "items.parquet").is_file()
+    assert (path.parent / "reports" / "ingest_quarantine.parquet").is_file()

@@ -16,10 +16,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import numpy as np
 
 META_KEY = b"tripletflow"
 _UMASK = os.umask(0)
@@ -101,6 +104,29 @@ ITEMS = Contract(
     ),
     required_meta=("height", "width", "channels"),
 )
+
+
+def items_table(
+    item_ids: list[str], labels: list[str], splits: list[str], sources: list[str], pixels: "np.ndarray"
+) -> pa.Table:
+    """Build an ITEMS table; pixels (N, H·W·C) uint8. Test items are query and gallery
+    (leave-one-out), as every source without its own query/gallery protocol has them."""
+    is_test = pa.array([s == TEST for s in splits], pa.bool_())
+    width = pixels.shape[1]
+    return pa.table(
+        {
+            ITEM_ID: item_ids,
+            LABEL: labels,
+            SPLIT: splits,
+            IS_QUERY: is_test,
+            IS_GALLERY: is_test,
+            SOURCE: sources,
+            PIXELS: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), width),
+        },
+        schema=ITEMS.schema({PIXELS: pa.list_(pa.uint8(), width)}),
+    )
+
+
 QUARANTINE = Contract("quarantine", ((PATH, pa.string()), (REASON, pa.string())))
 BATCHES = Contract(
     "batches",

@@ -126,20 +126,8 @@ def run(params: IngestParams, paths: Paths) -> dict:
     labels = [r.label for r, _ in good]
     splits = _split_by_class(labels, [r.split for r, _ in good], params)
     _check_usable(labels, splits)
-    is_test = pa.array([s == C.TEST for s in splits])
     flat = np.stack([px for _, px in good]).reshape(len(good), -1)
-    table = pa.table(
-        {
-            C.ITEM_ID: [r.item_id for r, _ in good],
-            C.LABEL: labels,
-            C.SPLIT: splits,
-            C.IS_QUERY: is_test,
-            C.IS_GALLERY: is_test,
-            C.SOURCE: [r.source for r, _ in good],
-            C.PIXELS: pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
-        },
-        schema=C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), flat.shape[1])}),
-    )
+    table = C.items_table([r.item_id for r, _ in good], labels, splits, [r.source for r, _ in good], flat)
     # Deterministic row order whatever the file-system order: by split, label, then content id.
     table = table.sort_by([(C.SPLIT, "ascending"), (C.LABEL, "ascending"), (C.ITEM_ID, "ascending")])
     reasons = Counter(r.reason.split(":")[0].split(" of ")[0] for r in rejected)

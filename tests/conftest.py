@@ -83,7 +83,6 @@ def synthetic_items(path: Path, n_classes: int = 6, per_class: int = 12, size: i
     """An items table of separable synthetic images: each class is a fixed random pattern plus
     noise; the last ``test_classes`` classes form the test split (query = gallery)."""
     import numpy as np
-    import pyarrow as pa
 
     from tasks import contracts as C
 
@@ -96,17 +95,5 @@ def synthetic_items(path: Path, n_classes: int = 6, per_class: int = 12, size: i
             split = C.TEST if c >= n_classes - test_classes else C.TRAIN
             rows.append((f"c{c}-{i}", f"class{c}", split, px))
     flat = np.stack([r[3] for r in rows])
-    is_test = pa.array([r[2] == C.TEST for r in rows])
-    table = pa.table(
-        {
-            C.ITEM_ID: [r[0] for r in rows],
-            C.LABEL: [r[1] for r in rows],
-            C.SPLIT: [r[2] for r in rows],
-            C.IS_QUERY: is_test,
-            C.IS_GALLERY: is_test,
-            C.SOURCE: [f"synthetic/{r[0]}" for r in rows],
-            C.PIXELS: pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), size * size),
-        },
-        schema=C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), size * size)}),
-    )
+    table = C.items_table([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [f"synthetic/{r[0]}" for r in rows], flat)
     C.write_table(table, path, C.ITEMS, {"height": size, "width": size, "channels": 1, "params": {"synthetic": True}})

@@ -24,19 +24,9 @@ def write_items(path: Path, train: dict[str, int], test: dict[str, int] | None =
     ]
     # shuffle the row order: the stage must not depend on it
     rows = [rows[i] for i in np.random.default_rng(123).permutation(len(rows))]
-    n = len(rows)
-    is_test = [s == C.TEST for _, _, s in rows]
-    table = pa.table(
-        {
-            C.ITEM_ID: [r[0] for r in rows],
-            C.LABEL: [r[1] for r in rows],
-            C.SPLIT: [r[2] for r in rows],
-            C.IS_QUERY: is_test,
-            C.IS_GALLERY: is_test,
-            C.SOURCE: [f"synthetic/{r[0]}" for r in rows],
-            C.PIXELS: pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(n, np.uint8)), 1),
-        },
-        schema=C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), 1)}),
+    table = C.items_table(
+        [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+        [f"synthetic/{r[0]}" for r in rows], np.zeros((len(rows), 1), np.uint8),
     )
     C.write_table(table, path, C.ITEMS, {"height": 1, "width": 1, "channels": 1})
     return {r[0]: r[1] for r in rows if r[2] == C.TRAIN}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -377,3 +378,29 @@ def test_missing_root_is_file_not_found(make_project):
     with pytest.raises(FileNotFoundError):
         run_ingest(path)
     _assert_no_outputs(path)
+
+
+OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "omniglot"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (OMNIGLOT / "images_evaluation.zip").exists(), reason=f"Omniglot zips not at {OMNIGLOT}")
+def test_the_official_omniglot_zips_ingest_as_image_folders(make_project):
+    """The real benchmark: background = train (964 characters), evaluation = test (659)."""
+    params = load_params(make_project({
+        "ingest.source": {
+            "kind": "image_folder",
+            "train_root": str(OMNIGLOT / "images_background.zip"),
+            "test_root": str(OMNIGLOT / "images_evaluation.zip"),
+        },
+        "ingest.image_size": 28,
+    }))
+    summary = ingest.run(params.ingest, params.paths)
+    assert summary["classes"] == {"train": 964, "test": 659}
+    # 20 drawers per character; one background image is byte-identical to another of its class.
+    assert summary["images"] == {"train": 19_279, "test": 13_180}
+    quarantine = pq.read_table(params.paths["quarantine"]).to_pylist()
+    assert [q["reason"].split(" of ")[0] for q in quarantine] == ["duplicate"]
+    table = pq.read_table(params.paths["items"], columns=["label", "split"])
+    labels = {(row["split"], row["label"]) for row in table.to_pylist()}
+    assert ("train", "Greek/character01") in labels  # label = path below the zip's top folder

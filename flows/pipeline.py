@@ -30,14 +30,23 @@ from prefect.cache_policies import NONE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, tracking, train  # noqa: E402
+from tasks.errors import UserInputError  # noqa: E402
 from tasks.params import flatten, load_params  # noqa: E402
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry I/O hiccups, not the user's input: bad params or data fail the same way every time."""
+    return not isinstance(state.result(raise_on_failure=False), UserInputError)
 
 
 def _as_task(module, retries: int):
     """A Prefect task around a stage's ``run``. No caching: DVC is our cache; retries only for
     stages whose failures can be transient (file systems, network storage), not for training."""
     name = module.__name__.rsplit(".", 1)[-1]
-    return task(module.run, name=name, retries=retries, retry_delay_seconds=2, cache_policy=NONE)
+    return task(
+        module.run, name=name, retries=retries, retry_delay_seconds=2, cache_policy=NONE,
+        retry_condition_fn=is_transient,
+    )
 
 
 ingest_task = _as_task(ingest, retries=2)

@@ -17,32 +17,32 @@ import pyarrow.compute as pc
 
 from tasks import contracts as C
 from tasks import tracking
-from tasks.export_embeddings import read_embeddings
+from tasks.errors import ParamsError
 from tasks.params import BuildIndexParams, Paths
 
 METRICS = {"inner_product": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 def build(vectors: np.ndarray, factory: str, metric: str) -> faiss.Index:
-    """float32 (N, D) -> a trained, filled faiss index. Raises ValueError for a bad factory string."""
+    """float32 (N, D) -> a trained, filled faiss index. Raises ParamsError for a bad factory string."""
     try:
         index = faiss.index_factory(vectors.shape[1], factory, METRICS[metric])
     except RuntimeError as err:
-        raise ValueError(f"build_index.factory: faiss cannot build {factory!r}: {err}") from None
+        raise ParamsError(f"build_index.factory: faiss cannot build {factory!r}: {err}") from None
     if not index.is_trained:
         # IVF/PQ need training vectors; too few for the requested lists is a user error, say so.
         # faiss's k-means seeds itself with a fixed default, so training is deterministic.
         try:
             index.train(vectors)
         except RuntimeError as err:
-            raise ValueError(f"build_index.factory: training {factory!r} on {len(vectors)} vectors failed: {err}") from None
+            raise ParamsError(f"build_index.factory: training {factory!r} on {len(vectors)} vectors failed: {err}") from None
     index.add(vectors)
     return index
 
 
 def run(params: BuildIndexParams, paths: Paths) -> dict:
     """Index the gallery rows of ``paths.embeddings``; write the index and its id map atomically."""
-    table, vectors, meta = read_embeddings(paths["embeddings"])
+    table, vectors, meta = C.read_embeddings(paths["embeddings"])
     gallery = pc.equal(table[C.IS_GALLERY], True).to_numpy(zero_copy_only=False)
     start = time.perf_counter()
     index = build(vectors[gallery], params.factory, params.metric)

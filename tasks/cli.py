@@ -9,11 +9,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.contracts import ContractError
-from tasks.params import ParamsError, Paths, load_params
+from tasks.errors import UserInputError
+from tasks.params import Paths, load_params
 
 # Errors that describe the user's input, not a bug: reported without a traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ParamsError, ContractError, ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (UserInputError, FileNotFoundError)
 
 
 def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = None) -> None:

@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
+
+from tasks.errors import ContractError  # noqa: E402  (re-exported: readers catch it from here)
 
 META_KEY = b"tripletflow"
 _UMASK = os.umask(0)
@@ -36,10 +37,6 @@ EPOCH, BATCH = "epoch", "batch"
 ANCHOR, POSITIVE, NEGATIVE = "anchor", "positive", "negative"
 EMBEDDING, POSITION, PATH, REASON = "embedding", "position", "path", "reason"
 TRAIN, TEST = "train", "test"
-
-
-class ContractError(ValueError):
-    """A file does not match its data contract (missing column, wrong type, bad metadata)."""
 
 
 def _fixed_list_of(value_type: pa.DataType) -> Callable[[pa.DataType], bool]:
@@ -107,7 +104,7 @@ ITEMS = Contract(
 
 
 def items_table(
-    item_ids: list[str], labels: list[str], splits: list[str], sources: list[str], pixels: "np.ndarray"
+    item_ids: list[str], labels: list[str], splits: list[str], sources: list[str], pixels: np.ndarray
 ) -> pa.Table:
     """Build an ITEMS table; pixels (N, H·W·C) uint8. Test items are query and gallery
     (leave-one-out), as every source without its own query/gallery protocol has them."""
@@ -146,7 +143,11 @@ EMBEDDINGS = Contract(
     ),
     required_meta=("dim", "model_sha256", "normalized"),
 )
-INDEX_IDS = Contract("index_ids", ((POSITION, pa.int64()), (ITEM_ID, pa.string()), (LABEL, pa.string())))
+INDEX_IDS = Contract(
+    "index_ids",
+    ((POSITION, pa.int64()), (ITEM_ID, pa.string()), (LABEL, pa.string())),
+    required_meta=("factory", "metric", "model_sha256"),
+)
 
 
 @contextmanager
@@ -214,3 +215,11 @@ def _check_no_nulls(table: pa.Table, where: str, contract: Contract) -> None:
     nulls = [c for c in table.column_names if table.column(c).null_count]
     if nulls:
         raise ContractError(f"{where}: {contract.name} has nulls in {nulls}")
+
+
+def read_embeddings(path: Path) -> tuple[pa.Table, np.ndarray, dict]:
+    """-> (table without the vectors, float32 (N, dim) C-contiguous, metadata)."""
+    table, meta = read_table(path, EMBEDDINGS)
+    col = table[EMBEDDING].combine_chunks()
+    vectors = np.ascontiguousarray(col.flatten().to_numpy().reshape(-1, meta["dim"]), dtype=np.float32)
+    return table.drop_columns([EMBEDDING]), vectors, meta

@@ -20,7 +20,6 @@ import pyarrow.compute as pc
 
 from tasks import contracts as C
 from tasks import figures, metrics, tracking
-from tasks.export_embeddings import read_embeddings
 from tasks.params import EvaluateParams, Paths
 
 
@@ -51,11 +50,17 @@ def search_excluding_self(
 
 def run(params: EvaluateParams, paths: Paths) -> dict:
     """Score retrieval through ``paths.index``; write metrics, the Recall@K curve and figures."""
-    table, vectors, _ = read_embeddings(paths["embeddings"])
+    table, vectors, emb_meta = C.read_embeddings(paths["embeddings"])
     ids_table, ids_meta = C.read_table(paths["index_ids"], C.INDEX_IDS)
     index = faiss.read_index(str(paths["index"]))
     if index.ntotal != ids_table.num_rows:
         raise C.ContractError(f"{paths['index']} holds {index.ntotal} vectors but {paths['index_ids']} maps {ids_table.num_rows}")
+    # A stale index (built from another model's embeddings) would score queries against the wrong space.
+    if ids_meta["model_sha256"] != emb_meta["model_sha256"] or index.d != emb_meta["dim"]:
+        raise C.ContractError(
+            f"{paths['index']} was built from model {ids_meta['model_sha256'][:12]} (dim {index.d}) but "
+            f"{paths['embeddings']} comes from model {emb_meta['model_sha256'][:12]} (dim {emb_meta['dim']}): rebuild the index"
+        )
     gallery_ids = np.asarray(ids_table[C.ITEM_ID].to_pylist(), dtype=object)
     gallery_labels = np.asarray(ids_table[C.LABEL].to_pylist(), dtype=object)
     is_query = pc.equal(table[C.IS_QUERY], True).to_numpy(zero_copy_only=False)
@@ -113,7 +118,7 @@ def _grid(params: EvaluateParams, paths: Paths, query_ids, pos, scores, hits, qu
     blank = np.zeros(shape, np.uint8)
     fetch = np.vectorize(lambda i: row.get(i, -1), otypes=[np.int64])
     q_img = flat[fetch(query_ids[pick])]
-    nb_rows = np.where(nb_pos >= 0, fetch(nb_ids), -1)
+    nb_rows = np.where(nb_pos >= 0, fetch(nb_ids), -1)  # -1: no result, or an id not in items
     nb_img = np.where((nb_rows >= 0)[..., None, None, None], flat[np.maximum(nb_rows, 0)], blank)
     figures.retrieval_grid(q_img, nb_img, hits[pick, :k], scores[pick, :k], list(query_labels[pick]), out)
 

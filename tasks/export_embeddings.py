@@ -8,7 +8,6 @@ SHA-256 (so an index can be traced to the exact weights) and that vectors are L2
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -55,14 +54,6 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     with tracking.stage_run(paths, "export_embeddings", params) as (child, parent):
         child.metrics({"n_embedded": len(vectors)})
     return {"n_embedded": len(vectors), "dim": dim, "device": str(device), "model_sha256": sha}
-
-
-def read_embeddings(path: Path) -> tuple[pa.Table, np.ndarray, dict]:
-    """-> (table without the vectors, float32 (N, dim) C-contiguous, metadata)."""
-    table, meta = C.read_table(path, C.EMBEDDINGS)
-    col = table[C.EMBEDDING].combine_chunks()
-    vectors = np.ascontiguousarray(col.flatten().to_numpy().reshape(-1, meta["dim"]), dtype=np.float32)
-    return table.drop_columns([C.EMBEDDING]), vectors, meta
 
 
 def main(argv: list[str] | None = None) -> None:

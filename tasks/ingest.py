@@ -22,13 +22,12 @@ from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import sources
+from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
+__all__ = ["DatasetError", "run", "main"]
+
 _CHUNK = 512  # records per worker task: large enough to amortise pickling, small for a live bar
-
-
-class DatasetError(ValueError):
-    """The source yields a dataset that metric learning cannot use (too few classes or images)."""
 
 
 def _decode_chunk(args: tuple[list[bytes], int, int]) -> list[np.ndarray | str]:
@@ -56,7 +55,8 @@ def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.R
 
 
 def _decode_all(records: list[sources.Record], p: IngestParams) -> list[np.ndarray | str]:
-    """Decode in parallel across cores (fork: workers inherit nothing but the chunk they get)."""
+    """Decode in parallel across cores. Workers come from a fork server, not fork(): the caller
+    may be a threaded process (a Prefect flow, torch), and forking one can deadlock."""
     chunks = [
         ([r.data for r in records[i : i + _CHUNK]], p.image_size, p.channels)
         for i in range(0, len(records), _CHUNK)
@@ -68,7 +68,8 @@ def _decode_all(records: list[sources.Record], p: IngestParams) -> list[np.ndarr
         mapped = map(_decode_chunk, chunks)
         pool = None
     else:
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        methods = multiprocessing.get_all_start_methods()
+        pool = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(workers)
         mapped = pool.imap(_decode_chunk, chunks)
     try:
         for chunk in mapped:
@@ -142,7 +143,8 @@ def run(params: IngestParams, paths: Paths) -> dict:
         "height": params.image_size,
         "width": params.image_size,
         "channels": params.channels,
-        "params": params.model_dump(),
+        # Params that shape the data; `workers` does not, and must not make the file differ.
+        "params": params.model_dump(exclude={"workers"}),
         "summary": summary,
     }
     C.write_table(table, paths["items"], C.ITEMS, meta)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks import contracts as C
+from tasks.errors import DatasetError
 from tasks.params import MakeBatchesParams, Paths
 
 
@@ -78,7 +79,7 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     min_size = k if params.small_classes == "drop" else 2
     usable = [m for m in members if len(m) >= min_size]
     if len(usable) < p:
-        raise ValueError(
+        raise DatasetError(
             f"make_batches.classes_per_batch={p} but only {len(usable)} train classes can fill "
             f"{k} images each (small_classes={params.small_classes!r}); lower P or K"
         )
@@ -114,7 +115,7 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     }
     C.write_table(batches, paths["batches"], C.BATCHES, meta)
 
-    triplets = _triplets(usable, ids, params.triplets_per_anchor, rng)
+    triplets = _triplets(usable, ids, params.triplets_per_anchor, params.seed)
     C.write_table(triplets, paths["triplets"], C.TRIPLETS, {"per_anchor": params.triplets_per_anchor})
     return {k_: v for k_, v in meta.items() if k_ not in ("classes_smaller_than_k", "excluded_classes")} | {
         "n_small_classes": len(small),
@@ -122,18 +123,26 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     }
 
 
-def _triplets(classes: list[np.ndarray], ids: np.ndarray, per_anchor: int, rng: np.random.Generator) -> pa.Table:
+def _triplets(classes: list[np.ndarray], ids: np.ndarray, per_anchor: int, seed: int) -> pa.Table:
     """``per_anchor`` (anchor, positive, negative) per image: positive = another image of its
-    class, negative = a random image of another class."""
+    class, negative = a random image of another class. Its own rng, so the plan's length
+    (``epochs``) does not change the triplets."""
+    rng = np.random.default_rng([seed, 1])
+    everyone = np.concatenate(classes) if classes else np.empty(0, np.int64)
+    starts = np.cumsum([0] + [len(m) for m in classes])
     anchors, positives, negatives = [], [], []
-    everyone = np.concatenate(classes)
     for c, members in enumerate(classes):
-        others = np.setdiff1d(everyone, members)
-        for a in np.repeat(members, per_anchor):
-            anchors.append(a)
-            positives.append(rng.choice(members[members != a]))
-            negatives.append(rng.choice(others))
-    col = lambda xs: pa.array(ids[np.asarray(xs, dtype=np.int64)] if xs else [], pa.string())  # noqa: E731
+        a = np.repeat(np.arange(len(members)), per_anchor)
+        # A random *other* member: draw from n-1 slots and skip the anchor's own.
+        p = rng.integers(0, len(members) - 1, size=len(a))
+        p += p >= a
+        # A random member of another class: draw from N-n slots and skip this class's block.
+        n = rng.integers(0, len(everyone) - len(members), size=len(a))
+        n += np.where(n >= starts[c], len(members), 0)
+        anchors.append(members[a])
+        positives.append(members[p])
+        negatives.append(everyone[n])
+    col = lambda xs: pa.array(ids[np.concatenate(xs)] if xs else [], pa.string())  # noqa: E731
     return pa.table(
         {C.ANCHOR: col(anchors), C.POSITIVE: col(positives), C.NEGATIVE: col(negatives)},
         schema=C.TRIPLETS.schema(),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.contracts import atomic_path
+from tasks.errors import ParamsError
 
 
 class SmallCNN(nn.Module):
@@ -47,7 +48,7 @@ def _torchvision_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
     try:
         model = torchvision.models.get_model(name, weights=None)
     except ValueError:
-        raise ValueError(f"train.backbone: unknown model {name!r} (small_cnn or a torchvision name)") from None
+        raise ParamsError(f"train.backbone: unknown model {name!r} (small_cnn or a torchvision name)") from None
     for attr in ("fc", "classifier", "heads", "head"):
         head = getattr(model, attr, None)
         if head is None:
@@ -59,7 +60,7 @@ def _torchvision_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
             else:
                 setattr(model, attr, nn.Identity())
             return _GrayToRGB(model) if in_channels == 1 else model, last.in_features
-    raise ValueError(f"train.backbone: cannot find the classification head of {name!r}")
+    raise ParamsError(f"train.backbone: cannot find the classification head of {name!r}")
 
 
 class _GrayToRGB(nn.Module):
@@ -123,7 +124,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        raise ParamsError(f"device {name!r} asked for, but CUDA is not available here")
     return torch.device(name)
 
 

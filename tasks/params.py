@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.errors import ParamsError
 
-class ParamsError(ValueError):
-    """params.yaml (or an override) is invalid; the message names every offending key."""
+__all__ = ["ParamsError", "Params", "Paths", "load_params", "parse_params", "apply_overrides", "flatten"]
 
 
 class _Strict(BaseModel):
@@ -131,9 +131,39 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     accepted.discard("self")
-    return [
-        f"{key}.{kw}: {spec.name} takes no argument {kw!r}" for kw in spec.kwargs if kw not in accepted
-    ]
+    errors = [f"{key}.{kw}: {spec.name} takes no argument {kw!r}" for kw in spec.kwargs if kw not in accepted]
+    defaults = _defaults(cls)
+    for kw, value in spec.kwargs.items():
+        want = type(defaults.get(kw))
+        # YAML reads `1e-3` (no dot) as a string; catch that here rather than deep in torch.
+        # An int default (momentum=0) is a number too: 0.9 is fine there.
+        if want in (float, int) and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if _looks_numeric(value) else ""
+            errors.append(f"{key}.{kw}: expected a number, got {value!r}{hint}")
+        elif want in (bool, str) and not isinstance(value, want):
+            errors.append(f"{key}.{kw}: expected {want.__name__}, got {value!r}")
+    return errors
+
+
+def _looks_numeric(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Constructor defaults up the class hierarchy (the first class that sets one wins)."""
+    out: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.default is not p.empty and p.default is not None:
+                out.setdefault(p.name, p.default)
+    return out
 
 
 class TrainParams(_Strict):

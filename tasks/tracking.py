@@ -44,13 +44,17 @@ class Tracker:
         self.run_id = run_id
 
     def params(self, values: dict[str, Any]) -> None:
-        """Log params not yet on the run (params are immutable in MLflow: first write wins)."""
+        """Log params. MLflow params are immutable, so a key already on the run with another value
+        (``dvc repro`` re-running only evaluate with a new ``evaluate.map_at``) is recorded as the
+        tag ``changed.<key>`` = new value; the stage's child run holds it as a param."""
         from mlflow.entities import Param
 
         have = self.client.get_run(self.run_id).data.params
-        new = [Param(k, _param_str(v)) for k, v in values.items() if k not in have]
+        strings = {k: _param_str(v) for k, v in values.items()}
+        new = [Param(k, v) for k, v in strings.items() if k not in have]
         for i in range(0, len(new), 100):  # MLflow's log_batch limit is 100 params
             self.client.log_batch(self.run_id, params=new[i : i + 100])
+        self.tags({f"changed.{k}": v for k, v in strings.items() if k in have and have[k] != v})
 
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -120,7 +124,16 @@ def parent_from_run_info(root: Path, run_info: Path) -> str:
         client.get_run(info["run_id"])
         return info["run_id"]
     except MlflowException:
-        return start_pipeline_run(root, info["experiment"], {"tripletflow.original_run_id": info["run_id"]})
+        pass
+    # Stand-in runs are tagged with the id they replace, so export, index and evaluate share one.
+    exp = client.get_experiment_by_name(info["experiment"])
+    if exp is not None:
+        found = client.search_runs(
+            [exp.experiment_id], f"tags.`tripletflow.original_run_id` = '{info['run_id']}'", max_results=1
+        )
+        if found:
+            return found[0].info.run_id
+    return start_pipeline_run(root, info["experiment"], {"tripletflow.original_run_id": info["run_id"]})
 
 
 @contextmanager
@@ -131,7 +144,8 @@ def stage_run(
 
     The parent is ``parent_run_id`` or, for the stages after train, the run recorded in
     ``paths.run_info``. The stage's params (``<stage>.<key>``) go to both runs; the child ends
-    FINISHED, or FAILED if the stage raised; its duration is logged as a metric on both.
+    FINISHED, or FAILED — and then the parent too — if the stage raised; its duration is logged as
+    a metric on both.
     """
     root = Path(paths.root)
     parent_run_id = parent_run_id or parent_from_run_info(root, paths["run_info"])
@@ -152,3 +166,5 @@ def stage_run(
         child.metrics({"stage_seconds": seconds})
         parent.metrics({f"{stage}.seconds": seconds})
         child.client.set_terminated(child.run_id, status)
+        if status == "FAILED":
+            parent.client.set_terminated(parent.run_id, "FAILED")

@@ -82,8 +82,7 @@ def _plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarray]],
 
 def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
     """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
-    torch.manual_seed(params.seed)
-    np.random.seed(params.seed)
+    torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
     device = pick_device(params.device)
     pixels, labels, row_of, items_meta = _load_train_data(paths, device)
     plan, plan_meta = _plan(paths, row_of)

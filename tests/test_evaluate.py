@@ -7,7 +7,7 @@ import pytest
 from tasks import build_index, evaluate, export_embeddings, make_batches, train
 from tasks.evaluate import search_excluding_self
 from tasks.params import load_params
-from tests.conftest import FAST, synthetic_items
+from conftest import FAST, synthetic_items
 
 
 def test_search_never_returns_the_query_itself():
@@ -81,4 +81,21 @@ def test_index_and_id_map_must_agree(make_project):
     index.add(np.zeros((1, index.d), np.float32))  # a stale index with one vector too many
     faiss.write_index(index, str(params.paths["index"]))
     with pytest.raises(ContractError, match="holds 25 vectors"):
+        evaluate.run(params.evaluate, params.paths)
+
+
+def test_an_index_from_another_model_is_refused(make_project):
+    from tasks.contracts import ContractError
+
+    params = load_params(make_project(FAST | {"make_batches.epochs": 1}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    train.run(params.train, params.paths)
+    export_embeddings.run(params.export_embeddings, params.paths)
+    build_index.run(params.build_index, params.paths)
+    # Retrain (another seed) and re-export, but do not rebuild the index.
+    retrained = load_params(params.paths.root + "/params.yaml", {"train.seed": 1})
+    train.run(retrained.train, retrained.paths)
+    export_embeddings.run(retrained.export_embeddings, retrained.paths)
+    with pytest.raises(ContractError, match="rebuild the index"):
         evaluate.run(params.evaluate, params.paths)

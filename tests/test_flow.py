@@ -12,7 +12,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.pipeline import pipeline
 from tasks import tracking
 from tasks.params import ParamsError
-from tests.conftest import FAST, ROOT
+from conftest import FAST, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +60,13 @@ def test_cli_rejects_a_bad_value_naming_the_key(make_project):
     assert proc.returncode != 0
     assert "make_batches.epochs" in proc.stderr
     assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]
+
+
+def test_only_transient_failures_are_retried():
+    from prefect.states import Failed
+
+    from flows.pipeline import is_transient
+    from tasks.errors import DatasetError
+
+    assert not is_transient(None, None, Failed(data=DatasetError("1 class")))
+    assert is_transient(None, None, Failed(data=OSError("NFS hiccup")))

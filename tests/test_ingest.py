@@ -181,7 +181,7 @@ def test_workers_2_matches_workers_1(make_project, monkeypatch, digits_run):
     _, parallel, meta, quarantine = run_ingest(
         make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.workers": 2}, name="w2")
     )
-    assert contexts == ["fork"]  # 1,797 digits = 4 chunks: the pool really ran
+    assert contexts == ["forkserver"]  # 1,797 digits = 4 chunks: the pool really ran
     assert parallel.equals(serial)
     assert meta["summary"] == serial_meta["summary"]
     assert quarantine.num_rows == 0
@@ -404,3 +404,12 @@ def test_the_official_omniglot_zips_ingest_as_image_folders(make_project):
     table = pq.read_table(params.paths["items"], columns=["label", "split"])
     labels = {(row["split"], row["label"]) for row in table.to_pylist()}
     assert ("train", "Greek/character01") in labels  # label = path below the zip's top folder
+
+
+def test_the_number_of_decode_workers_does_not_change_the_output_file(make_project):
+    # `workers` is how, not what: DVC must not see new data (and retrain) when it changes.
+    one = load_params(make_project({**SMALL, "ingest.workers": 1}, name="w1"))
+    two = load_params(make_project({**SMALL, "ingest.workers": 2}, name="w2b"))
+    ingest.run(one.ingest, one.paths)
+    ingest.run(two.ingest, two.paths)
+    assert one.paths["items"].read_bytes() == two.paths["items"].read_bytes()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
+import yaml
 
 from conftest import ROOT, default_params
 from tasks.params import (
@@ -455,3 +456,16 @@ def test_stage_main_valid_params_runs(make_project, capsys):
     assert summary["ingested"] == 1797
     assert (path.parent / "data" / "items.parquet").is_file()
     assert (path.parent / "reports" / "ingest_quarantine.parquet").is_file()
+
+
+def test_component_kwarg_values_are_type_checked_against_the_constructor_defaults(tmp_path):
+    # YAML reads `1e-3` as the string '1e-3'; torch would fail deep inside AdamW.
+    path = tmp_path / "params.yaml"
+    raw = default_params()
+    raw["train"]["optimizer"]["lr"] = "1e-3"
+    raw["train"]["miner"]["type_of_triplets"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    assert "train.optimizer.lr: expected a number, got '1e-3'" in str(err.value)
+    assert "train.miner.type_of_triplets: expected str" in str(err.value)

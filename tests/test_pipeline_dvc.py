@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import copy_repo
+from conftest import copy_repo
 
 pytestmark = pytest.mark.slow
 FIRST: dict = {}  # metrics of the default run, for the untrained-baseline comparison

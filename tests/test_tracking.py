@@ -7,7 +7,7 @@ from tasks import tracking
 
 def _paths(tmp_path):
     from tasks.params import parse_params
-    from tests.conftest import default_params
+    from conftest import default_params
 
     return parse_params(default_params(), tmp_path).paths
 
@@ -46,23 +46,30 @@ def test_a_failing_stage_marks_its_run_failed(tmp_path):
             raise RuntimeError("boom")
     except RuntimeError:
         pass
-    assert MlflowClient(tracking.tracking_uri(tmp_path)).get_run(child.run_id).info.status == "FAILED"
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    assert client.get_run(child.run_id).info.status == "FAILED"
+    assert client.get_run(client.get_run(child.run_id).data.tags[tracking.PARENT_TAG]).info.status == "FAILED"
 
 
-def test_params_are_first_write_wins(tmp_path):
+def test_a_changed_param_is_kept_as_a_tag(tmp_path):
     run_id = tracking.start_pipeline_run(tmp_path, "exp")
     t = tracking.Tracker(tmp_path, run_id)
     t.params({"a": 1})
-    t.params({"a": 2, "b": 3})  # MLflow would raise on a changed value; we keep the first
-    assert MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run_id).data.params == {"a": "1", "b": "3"}
+    t.params({"a": 2, "b": 3})  # MLflow would raise on a changed value
+    run = MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run_id)
+    assert run.data.params == {"a": "1", "b": "3"}
+    assert run.data.tags["changed.a"] == "2" and "changed.b" not in run.data.tags
 
 
 def test_run_info_pointing_at_a_missing_run_starts_a_new_one(tmp_path):
     info = tmp_path / "run.json"
     info.write_text(json.dumps({"run_id": "0" * 32, "experiment": "exp"}))
+    tracking.start_pipeline_run(tmp_path, "exp")  # the experiment exists, the run does not
     new_id = tracking.parent_from_run_info(tmp_path, info)
     run = MlflowClient(tracking.tracking_uri(tmp_path)).get_run(new_id)
     assert run.data.tags["tripletflow.original_run_id"] == "0" * 32
+    # export, index and evaluate each ask: they all get the same stand-in run
+    assert tracking.parent_from_run_info(tmp_path, info) == new_id
 
 
 def test_tracking_uri_honours_the_environment(tmp_path, monkeypatch):

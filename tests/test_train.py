@@ -8,7 +8,7 @@ from pytorch_metric_learning import losses, miners
 from tasks import make_batches, train
 from tasks.params import load_params
 from tasks.train import mining_stats
-from tests.conftest import FAST, synthetic_items
+from conftest import FAST, synthetic_items
 
 
 def _csv(path):

@@ -9,51 +9,22 @@ an index gather, never a decode or a host→device copy of a batch.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import torch
 from pytorch_metric_learning import losses, miners
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import tracking
+from tasks.engine import train_epoch
 from tasks.models import EmbeddingNet, pick_device, pixels_to_tensor, save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
 
 
-def mining_stats(emb: torch.Tensor, labels: torch.Tensor, tuples: tuple, loss_fn) -> dict[str, float]:
-    """What the miner found in one batch: counts, mean positive / negative distance and, for
-    triplets, the fraction still violating the margin ("active") — the loss only learns from those.
-
-    emb (B, D), labels (B,), tuples: a miner's (a, p, n) triplets or (a1, p, a2, n) pairs.
-    """
-    dist = loss_fn.distance
-    mat = dist(emb)
-    sign = -1.0 if dist.is_inverted else 1.0  # similarities: larger = closer
-    if len(tuples) == 3:
-        a, p, n = tuples
-        d_ap, d_an = mat[a, p], mat[a, n]
-        margin = float(getattr(loss_fn, "margin", 0.0) or 0.0)
-        active = (sign * (d_ap - d_an) + margin) > 0
-        return {
-            "mined": float(len(a)),
-            "frac_active": active.float().mean().item() if len(a) else 0.0,
-            "pos_distance": d_ap.mean().item() if len(a) else float("nan"),
-            "neg_distance": d_an.mean().item() if len(a) else float("nan"),
-        }
-    a1, p, a2, n = tuples
-    return {
-        "mined": float(len(a1) + len(a2)),
-        "pos_distance": mat[a1, p].mean().item() if len(a1) else float("nan"),
-        "neg_distance": mat[a2, n].mean().item() if len(a2) else float("nan"),
-    }
-
-
-def _load_train_data(paths: Paths, device: torch.device):
+def load_train_data(paths: Paths, device: torch.device):
     """-> pixels uint8 (N, C, H, W) on device, int64 labels (N,), item_id -> row, items metadata."""
     items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT, C.PIXELS])
     train = items.filter(pc.equal(items[C.SPLIT], C.TRAIN))
@@ -63,7 +34,7 @@ def _load_train_data(paths: Paths, device: torch.device):
     return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
 
 
-def _plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarray]], dict]:
+def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarray]], dict]:
     """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,)."""
     table, meta = C.read_table(paths["batches"], C.BATCHES)
     try:
@@ -80,13 +51,8 @@ def _plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarray]],
     return plan, meta
 
 
-def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
-    """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
-    torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
-    device = pick_device(params.device)
-    pixels, labels, row_of, items_meta = _load_train_data(paths, device)
-    plan, plan_meta = _plan(paths, row_of)
-
+def build(params: TrainParams, items_meta: dict, device: torch.device):
+    """-> (model, loss, miner or None, optimizer) on ``device``, all chosen by name in params."""
     model = EmbeddingNet(
         {
             "backbone": params.backbone,
@@ -101,6 +67,17 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)
+    return model, loss_fn, miner, optimizer
+
+
+def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
+    """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
+    torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
+    device = pick_device(params.device)
+    pixels, labels, row_of, items_meta = load_train_data(paths, device)
+    plan, plan_meta = load_plan(paths, row_of)
+
+    model, loss_fn, miner, optimizer = build(params, items_meta, device)
 
     root = Path(paths.root)
     run_id = parent_run_id or tracking.start_pipeline_run(root, params.experiment)
@@ -115,31 +92,9 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
         child.params({"device": str(device), "n_train_images": len(labels)})
         steps = sum(len(e) for e in plan)
         bar = tqdm(total=steps, desc=f"train ({device})", unit="batch", file=sys.stderr, disable=None)
-        model.train()
         for epoch, batches in enumerate(plan):
-            sums: dict[str, float] = {}
-            seen, start = 0, time.perf_counter()
-            for step, idx in enumerate(batches):
-                idx_t = torch.from_numpy(idx).to(device)
-                emb = model(pixels[idx_t])
-                y = labels[idx_t]
-                tuples = miner(emb, y) if miner else None  # None: the loss uses every tuple
-                loss = loss_fn(emb, y, tuples)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"train: loss is {loss.item()} at epoch {epoch}, step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    mined = tuples if tuples is not None else lmu.get_all_triplets_indices(y)
-                    stats = {"loss": loss.item(), **mining_stats(emb.detach(), y, mined, loss_fn)}
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                seen += len(idx)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.4f}")
-            row = {k: v / max(len(batches), 1) for k, v in sums.items()}
-            row["img_per_s"] = seen / (time.perf_counter() - start)
+            row = train_epoch(model, loss_fn, miner, optimizer, pixels, labels, batches, epoch, lambda: bar.update(1))
+            bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
             child.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
             parent.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)

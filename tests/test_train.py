@@ -7,7 +7,7 @@ from pytorch_metric_learning import losses, miners
 
 from tasks import make_batches, train
 from tasks.params import load_params
-from tasks.train import mining_stats
+from tasks.engine import mining_stats
 from conftest import FAST, synthetic_items
 
 
@@ -44,9 +44,13 @@ def test_non_finite_loss_stops_with_the_epoch_and_step(make_project):
     params = load_params(make_project(FAST | {"train.optimizer": {"name": "SGD", "lr": float("inf")}}))
     synthetic_items(params.paths["items"])
     make_batches.run(params.make_batches, params.paths)
-    with pytest.raises(FloatingPointError, match=r"epoch 0, step 1"):
+    with pytest.raises(FloatingPointError, match=r"not finite at epoch 0, step 1"):
         train.run(params.train, params.paths)
     assert not params.paths["model"].exists()
+
+
+def _stats(*args):
+    return {k: float(v) for k, v in mining_stats(*args).items()}
 
 
 def test_mining_stats_on_a_hand_made_batch():
@@ -56,7 +60,7 @@ def test_mining_stats_on_a_hand_made_batch():
     labels = torch.tensor([0, 0, 1])
     loss_fn = losses.TripletMarginLoss(margin=0.2)
     triplets = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
-    stats = mining_stats(emb, labels, triplets, loss_fn)
+    stats = _stats(emb, triplets, loss_fn)
     d_ap, d_an = 2 * torch.sin(torch.tensor(0.05)), 2 * torch.sin(torch.tensor(0.25))
     assert stats["mined"] == 1
     assert stats["pos_distance"] == pytest.approx(d_ap.item(), abs=1e-5)
@@ -65,9 +69,9 @@ def test_mining_stats_on_a_hand_made_batch():
     # The miner's own output feeds the same statistics: with a margin of 1 both triplets
     # (0,1,2) and (1,0,2) violate it; with 0.2 neither does (d_an - d_ap ≈ 0.39).
     wide = miners.TripletMarginMiner(margin=1.0, type_of_triplets="all")(emb, labels)
-    assert mining_stats(emb, labels, wide, loss_fn)["mined"] == 2
+    assert _stats(emb, wide, loss_fn)["mined"] == 2
     narrow = miners.TripletMarginMiner(margin=0.2, type_of_triplets="all")(emb, labels)
-    assert mining_stats(emb, labels, narrow, loss_fn) | {"pos_distance": 0, "neg_distance": 0} == {
+    assert _stats(emb, narrow, loss_fn) | {"pos_distance": 0, "neg_distance": 0} == {
         "mined": 0, "frac_active": 0.0, "pos_distance": 0, "neg_distance": 0}
 
 
@@ -75,5 +79,5 @@ def test_mining_stats_on_pairs():
     emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     pairs = miners.MultiSimilarityMiner()(emb, labels)
-    stats = mining_stats(emb, labels, pairs, losses.MultiSimilarityLoss())
+    stats = _stats(emb, pairs, losses.MultiSimilarityLoss())
     assert stats["mined"] == sum(len(p) for p in pairs) / 2

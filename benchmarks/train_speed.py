@@ -1,0 +1,164 @@
+"""Training throughput: our train stage vs the usual reference loop vs the hardware limit.
+
+One run measures, on the same model, batch (P×K), miner and loss:
+- **reference**: what pytorch-metric-learning's examples do — torchvision ImageFolder over the
+  extracted PNGs, PIL decode + transforms per image, DataLoader with MPerClassSampler, fp32;
+- **ours**: the train stage's engine (``tasks.train.build`` + ``tasks.engine.train_epoch``, what
+  ``tasks.train.run`` runs, minus its per-epoch MLflow calls) on the ingested uint8 Parquet;
+- **limit**: forward + backward + optimizer step on one batch already on the device, with and
+  without mining + loss (the share of the step spent mining), on random uint8 data (the usual
+  "synthetic" limit) and on a real batch (on CPUs, kernels run faster on mostly-blank strokes than
+  on noise, so the real batch is the ceiling that matters for our data path).
+Prints one JSON line per figure (img/s and the ratios).
+
+    python benchmarks/train_speed.py [--data ../shared/datasets/omniglot] [--image-size 28] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from pytorch_metric_learning import losses, miners, samplers
+
+from tasks import ingest, make_batches, train
+from tasks.engine import train_epoch
+from tasks.models import EmbeddingNet, pick_device
+from tasks.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def emit(figure: str, **values) -> None:
+    print(json.dumps({"figure": figure, **values}), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reference_loop(root: Path, size: int, channels: int, p: int, k: int, steps: int, device, model_cfg, workers: int) -> float:
+    """img/s of the pml-examples recipe: ImageFolder + PIL + DataLoader(MPerClassSampler), fp32."""
+    import torchvision
+    from torchvision import transforms as T
+
+    tf = T.Compose([T.Grayscale(channels), T.Resize((size, size)), T.PILToTensor()])
+    data = torchvision.datasets.ImageFolder(str(root), transform=tf)
+    # ImageFolder labels by the first folder level (the alphabet); the class is the character.
+    chars = sorted({str(Path(path).parent) for path, _ in data.samples})
+    index = {c: i for i, c in enumerate(chars)}
+    data.samples = [(path, index[str(Path(path).parent)]) for path, _ in data.samples]
+    data.targets = [t for _, t in data.samples]
+    sampler = samplers.MPerClassSampler(data.targets, m=k, batch_size=p * k, length_before_new_iter=len(data))
+    loader = torch.utils.data.DataLoader(data, batch_size=p * k, sampler=sampler, num_workers=workers, drop_last=True)
+    torch.manual_seed(0)
+    model = EmbeddingNet(model_cfg).to(device).train()
+    loss_fn, miner = losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen, start = 0, None
+    for step, (x, y) in enumerate(loader):
+        if step == 2:  # after warm-up (workers started, kernels chosen)
+            sync(device)
+            start, seen = time.perf_counter(), 0
+        x, y = x.to(device), y.to(device)
+        emb = model(x)
+        loss = loss_fn(emb, y, miner(emb, y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+        if step >= steps + 2:
+            break
+    sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def limit(x: torch.Tensor, steps: int, model_cfg, mine: bool) -> float:
+    """img/s of the bare step on one device-resident uint8 batch x (B, C, H, W)."""
+    torch.manual_seed(0)
+    model = EmbeddingNet(model_cfg).to(x.device).train()
+    loss_fn, miner = losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    y = torch.arange(len(x), device=x.device) // 4
+    for step in range(steps + 3):
+        if step == 3:
+            sync(x.device)
+            start = time.perf_counter()
+        emb = model(x)
+        loss = loss_fn(emb, y, miner(emb, y)) if mine else emb.square().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(x.device)
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "omniglot")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--p", type=int, default=32)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps of the reference and the limit")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of our stage (all timed)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    args.data = args.data.resolve()  # params paths resolve against the temp project, not the cwd
+    size, channels, batch = args.image_size, 1, args.p * args.k
+    work = Path(tempfile.mkdtemp(prefix="train-speed-"))
+    try:
+        shutil.copy(REPO / "params.yaml", work / "params.yaml")
+        params = load_params(work / "params.yaml", {
+            "ingest.source": {"kind": "image_folder", "train_root": str(args.data / "images_background.zip"),
+                              "test_root": str(args.data / "images_evaluation.zip")},
+            "ingest.image_size": size,
+            "make_batches.classes_per_batch": args.p,
+            "make_batches.images_per_class": args.k,
+            "make_batches.epochs": args.epochs,
+            "train.device": str(device),
+        })
+        cfg = {"backbone": "small_cnn", "width": params.train.width, "embedding_dim": params.train.embedding_dim,
+               "in_channels": channels, "image_size": size}
+        common = {"device": str(device), "image_size": size, "batch": batch, "model": f"small_cnn w{params.train.width}"}
+
+        with zipfile.ZipFile(args.data / "images_background.zip") as zf:
+            zf.extractall(work / "raw")
+        ref = reference_loop(work / "raw" / "images_background", size, channels, args.p, args.k, args.steps, device, cfg, args.workers)
+        emit("reference_img_per_s", value=round(ref, 1), workers=args.workers, **common)
+
+        ingest.run(params.ingest, params.paths)
+        make_batches.run(params.make_batches, params.paths)
+        torch.manual_seed(params.train.seed)
+        pixels, labels, row_of, meta = train.load_train_data(params.paths, device)
+        plan, _ = train.load_plan(params.paths, row_of)
+        model, loss_fn, miner, optimizer = train.build(params.train, meta, device)
+        rows = [train_epoch(model, loss_fn, miner, optimizer, pixels, labels, batches, e) for e, batches in enumerate(plan)]
+        ours = sum(r["img_per_s"] for r in rows) / len(rows)
+        emit("ours_img_per_s", value=round(ours, 1), epochs=len(rows), **common)
+
+        random_batch = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, device=device)
+        real_batch = pixels[torch.from_numpy(plan[0][0]).to(device)]
+        for name, x in (("random", random_batch), ("real", real_batch)):
+            bare = limit(x, args.steps, cfg, mine=False)
+            mined = limit(x, args.steps, cfg, mine=True)
+            emit(f"limit_img_per_s_{name}_batch", no_mining=round(bare, 1), with_mining=round(mined, 1),
+                 mining_share_of_step=round(1 - mined / bare, 3), **common)
+            emit(f"ratios_{name}_batch", ours_vs_reference=round(ours / ref, 2),
+                 ours_vs_limit_with_mining=round(ours / mined, 3), ours_vs_limit_no_mining=round(ours / bare, 3), **common)
+        if device.type == "cuda":
+            emit("peak_gpu_memory_gib", value=round(torch.cuda.max_memory_allocated(device) / 2**30, 2), **common)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

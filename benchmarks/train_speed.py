@@ -25,10 +25,11 @@ import zipfile
 from pathlib import Path
 
 import torch
-from pytorch_metric_learning import losses, miners, samplers
+from pytorch_metric_learning import losses, miners, samplers  # the reference loop's recipe
 
 from tasks import ingest, make_batches, train
 from tasks.engine import train_epoch
+from tasks.objectives import build_objective
 from tasks.models import EmbeddingNet, pick_device
 from tasks.params import load_params
 
@@ -80,24 +81,39 @@ def reference_loop(root: Path, size: int, channels: int, p: int, k: int, steps: 
     return seen / (time.perf_counter() - start)
 
 
-def limit(x: torch.Tensor, steps: int, model_cfg, mine: bool) -> float:
-    """img/s of the bare step on one device-resident uint8 batch x (B, C, H, W)."""
+def limit(x: torch.Tensor, steps: int, model_cfg, objective=None, bf16: bool = False, channels_last: bool = False) -> float:
+    """img/s of the bare step (forward, objective or a trivial loss, backward, AdamW) on one
+    device-resident uint8 batch x (B, C, H, W)."""
     torch.manual_seed(0)
     model = EmbeddingNet(model_cfg).to(x.device).train()
-    loss_fn, miner = losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     y = torch.arange(len(x), device=x.device) // 4
     for step in range(steps + 3):
         if step == 3:
             sync(x.device)
             start = time.perf_counter()
-        emb = model(x)
-        loss = loss_fn(emb, y, miner(emb, y)) if mine else emb.square().sum()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            emb = model(x)
+        loss = objective(emb.float(), y)[0] if objective else emb.float().square().sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     sync(x.device)
     return steps * len(x) / (time.perf_counter() - start)
+
+
+def ours(params, device) -> tuple[float, torch.Tensor]:
+    """Our train stage's engine on the ingested data: mean img/s over the planned epochs, and
+    the first planned batch (a real batch for the limit)."""
+    torch.manual_seed(params.train.seed)
+    pixels, labels, row_of, meta = train.load_train_data(params.paths, device)
+    plan, _ = train.load_plan(params.paths, row_of)
+    model, objective, optimizer = train.build(params.train, meta, device)
+    bf16 = train.use_bf16(params.train, device)
+    rows = [train_epoch(model, objective, optimizer, pixels, labels, b, e, bf16=bf16) for e, b in enumerate(plan)]
+    return sum(r["img_per_s"] for r in rows) / len(rows), pixels[torch.from_numpy(plan[0][0]).to(device)]
 
 
 def main() -> None:
@@ -137,23 +153,30 @@ def main() -> None:
 
         ingest.run(params.ingest, params.paths)
         make_batches.run(params.make_batches, params.paths)
-        torch.manual_seed(params.train.seed)
-        pixels, labels, row_of, meta = train.load_train_data(params.paths, device)
-        plan, _ = train.load_plan(params.paths, row_of)
-        model, loss_fn, miner, optimizer = train.build(params.train, meta, device)
-        rows = [train_epoch(model, loss_fn, miner, optimizer, pixels, labels, batches, e) for e, batches in enumerate(plan)]
-        ours = sum(r["img_per_s"] for r in rows) / len(rows)
-        emit("ours_img_per_s", value=round(ours, 1), epochs=len(rows), **common)
+        fast, real_batch = ours(params, device)
+        t = params.train
+        emit("ours_img_per_s", value=round(fast, 1), fused_mining=t.fused_mining, precision=t.precision,
+             channels_last=t.channels_last, bf16=train.use_bf16(t, device), **common)
+        plain_params = params.model_copy(update={"train": t.model_copy(
+            update={"fused_mining": False, "precision": "fp32", "channels_last": False})})
+        plain, _ = ours(plain_params, device)
+        emit("ours_pml_fp32_img_per_s", value=round(plain, 1), **common)
 
-        random_batch = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, device=device)
-        real_batch = pixels[torch.from_numpy(plan[0][0]).to(device)]
-        for name, x in (("random", random_batch), ("real", real_batch)):
-            bare = limit(x, args.steps, cfg, mine=False)
-            mined = limit(x, args.steps, cfg, mine=True)
-            emit(f"limit_img_per_s_{name}_batch", no_mining=round(bare, 1), with_mining=round(mined, 1),
-                 mining_share_of_step=round(1 - mined / bare, 3), **common)
-            emit(f"ratios_{name}_batch", ours_vs_reference=round(ours / ref, 2),
-                 ours_vs_limit_with_mining=round(ours / mined, 3), ours_vs_limit_no_mining=round(ours / bare, 3), **common)
+        bf16 = train.use_bf16(t, device)
+        fused = build_objective(t.loss, t.miner, True, device)[0]
+        pml = build_objective(t.loss, t.miner, False, device)[0]
+        random_batch = torch.randint(0, 256, real_batch.shape, dtype=torch.uint8, device=device)
+        for name, x in (("real", real_batch), ("random", random_batch)):
+            bare = limit(x, args.steps, cfg, None, bf16, t.channels_last)
+            with_fused = limit(x, args.steps, cfg, fused, bf16, t.channels_last)
+            bare32 = limit(x, args.steps, cfg, None)
+            with_pml32 = limit(x, args.steps, cfg, pml)
+            emit(f"limit_img_per_s_{name}_batch", no_objective=round(bare, 1), fused_objective=round(with_fused, 1),
+                 fp32_no_objective=round(bare32, 1), fp32_pml_objective=round(with_pml32, 1),
+                 objective_share_fused=round(1 - with_fused / bare, 3), objective_share_pml_fp32=round(1 - with_pml32 / bare32, 3),
+                 bf16=bf16, channels_last=t.channels_last, **common)
+            emit(f"ratios_{name}_batch", ours_vs_reference=round(fast / ref, 2), ours_vs_ours_pml_fp32=round(fast / plain, 2),
+                 ours_vs_limit=round(fast / bare, 3), ours_vs_limit_with_objective=round(fast / with_fused, 3), **common)
         if device.type == "cuda":
             emit("peak_gpu_memory_gib", value=round(torch.cuda.max_memory_allocated(device) / 2**30, 2), **common)
     finally:

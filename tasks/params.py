@@ -173,6 +173,11 @@ class TrainParams(_Strict):
     loss: Component
     miner: Component | None
     optimizer: Component
+    # TripletMarginLoss (+ TripletMarginMiner or no miner) computed in one fused pass, equal to
+    # pml's; other losses and miners always run as pml's.
+    fused_mining: bool
+    precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    channels_last: bool
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     experiment: str = Field(min_length=1)
     seed: int

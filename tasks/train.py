@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from pytorch_metric_learning import losses, miners
 from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import tracking
 from tasks.engine import train_epoch
+from tasks.objectives import build_objective
 from tasks.models import EmbeddingNet, pick_device, pixels_to_tensor, save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
 
@@ -52,7 +52,7 @@ def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarra
 
 
 def build(params: TrainParams, items_meta: dict, device: torch.device):
-    """-> (model, loss, miner or None, optimizer) on ``device``, all chosen by name in params."""
+    """-> (model, objective, optimizer) on ``device``; loss, miner and optimizer chosen by name."""
     model = EmbeddingNet(
         {
             "backbone": params.backbone,
@@ -62,12 +62,17 @@ def build(params: TrainParams, items_meta: dict, device: torch.device):
             "image_size": items_meta["height"],
         }
     ).to(device)
-    loss_fn = getattr(losses, params.loss.name)(**params.loss.kwargs).to(device)
-    miner = getattr(miners, params.miner.name)(**params.miner.kwargs) if params.miner else None
+    if params.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    objective, loss_fn = build_objective(params.loss, params.miner, params.fused_mining, device)
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)
-    return model, loss_fn, miner, optimizer
+    return model, objective, optimizer
+
+
+def use_bf16(params: TrainParams, device: torch.device) -> bool:
+    return params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
 
 
 def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
@@ -77,7 +82,8 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
     plan, plan_meta = load_plan(paths, row_of)
 
-    model, loss_fn, miner, optimizer = build(params, items_meta, device)
+    model, objective, optimizer = build(params, items_meta, device)
+    bf16 = use_bf16(params, device)
 
     root = Path(paths.root)
     run_id = parent_run_id or tracking.start_pipeline_run(root, params.experiment)
@@ -89,11 +95,12 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
         plan_params = {k: v for k, v in plan_meta.items() if k in MakeBatchesParams.model_fields}
         upstream = {"ingest": items_meta["params"], "make_batches": plan_params}
         parent.params(flatten(upstream))
-        child.params({"device": str(device), "n_train_images": len(labels)})
+        child.params({"device": str(device), "n_train_images": len(labels),
+                      "objective": type(objective).__name__, "bf16": bf16})
         steps = sum(len(e) for e in plan)
         bar = tqdm(total=steps, desc=f"train ({device})", unit="batch", file=sys.stderr, disable=None)
         for epoch, batches in enumerate(plan):
-            row = train_epoch(model, loss_fn, miner, optimizer, pixels, labels, batches, epoch, lambda: bar.update(1))
+            row = train_epoch(model, objective, optimizer, pixels, labels, batches, epoch, lambda: bar.update(1), bf16)
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
             child.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)

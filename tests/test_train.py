@@ -7,7 +7,7 @@ from pytorch_metric_learning import losses, miners
 
 from tasks import make_batches, train
 from tasks.params import load_params
-from tasks.engine import mining_stats
+from tasks.objectives import mining_stats
 from conftest import FAST, synthetic_items
 
 

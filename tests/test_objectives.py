@@ -1,0 +1,92 @@
+"""The fused triplet objective equals pytorch-metric-learning's miner + loss, value and gradient."""
+
+import math
+
+import pytest
+import torch
+from pytorch_metric_learning import losses, miners
+
+from tasks.objectives import FusedTriplet, PmlObjective, build_objective, fused_equivalent
+from tasks.params import Component
+
+
+def _batch(seed: int, p: int = 8, k: int = 4, dim: int = 16, pk: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(p * k, dim, generator=g, dtype=torch.float64)
+    labels = torch.arange(p).repeat_interleave(k) if pk else torch.randint(0, p, (p * k,), generator=g)
+    return emb, labels
+
+
+def _loss_and_grad(objective, emb, labels):
+    x = emb.clone().requires_grad_(True)
+    loss, stats = objective(x, labels)
+    loss.backward()
+    return loss.detach(), x.grad, stats
+
+
+CASES = [
+    # (miner kwargs or None, loss margin)
+    (None, 0.2),  # batch-all
+    ({"margin": 0.2, "type_of_triplets": "semihard"}, 0.2),
+    ({"margin": 0.2, "type_of_triplets": "hard"}, 0.2),
+    ({"margin": 0.3, "type_of_triplets": "all"}, 0.1),
+    ({"margin": 0.2, "type_of_triplets": "easy"}, 0.5),
+    ({"margin": 1.0, "type_of_triplets": "semihard"}, 0.05),
+]
+
+
+@pytest.mark.parametrize("miner_kwargs,margin", CASES)
+@pytest.mark.parametrize("seed,pk", [(0, True), (1, True), (2, False), (3, False)])
+def test_fused_equals_pml_in_value_gradient_and_statistics(miner_kwargs, margin, seed, pk):
+    emb, labels = _batch(seed, pk=pk)
+    pml = PmlObjective(
+        losses.TripletMarginLoss(margin=margin),
+        miners.TripletMarginMiner(**miner_kwargs) if miner_kwargs else None,
+    )
+    fused = fused_equivalent(
+        Component(name="TripletMarginLoss", margin=margin),
+        Component(name="TripletMarginMiner", **miner_kwargs) if miner_kwargs else None,
+    )
+    assert isinstance(fused, FusedTriplet)
+    l_ref, g_ref, s_ref = _loss_and_grad(pml, emb, labels)
+    l_new, g_new, s_new = _loss_and_grad(fused, emb, labels)
+    torch.testing.assert_close(l_new, l_ref.to(l_new.dtype), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_new.double(), g_ref, rtol=1e-5, atol=1e-7)
+    assert float(s_new["mined"]) == float(s_ref["mined"])
+    for key in ("frac_active", "pos_distance", "neg_distance"):
+        a, b = float(s_new[key]), float(s_ref[key])
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5), key
+
+
+def test_no_triplet_selected_gives_a_zero_loss_that_still_backpropagates():
+    emb, labels = _batch(0)
+    fused = FusedTriplet(margin=0.2, mine_margin=-10.0, triplets="all")  # nothing can qualify
+    loss, grad, stats = _loss_and_grad(fused, emb, labels)
+    assert float(loss) == 0.0 and float(stats["mined"]) == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+NOT_EQUIVALENT = [
+    (Component(name="TripletMarginLoss", margin=0.2, swap=True), None),
+    (Component(name="TripletMarginLoss", margin=0.2, smooth_loss=True), None),
+    (Component(name="MultiSimilarityLoss"), None),
+    (Component(name="TripletMarginLoss", margin=0.2), Component(name="BatchHardMiner")),
+    (Component(name="TripletMarginLoss", margin=0.2), Component(name="TripletMarginMiner", distance="cos")),
+]
+
+
+@pytest.mark.parametrize("loss,miner", NOT_EQUIVALENT)
+def test_anything_not_exactly_equivalent_is_not_fused(loss, miner):
+    assert fused_equivalent(loss, miner) is None
+
+
+@pytest.mark.parametrize("loss,miner", NOT_EQUIVALENT[:4])
+def test_build_objective_falls_back_to_pml(loss, miner):
+    objective, _ = build_objective(loss, miner, fused=True, device=torch.device("cpu"))
+    assert isinstance(objective, PmlObjective)
+
+
+def test_fused_can_be_switched_off():
+    spec = Component(name="TripletMarginLoss", margin=0.2)
+    assert isinstance(build_objective(spec, None, fused=True, device=torch.device("cpu"))[0], FusedTriplet)
+    assert isinstance(build_objective(spec, None, fused=False, device=torch.device("cpu"))[0], PmlObjective)

@@ -13,6 +13,8 @@ import multiprocessing
 import os
 import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from tasks.params import IngestParams, Paths
 __all__ = ["DatasetError", "run", "main"]
 
 _CHUNK = 512  # records per worker task: large enough to amortise pickling, small for a live bar
+PARALLEL_MIN_IMAGES = 8192  # below this, decoding (~15k small images/s a core) beats starting workers
 
 
 def _decode_chunk(args: tuple[list[bytes], int, int]) -> list[np.ndarray | str]:
@@ -55,31 +58,40 @@ def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.R
 
 
 def _decode_all(records: list[sources.Record], p: IngestParams) -> list[np.ndarray | str]:
-    """Decode in parallel across cores. Workers come from a fork server, not fork(): the caller
-    may be a threaded process (a Prefect flow, torch), and forking one can deadlock."""
+    """Decode across cores. Workers come from a fork server, not fork(): the caller may be a
+    threaded process (a Prefect flow, torch), and forking one can deadlock. Small sources decode
+    in-process: starting workers costs more than decoding a few thousand small images."""
     chunks = [
         ([r.data for r in records[i : i + _CHUNK]], p.image_size, p.channels)
         for i in range(0, len(records), _CHUNK)
     ]
     workers = min(p.workers or os.cpu_count() or 1, len(chunks))
+    if len(records) < PARALLEL_MIN_IMAGES:
+        workers = 1
     bar = tqdm(total=len(records), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
     results: list[np.ndarray | str] = []
-    if workers <= 1:
-        mapped = map(_decode_chunk, chunks)
-        pool = None
-    else:
-        methods = multiprocessing.get_all_start_methods()
-        pool = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(workers)
-        mapped = pool.imap(_decode_chunk, chunks)
+    pool = None
     try:
+        if workers <= 1:
+            mapped = map(_decode_chunk, chunks)
+        else:
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            # ProcessPoolExecutor, unlike multiprocessing.Pool, fails (BrokenProcessPool) instead of
+            # respawning workers forever when they cannot start.
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+            mapped = pool.map(_decode_chunk, chunks)
         for chunk in mapped:
             results.extend(chunk)
             bar.update(len(chunk))
+    except BrokenProcessPool as err:
+        raise RuntimeError(
+            "ingest: decode workers could not start. Called from a script? Put the call under "
+            "`if __name__ == '__main__':` (worker processes import the main module), or set ingest.workers: 1"
+        ) from err
     finally:
         bar.close()
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown(cancel_futures=True)
     return results
 
 

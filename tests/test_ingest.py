@@ -178,6 +178,7 @@ def test_workers_2_matches_workers_1(make_project, monkeypatch, digits_run):
         return real(method)
 
     monkeypatch.setattr(ingest.multiprocessing, "get_context", spy)
+    monkeypatch.setattr(ingest, "PARALLEL_MIN_IMAGES", 0)  # digits are below the real threshold
     _, parallel, meta, quarantine = run_ingest(
         make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.workers": 2}, name="w2")
     )
@@ -406,10 +407,33 @@ def test_the_official_omniglot_zips_ingest_as_image_folders(make_project):
     assert ("train", "Greek/character01") in labels  # label = path below the zip's top folder
 
 
-def test_the_number_of_decode_workers_does_not_change_the_output_file(make_project):
+def test_the_number_of_decode_workers_does_not_change_the_output_file(make_project, monkeypatch):
+    monkeypatch.setattr(ingest, "PARALLEL_MIN_IMAGES", 0)
     # `workers` is how, not what: DVC must not see new data (and retrain) when it changes.
     one = load_params(make_project({**SMALL, "ingest.workers": 1}, name="w1"))
     two = load_params(make_project({**SMALL, "ingest.workers": 2}, name="w2b"))
     ingest.run(one.ingest, one.paths)
     ingest.run(two.ingest, two.paths)
     assert one.paths["items"].read_bytes() == two.paths["items"].read_bytes()
+
+
+def test_an_unguarded_script_gets_an_error_not_a_hang(tmp_path):
+    """Worker processes import the main module; a script without a __main__ guard would start
+    ingest again in each of them. That must fail with a clear message, not respawn forever."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from tasks import ingest\n"
+        "from tasks.params import load_params\n"
+        "ingest.PARALLEL_MIN_IMAGES = 0\n"
+        f"p = load_params({str(ROOT / 'params.yaml')!r}, {{'ingest.workers': 2}})\n"
+        f"p = p.model_copy(update={{'paths': p.paths.model_copy(update={{'root': {str(tmp_path)!r}}})}})\n"
+        "ingest.run(p.ingest, p.paths)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "__main__" in proc.stderr

@@ -110,7 +110,7 @@ def ours(params, device) -> tuple[float, torch.Tensor]:
     torch.manual_seed(params.train.seed)
     pixels, labels, row_of, meta = train.load_train_data(params.paths, device)
     plan, _ = train.load_plan(params.paths, row_of)
-    model, objective, optimizer = train.build(params.train, meta, device)
+    model, objective, _, optimizer = train.build(params.train, meta, device)
     bf16 = train.use_bf16(params.train, device)
     rows = [train_epoch(model, objective, optimizer, pixels, labels, b, e, bf16=bf16) for e, b in enumerate(plan)]
     return sum(r["img_per_s"] for r in rows) / len(rows), pixels[torch.from_numpy(plan[0][0]).to(device)]

@@ -35,6 +35,7 @@ class Paths(_Strict):
     triplets: str
     model: str
     run_info: str
+    train_state: str
     train_curve: str
     embeddings: str
     index: str

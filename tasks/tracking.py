@@ -108,6 +108,16 @@ def finish_pipeline_run(root: Path, run_id: str, status: str = "FINISHED") -> No
     MlflowClient(tracking_uri(root)).set_terminated(run_id, status)
 
 
+def mark_killed(root: Path, run_id: str) -> None:
+    """End a run whose process was killed (a resumed training's earlier attempt), if it exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        finish_pipeline_run(root, run_id, "KILLED")
+    except MlflowException:
+        pass  # not in this store (e.g. a fresh mlflow.db): nothing to end
+
+
 def write_run_info(path: Path, run_id: str, experiment: str) -> None:
     write_json(path, {"run_id": run_id, "experiment": experiment})
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import tracking
+from tasks import resume, tracking
 from tasks.engine import train_epoch
 from tasks.objectives import build_objective
 from tasks.models import EmbeddingNet, pick_device, pixels_to_tensor, save_checkpoint
@@ -52,7 +52,8 @@ def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarra
 
 
 def build(params: TrainParams, items_meta: dict, device: torch.device):
-    """-> (model, objective, optimizer) on ``device``; loss, miner and optimizer chosen by name."""
+    """-> (model, objective, loss module, optimizer) on ``device``; loss, miner and optimizer
+    chosen by name. The loss module holds the loss's own weights (ArcFace, ProxyAnchor...)."""
     model = EmbeddingNet(
         {
             "backbone": params.backbone,
@@ -68,7 +69,7 @@ def build(params: TrainParams, items_meta: dict, device: torch.device):
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)
-    return model, objective, optimizer
+    return model, objective, loss_fn, optimizer
 
 
 def use_bf16(params: TrainParams, device: torch.device) -> bool:
@@ -82,13 +83,20 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
     plan, plan_meta = load_plan(paths, row_of)
 
-    model, objective, optimizer = build(params, items_meta, device)
+    model, objective, loss_fn, optimizer = build(params, items_meta, device)
     bf16 = use_bf16(params, device)
+    fp = resume.fingerprint(params, paths)
+    state = resume.load(paths["train_state"], fp, device)
+    curve: list[dict[str, float]] = state["curve"] if state else []
+    if state:
+        resume.restore(state, model, loss_fn, optimizer)
+        # The killed attempt's child run never finished; say so, and keep logging to its parent.
+        tracking.mark_killed(Path(paths.root), state["run_ids"]["child"])
+        parent_run_id = parent_run_id or state["run_ids"]["parent"]
 
     root = Path(paths.root)
     run_id = parent_run_id or tracking.start_pipeline_run(root, params.experiment)
     tracking.write_run_info(paths["run_info"], run_id, params.experiment)
-    curve: list[dict[str, float]] = []
     with tracking.stage_run(paths, "train", params, run_id) as (child, parent):
         # The params that produced the data, read from the data itself (true even when DVC
         # restored it from cache), plus ours.
@@ -98,15 +106,20 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
         child.params({"device": str(device), "n_train_images": len(labels),
                       "objective": type(objective).__name__, "bf16": bf16})
         steps = sum(len(e) for e in plan)
-        bar = tqdm(total=steps, desc=f"train ({device})", unit="batch", file=sys.stderr, disable=None)
-        for epoch, batches in enumerate(plan):
-            row = train_epoch(model, objective, optimizer, pixels, labels, batches, epoch, lambda: bar.update(1), bf16)
+        done = len(curve)
+        bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",
+                   unit="batch", file=sys.stderr, disable=None)
+        for epoch in range(done, len(plan)):
+            row = train_epoch(model, objective, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1), bf16)
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
             child.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
             parent.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
+            ids = {"parent": run_id, "child": child.run_id}
+            resume.save(paths["train_state"], fp, epoch, model, loss_fn, optimizer, curve, ids)
         bar.close()
         sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": len(plan)})
+        paths["train_state"].unlink(missing_ok=True)
         _write_curve(paths["train_curve"], curve)
         parent.artifact(paths["model"], "model")
         parent.artifact(paths["train_curve"], "plots")

@@ -13,6 +13,7 @@ fraction of active (non-zero loss) triplets, mean positive and negative distance
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -141,11 +142,45 @@ def fused_equivalent(loss: Component, miner: Component | None) -> FusedTriplet |
     return None
 
 
-def build_objective(loss: Component, miner: Component | None, fused: bool, device: torch.device):
-    """-> (objective, loss module whose parameters train too)."""
-    fast = fused_equivalent(loss, miner) if fused else None
-    loss_fn = getattr(losses, loss.name)(**loss.kwargs).to(device)
+class MemoryObjective:
+    """pml's CrossBatchMemory: the miner and loss see this batch against the last
+    ``memory_size`` embeddings (a queue), so hard negatives are not limited to one batch."""
+
+    def __init__(self, xbm: losses.CrossBatchMemory):
+        self.xbm = xbm
+
+    def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        loss = self.xbm(emb, labels)
+        filled = self.xbm.memory_size if self.xbm.has_been_filled else self.xbm.queue_idx
+        return loss, {"memory_filled": emb.new_tensor(float(filled))}
+
+
+def build_objective(
+    loss: Component,
+    miner: Component | None,
+    fused: bool,
+    device: torch.device,
+    num_classes: int = 0,
+    embedding_size: int = 0,
+    memory_size: int = 0,
+):
+    """-> (objective, loss module whose parameters train too).
+
+    ``num_classes`` / ``embedding_size`` fill the proxy losses' arguments of those names (ArcFace,
+    ProxyAnchor...) when params leave them out; ``memory_size`` > 0 wraps miner and loss in a
+    cross-batch memory.
+    """
+    kwargs = dict(loss.kwargs)
+    takes = inspect.signature(getattr(losses, loss.name).__init__).parameters
+    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+        if name in takes and name not in kwargs:
+            kwargs[name] = value
+    loss_fn = getattr(losses, loss.name)(**kwargs).to(device)
+    fast = fused_equivalent(loss, miner) if fused and not memory_size else None
     if fast is not None:
         return fast, loss_fn
     pml_miner = getattr(miners, miner.name)(**miner.kwargs) if miner else None
+    if memory_size:
+        xbm = losses.CrossBatchMemory(loss_fn, embedding_size, memory_size=memory_size, miner=pml_miner)
+        return MemoryObjective(xbm.to(device)), loss_fn
     return PmlObjective(loss_fn, pml_miner), loss_fn

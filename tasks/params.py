@@ -177,6 +177,7 @@ class TrainParams(_Strict):
     # TripletMarginLoss (+ TripletMarginMiner or no miner) computed in one fused pass, equal to
     # pml's; other losses and miners always run as pml's.
     fused_mining: bool
+    cross_batch_memory: int = Field(ge=0)  # >0: miner + loss also see the last N embeddings (XBM)
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA, fp32 on the CPU
     channels_last: bool
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")

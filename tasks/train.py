@@ -28,9 +28,10 @@ def load_train_data(paths: Paths, device: torch.device):
     """-> pixels uint8 (N, C, H, W) on device, int64 labels (N,), item_id -> row, items metadata."""
     items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT, C.PIXELS])
     train = items.filter(pc.equal(items[C.SPLIT], C.TRAIN))
-    _, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
+    names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
     pixels = pixels_to_tensor(train[C.PIXELS], meta["height"], meta["width"], meta["channels"])
     row_of = {item: i for i, item in enumerate(train[C.ITEM_ID].to_pylist())}
+    meta = meta | {"n_train_classes": len(names)}  # labels are 0..n-1: what proxy losses need
     return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
 
 
@@ -65,7 +66,11 @@ def build(params: TrainParams, items_meta: dict, device: torch.device):
     ).to(device)
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    objective, loss_fn = build_objective(params.loss, params.miner, params.fused_mining, device)
+    objective, loss_fn = build_objective(
+        params.loss, params.miner, params.fused_mining, device,
+        num_classes=items_meta["n_train_classes"], embedding_size=params.embedding_dim,
+        memory_size=params.cross_batch_memory,
+    )
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)

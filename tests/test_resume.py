@@ -76,7 +76,8 @@ def test_a_state_from_other_params_is_not_resumed(make_project, capsys):
     other = params.train.model_copy(update={"seed": 123})
     fp_other = resume.fingerprint(other, params.paths)
     assert fp_other != resume.fingerprint(params.train, params.paths)
-    model, _, loss_fn, optimizer = train.build(params.train, {"channels": 1, "height": 48}, torch.device("cpu"))
+    meta = {"channels": 1, "height": 48, "n_train_classes": 6}
+    model, _, loss_fn, optimizer = train.build(params.train, meta, torch.device("cpu"))
     resume.save(params.paths["train_state"], fp_other, 0, model, loss_fn, optimizer, [{"epoch": 0}], {"parent": "x", "child": "y"})
     assert resume.load(params.paths["train_state"], resume.fingerprint(params.train, params.paths), torch.device("cpu")) is None
     assert "starting afresh" in capsys.readouterr().out

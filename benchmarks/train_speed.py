@@ -109,10 +109,9 @@ def ours(params, device) -> tuple[float, torch.Tensor]:
     the first planned batch (a real batch for the limit)."""
     torch.manual_seed(params.train.seed)
     pixels, labels, row_of, meta = train.load_train_data(params.paths, device)
-    plan, _ = train.load_plan(params.paths, row_of)
-    model, objective, _, optimizer = train.build(params.train, meta, device)
-    bf16 = train.use_bf16(params.train, device)
-    rows = [train_epoch(model, objective, optimizer, pixels, labels, b, e, bf16=bf16) for e, b in enumerate(plan)]
+    plan, plan_meta = train.load_plan(params.paths, row_of)
+    model, compute, _, optimizer = train.build(params.train, meta, device, plan_meta["images_per_class"])
+    rows = [train_epoch(model, compute, optimizer, pixels, labels, b, e) for e, b in enumerate(plan)]
     return sum(r["img_per_s"] for r in rows) / len(rows), pixels[torch.from_numpy(plan[0][0]).to(device)]
 
 
@@ -126,6 +125,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="epochs of our stage (all timed)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="also time ours with train.compile: true")
     args = parser.parse_args()
     device = pick_device(args.device)
     args.data = args.data.resolve()  # params paths resolve against the temp project, not the cwd
@@ -161,9 +161,13 @@ def main() -> None:
             update={"fused_mining": False, "precision": "fp32", "channels_last": False})})
         plain, _ = ours(plain_params, device)
         emit("ours_pml_fp32_img_per_s", value=round(plain, 1), **common)
+        if args.compile:
+            start = time.perf_counter()
+            compiled, _ = ours(params.model_copy(update={"train": t.model_copy(update={"compile": True})}), device)
+            emit("ours_compiled_img_per_s", value=round(compiled, 1), wall_s_incl_compile=round(time.perf_counter() - start, 1), **common)
 
         bf16 = train.use_bf16(t, device)
-        fused = build_objective(t.loss, t.miner, True, device)[0]
+        fused = build_objective(t.loss, t.miner, True, device, per_class=args.k)[0]
         pml = build_objective(t.loss, t.miner, False, device)[0]
         random_batch = torch.randint(0, 256, real_batch.shape, dtype=torch.uint8, device=device)
         for name, x in (("real", real_batch), ("random", random_batch)):

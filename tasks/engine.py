@@ -19,23 +19,38 @@ import torch
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+LossOf = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def loss_of(model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool = False) -> LossOf:
+    """``(uint8 images (B, C, H, W), labels (B,)) -> (loss, stats)``: the network, under bfloat16
+    autocast if ``bf16``, then the objective in float32 (distances between near-identical
+    embeddings need the precision). ``compile``: through torch.compile, network and objective
+    together (a sync-free objective then becomes one graph)."""
+
+    def compute(x: torch.Tensor, y: torch.Tensor):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            emb = model(x)
+        return objective(emb.float(), y)
+
+    return torch.compile(compute) if compile else compute
+
+
 def train_epoch(
     model: torch.nn.Module,
-    objective: Objective,
+    compute: LossOf,
     optimizer: torch.optim.Optimizer,
     pixels: torch.Tensor,
     labels: torch.Tensor,
     batches: Sequence[np.ndarray],
     epoch: int,
     on_step: Callable[[], None] = lambda: None,
-    bf16: bool = False,
 ) -> dict[str, float]:
     """One epoch; returns the epoch's mean statistics and its img/s.
 
     pixels uint8 (N, C, H, W) and labels int64 (N,) on the training device; each batch is an int64
-    array of row indices (P·K,). ``bf16``: the network runs under bfloat16 autocast, the objective
-    in float32 (distances between near-identical embeddings need the precision). Raises
-    FloatingPointError naming the epoch and the first step whose loss was not finite.
+    array of row indices (P·K,); ``compute`` comes from :func:`loss_of`. Raises FloatingPointError
+    naming the epoch and the first step whose loss was not finite.
     """
     model.train()
     device = pixels.device
@@ -44,9 +59,7 @@ def train_epoch(
     seen, start = 0, time.perf_counter()
     for step, idx in enumerate(batches):
         idx_t = torch.from_numpy(idx).to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            emb = model(pixels[idx_t])
-        loss, stats = objective(emb.float(), labels[idx_t])
+        loss, stats = compute(pixels[idx_t], labels[idx_t])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -81,10 +81,13 @@ class FusedTriplet:
     (pml's AvgNonZeroReducer). ``mine_margin=inf, triplets="all"`` is batch-all (no miner).
     """
 
-    def __init__(self, margin: float, mine_margin: float = math.inf, triplets: str = "all"):
+    def __init__(self, margin: float, mine_margin: float = math.inf, triplets: str = "all", per_class: int | None = None):
         if triplets not in ("all", "hard", "semihard", "easy"):
             raise ValueError(f"unknown type_of_triplets {triplets!r}")
         self.margin, self.mine_margin, self.triplets = margin, mine_margin, triplets
+        # With exactly `per_class` images of each class in every batch, each anchor has
+        # per_class − 1 positives: found by top-k, a static shape and no host synchronisation.
+        self.per_class = per_class
 
     def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         """emb (B, D) float, labels (B,) -> scalar loss, stats."""
@@ -92,10 +95,17 @@ class FusedTriplet:
         dist = torch.cdist(x, x)  # (B, B), as pml's LpDistance computes it
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        a, p = (same & ~eye).nonzero(as_tuple=True)  # (M,) positive pairs
-        d_ap = dist[a, p][:, None]  # (M, 1)
-        d_an = dist[a]  # (M, B): every candidate negative of each pair's anchor
-        gap = d_an - d_ap  # pml's "triplet_margin"
+        if self.per_class:
+            pos = torch.topk((same & ~eye).to(dist.dtype), self.per_class - 1, dim=1).indices  # (B, K-1)
+            d_ap = dist.gather(1, pos)[:, :, None]  # (B, K-1, 1)
+            d_an = dist[:, None, :]  # (B, 1, B)
+            negative = ~same[:, None, :]
+        else:
+            a, p = (same & ~eye).nonzero(as_tuple=True)  # (M,) positive pairs
+            d_ap = dist[a, p][:, None]  # (M, 1)
+            d_an = dist[a]  # (M, B): every candidate negative of each pair's anchor
+            negative = ~same[a]
+        gap = d_an - d_ap  # pml's "triplet_margin", (M, B) or (B, K-1, B)
         if self.triplets == "easy":
             chosen = gap > self.mine_margin
         else:
@@ -104,7 +114,7 @@ class FusedTriplet:
                 chosen &= gap <= 0
             elif self.triplets == "semihard":
                 chosen &= gap > 0
-        chosen &= ~same[a]
+        chosen &= negative
         violation = torch.where(chosen, F.relu(self.margin - gap), torch.zeros_like(gap))
         active = violation > 0
         n_active = active.sum()
@@ -127,7 +137,7 @@ def _only(spec: Component, allowed: dict[str, object]) -> bool:
     return all(k in allowed and (allowed[k] is None or v == allowed[k]) for k, v in spec.kwargs.items())
 
 
-def fused_equivalent(loss: Component, miner: Component | None) -> FusedTriplet | None:
+def fused_equivalent(loss: Component, miner: Component | None, per_class: int | None = None) -> FusedTriplet | None:
     """The fused objective when it computes exactly what (loss, miner) would, else None."""
     loss_ok = loss.name == "TripletMarginLoss" and _only(
         loss, {"margin": None, "swap": False, "smooth_loss": False, "triplets_per_anchor": "all"}
@@ -136,9 +146,10 @@ def fused_equivalent(loss: Component, miner: Component | None) -> FusedTriplet |
         return None
     margin = float(loss.kwargs.get("margin", 0.05))  # pml's defaults
     if miner is None:
-        return FusedTriplet(margin)
+        return FusedTriplet(margin, per_class=per_class)
     if miner.name == "TripletMarginMiner" and _only(miner, {"margin": None, "type_of_triplets": None}):
-        return FusedTriplet(margin, float(miner.kwargs.get("margin", 0.2)), miner.kwargs.get("type_of_triplets", "all"))
+        mine_margin = float(miner.kwargs.get("margin", 0.2))
+        return FusedTriplet(margin, mine_margin, miner.kwargs.get("type_of_triplets", "all"), per_class)
     return None
 
 
@@ -163,6 +174,7 @@ def build_objective(
     num_classes: int = 0,
     embedding_size: int = 0,
     memory_size: int = 0,
+    per_class: int | None = None,
 ):
     """-> (objective, loss module whose parameters train too).
 
@@ -176,7 +188,7 @@ def build_objective(
         if name in takes and name not in kwargs:
             kwargs[name] = value
     loss_fn = getattr(losses, loss.name)(**kwargs).to(device)
-    fast = fused_equivalent(loss, miner) if fused and not memory_size else None
+    fast = fused_equivalent(loss, miner, per_class) if fused and not memory_size else None
     if fast is not None:
         return fast, loss_fn
     pml_miner = getattr(miners, miner.name)(**miner.kwargs) if miner else None

@@ -180,6 +180,7 @@ class TrainParams(_Strict):
     cross_batch_memory: int = Field(ge=0)  # >0: miner + loss also see the last N embeddings (XBM)
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA, fp32 on the CPU
     channels_last: bool
+    compile: bool  # torch.compile network + objective (minutes of compiling; pays off on long GPU runs)
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     experiment: str = Field(min_length=1)
     seed: int

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import resume, tracking
-from tasks.engine import train_epoch
+from tasks.engine import loss_of, train_epoch
 from tasks.objectives import build_objective
 from tasks.models import EmbeddingNet, pick_device, pixels_to_tensor, save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
@@ -52,9 +52,12 @@ def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarra
     return plan, meta
 
 
-def build(params: TrainParams, items_meta: dict, device: torch.device):
-    """-> (model, objective, loss module, optimizer) on ``device``; loss, miner and optimizer
-    chosen by name. The loss module holds the loss's own weights (ArcFace, ProxyAnchor...)."""
+def build(params: TrainParams, items_meta: dict, device: torch.device, per_class: int | None = None):
+    """-> (model, compute, loss module, optimizer) on ``device``; loss, miner and optimizer chosen
+    by name; ``compute(images, labels) -> (loss, stats)`` (tasks.engine.loss_of). The loss module
+    holds the loss's own weights (ArcFace, ProxyAnchor...). ``per_class``: every batch holds
+    exactly that many images of each of its classes (a P×K plan), which lets the fused objective
+    use static shapes."""
     model = EmbeddingNet(
         {
             "backbone": params.backbone,
@@ -69,12 +72,13 @@ def build(params: TrainParams, items_meta: dict, device: torch.device):
     objective, loss_fn = build_objective(
         params.loss, params.miner, params.fused_mining, device,
         num_classes=items_meta["n_train_classes"], embedding_size=params.embedding_dim,
-        memory_size=params.cross_batch_memory,
+        memory_size=params.cross_batch_memory, per_class=per_class,
     )
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)
-    return model, objective, loss_fn, optimizer
+    compute = loss_of(model, objective, use_bf16(params, device), params.compile)
+    return model, compute, loss_fn, optimizer
 
 
 def use_bf16(params: TrainParams, device: torch.device) -> bool:
@@ -88,8 +92,7 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
     plan, plan_meta = load_plan(paths, row_of)
 
-    model, objective, loss_fn, optimizer = build(params, items_meta, device)
-    bf16 = use_bf16(params, device)
+    model, compute, loss_fn, optimizer = build(params, items_meta, device, plan_meta["images_per_class"])
     fp = resume.fingerprint(params, paths)
     state = resume.load(paths["train_state"], fp, device)
     curve: list[dict[str, float]] = state["curve"] if state else []
@@ -108,14 +111,13 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
         plan_params = {k: v for k, v in plan_meta.items() if k in MakeBatchesParams.model_fields}
         upstream = {"ingest": items_meta["params"], "make_batches": plan_params}
         parent.params(flatten(upstream))
-        child.params({"device": str(device), "n_train_images": len(labels),
-                      "objective": type(objective).__name__, "bf16": bf16})
+        child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         steps = sum(len(e) for e in plan)
         done = len(curve)
         bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",
                    unit="batch", file=sys.stderr, disable=None)
         for epoch in range(done, len(plan)):
-            row = train_epoch(model, objective, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1), bf16)
+            row = train_epoch(model, compute, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1))
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
             child.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)

@@ -58,6 +58,27 @@ def test_fused_equals_pml_in_value_gradient_and_statistics(miner_kwargs, margin,
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5), key
 
 
+@pytest.mark.parametrize("miner_kwargs,margin", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_static_shape_variant_for_pk_batches_equals_pml(miner_kwargs, margin, seed):
+    """With K images of each class per batch, positives come from top-k (no host sync)."""
+    emb, labels = _batch(seed, p=8, k=4)
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]  # any order
+    pml = PmlObjective(
+        losses.TripletMarginLoss(margin=margin),
+        miners.TripletMarginMiner(**miner_kwargs) if miner_kwargs else None,
+    )
+    loss_spec = Component(name="TripletMarginLoss", margin=margin)
+    miner_spec = Component(name="TripletMarginMiner", **miner_kwargs) if miner_kwargs else None
+    static = fused_equivalent(loss_spec, miner_spec, per_class=4)
+    assert static.per_class == 4
+    l_ref, g_ref, s_ref = _loss_and_grad(pml, emb, labels)
+    l_new, g_new, s_new = _loss_and_grad(static, emb, labels)
+    torch.testing.assert_close(l_new, l_ref.to(l_new.dtype), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_new.double(), g_ref, rtol=1e-5, atol=1e-7)
+    assert float(s_new["mined"]) == float(s_ref["mined"])
+
+
 def test_no_triplet_selected_gives_a_zero_loss_that_still_backpropagates():
     emb, labels = _batch(0)
     fused = FusedTriplet(margin=0.2, mine_margin=-10.0, triplets="all")  # nothing can qualify

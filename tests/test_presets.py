@@ -46,14 +46,14 @@ def test_preset_lowers_the_loss_and_raises_recall(name, tmp_path: Path):
     x, y = _data(seed=1)
     x_eval, y_eval = _data(seed=2)
     meta = {"channels": 1, "height": SIZE, "n_train_classes": N_CLASSES}
-    model, objective, _, optimizer = build(params, meta, torch.device("cpu"))
+    model, compute, _, optimizer = build(params, meta, torch.device("cpu"), per_class=6)
     before = _recall_at_1(model, x_eval, y_eval)
     rng = np.random.default_rng(0)
     classes = [np.flatnonzero(y.numpy() == c) for c in range(N_CLASSES)]
     losses = []
     for epoch in range(6):
         batches = plan_epoch(classes, p=4, k=6, rng=rng)
-        losses.append(train_epoch(model, objective, optimizer, x, y, batches, epoch)["loss"])
+        losses.append(train_epoch(model, compute, optimizer, x, y, batches, epoch)["loss"])
     after = _recall_at_1(model, x_eval, y_eval)
     assert losses[-1] < losses[0], f"{name}: loss {losses}"
     assert after > before, f"{name}: Recall@1 {before:.3f} -> {after:.3f}"

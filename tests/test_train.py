@@ -81,3 +81,16 @@ def test_mining_stats_on_pairs():
     pairs = miners.MultiSimilarityMiner()(emb, labels)
     stats = _stats(emb, pairs, losses.MultiSimilarityLoss())
     assert stats["mined"] == sum(len(p) for p in pairs) / 2
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(make_project):
+    """train.compile runs network + objective through torch.compile; same losses as eager."""
+    curves = []
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        params = load_params(make_project(FAST | {"make_batches.epochs": 2, "train.compile": compile_}, name=name))
+        synthetic_items(params.paths["items"])
+        make_batches.run(params.make_batches, params.paths)
+        train.run(params.train, params.paths)
+        curves.append([float(row["loss"]) for row in _csv(params.paths["train_curve"])])
+    assert curves[1] == pytest.approx(curves[0], rel=1e-3, abs=1e-5)

@@ -48,6 +48,7 @@ def main() -> None:
         "make_batches.images_per_class": 4,
         "make_batches.epochs": args.epochs,
         "train.embedding_dim": 128,
+        "train.optimizer": {"name": "AdamW", "lr": 0.001, "weight_decay": 0.0001},
         "evaluate.recall_at": [1, 2, 4, 8],
     }
     results = {}

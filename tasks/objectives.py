@@ -92,7 +92,10 @@ class FusedTriplet:
     def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         """emb (B, D) float, labels (B,) -> scalar loss, stats."""
         x = F.normalize(emb.float(), dim=1)
-        dist = torch.cdist(x, x)  # (B, B), as pml's LpDistance computes it
+        # Euclidean distance of unit vectors from one matmul: |a−b|² = 2 − 2a·b. The value equals
+        # pml's cdist to ~1e-7; torch.cdist's backward is a slow dedicated kernel. The clamp keeps
+        # the gradient finite at distance 0 (the diagonal, which no triplet uses).
+        dist = (2 - 2 * x @ x.T).clamp_min(1e-12).sqrt()  # (B, B)
         same = labels[:, None] == labels[None, :]
         eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
         if self.per_class:

@@ -3,7 +3,7 @@
 One run measures, on the same model, batch (P×K), miner and loss:
 - **reference**: what pytorch-metric-learning's examples do — torchvision ImageFolder over the
   extracted PNGs, PIL decode + transforms per image, DataLoader with MPerClassSampler, fp32;
-- **ours**: the train stage's engine (``tasks.train.build`` + ``tasks.engine.train_epoch``, what
+- **ours**: the train stage's engine (``tasks.recipe.build`` + ``tasks.engine.train_epoch``, what
   ``tasks.train.run`` runs, minus its per-epoch MLflow calls) on the ingested uint8 Parquet;
 - **limit**: forward + backward + optimizer step on one batch already on the device, with and
   without mining + loss (the share of the step spent mining), on random uint8 data (the usual
@@ -30,6 +30,7 @@ from pytorch_metric_learning import losses, miners, samplers  # the reference lo
 from tasks import ingest, make_batches, train
 from tasks.engine import train_epoch
 from tasks.objectives import build_objective
+from tasks.recipe import build, use_bf16
 from tasks.models import EmbeddingNet, pick_device
 from tasks.params import load_params
 
@@ -110,7 +111,7 @@ def ours(params, device) -> tuple[float, torch.Tensor]:
     torch.manual_seed(params.train.seed)
     pixels, labels, row_of, meta = train.load_train_data(params.paths, device)
     plan, plan_meta = train.load_plan(params.paths, row_of)
-    model, compute, _, optimizer = train.build(params.train, meta, device, plan_meta["images_per_class"])
+    model, compute, _, optimizer, _ = build(params.train, meta, device, plan_meta["images_per_class"])
     rows = [train_epoch(model, compute, optimizer, pixels, labels, b, e) for e, b in enumerate(plan)]
     return sum(r["img_per_s"] for r in rows) / len(rows), pixels[torch.from_numpy(plan[0][0]).to(device)]
 
@@ -156,7 +157,7 @@ def main() -> None:
         fast, real_batch = ours(params, device)
         t = params.train
         emit("ours_img_per_s", value=round(fast, 1), fused_mining=t.fused_mining, precision=t.precision,
-             channels_last=t.channels_last, bf16=train.use_bf16(t, device), **common)
+             channels_last=t.channels_last, bf16=use_bf16(t, device), **common)
         plain_params = params.model_copy(update={"train": t.model_copy(
             update={"fused_mining": False, "precision": "fp32", "channels_last": False})})
         plain, _ = ours(plain_params, device)
@@ -166,7 +167,7 @@ def main() -> None:
             compiled, _ = ours(params.model_copy(update={"train": t.model_copy(update={"compile": True})}), device)
             emit("ours_compiled_img_per_s", value=round(compiled, 1), wall_s_incl_compile=round(time.perf_counter() - start, 1), **common)
 
-        bf16 = train.use_bf16(t, device)
+        bf16 = use_bf16(t, device)
         fused = build_objective(t.loss, t.miner, True, device, per_class=args.k)[0]
         pml = build_objective(t.loss, t.miner, False, device)[0]
         random_batch = torch.randint(0, 256, real_batch.shape, dtype=torch.uint8, device=device)

@@ -36,6 +36,22 @@ def loss_of(model: torch.nn.Module, objective: Objective, bf16: bool = False, co
     return torch.compile(compute) if compile else compute
 
 
+def self_supervised_loss_of(model: torch.nn.Module, loss: torch.nn.Module, augment, bf16: bool = False) -> LossOf:
+    """Like :func:`loss_of` without labels: two augmented views of each image, embedded together,
+    are each other's positive (``loss`` is a pml SelfSupervisedLoss)."""
+
+    def compute(x: torch.Tensor, _labels: torch.Tensor):
+        views = torch.cat([augment(x), augment(x)])
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            emb = model(views).float()
+        a, b = emb.chunk(2)
+        with torch.no_grad():
+            stats = {"pos_distance": (a - b).norm(dim=1).mean(), "neg_distance": torch.cdist(a, b).mean()}
+        return loss(a, b), stats
+
+    return compute
+
+
 def train_epoch(
     model: torch.nn.Module,
     compute: LossOf,
@@ -45,13 +61,17 @@ def train_epoch(
     batches: Sequence[np.ndarray],
     epoch: int,
     on_step: Callable[[], None] = lambda: None,
+    clip: float = 0.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """One epoch; returns the epoch's mean statistics and its img/s.
 
     pixels uint8 (N, C, H, W) and labels int64 (N,) on the training device; each batch is an int64
-    array of row indices (P·K,); ``compute`` comes from :func:`loss_of`. Raises FloatingPointError
-    naming the epoch and the first step whose loss was not finite.
+    array of row indices (P·K,); ``compute`` comes from :func:`loss_of`. ``clip`` > 0 clips the
+    gradient norm; ``scheduler`` steps once per batch. Raises FloatingPointError naming the epoch
+    and the first step whose loss was not finite.
     """
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
     model.train()
     device = pixels.device
     sums: dict[str, torch.Tensor] = {}
@@ -62,7 +82,11 @@ def train_epoch(
         loss, stats = compute(pixels[idx_t], labels[idx_t])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(trained, clip)
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         with torch.no_grad():
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             for k, v in {"loss": loss.detach(), **stats}.items():
@@ -74,4 +98,20 @@ def train_epoch(
         raise FloatingPointError(f"train: loss is not finite at epoch {epoch}, step {bad}")
     row = {k: float(v) / max(len(batches), 1) for k, v in sums.items()}
     row["img_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
+    row["lr"] = optimizer.param_groups[0]["lr"]
     return row
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Per-step LR factor: linear warm-up over ``warmup_steps``, then constant or cosine to 0."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        done = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

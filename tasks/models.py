@@ -14,83 +14,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.backbones import build_trunk
 from tasks.contracts import atomic_path
 from tasks.errors import ParamsError
-
-
-class SmallCNN(nn.Module):
-    """The "Conv-4" of few-shot learning: 4 × (conv3×3 → BN → ReLU → max-pool 2), global average pool.
-
-    (B, C, S, S) -> (B, width). Pools stop once the map is 1×1, so tiny inputs (8×8 digits) work.
-    """
-
-    def __init__(self, in_channels: int, width: int, image_size: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        size, c = image_size, in_channels
-        for _ in range(4):
-            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            if size >= 2:
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
-            c = width
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out_features = width
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-
-def _torchvision_trunk(name: str, in_channels: int) -> tuple[nn.Module, int]:
-    """A torchvision classifier with its last classification layer replaced by Identity."""
-    import torchvision
-
-    try:
-        model = torchvision.models.get_model(name, weights=None)
-    except ValueError:
-        raise ParamsError(f"train.backbone: unknown model {name!r} (small_cnn or a torchvision name)") from None
-    for attr in ("fc", "classifier", "heads", "head"):
-        head = getattr(model, attr, None)
-        if head is None:
-            continue
-        last = head[-1] if isinstance(head, nn.Sequential) else head
-        if isinstance(last, nn.Linear):
-            if isinstance(head, nn.Sequential):
-                head[-1] = nn.Identity()
-            else:
-                setattr(model, attr, nn.Identity())
-            return _GrayToRGB(model) if in_channels == 1 else model, last.in_features
-    raise ParamsError(f"train.backbone: cannot find the classification head of {name!r}")
-
-
-class _GrayToRGB(nn.Module):
-    """torchvision trunks expect 3 channels; a grayscale image is repeated (no new weights)."""
-
-    def __init__(self, trunk: nn.Module):
-        super().__init__()
-        self.trunk = trunk
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x.expand(-1, 3, -1, -1))
 
 
 class EmbeddingNet(nn.Module):
     """uint8 images (B, C, S, S) -> L2-normalised float embeddings (B, embedding_dim)."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], pretrained: str | None = None):
+        """``config``: backbone, width, embedding_dim, in_channels, image_size and optionally
+        pooling (avg | gem; checkpoints from before it existed are avg). ``pretrained`` (training
+        only): torchvision weights, see :func:`tasks.backbones.build_trunk`."""
         super().__init__()
-        self.config = dict(config)
-        c, name = config["in_channels"], config["backbone"]
-        if name == "small_cnn":
-            self.trunk: nn.Module = SmallCNN(c, config["width"], config["image_size"])
-            feat = self.trunk.out_features
-        else:
-            self.trunk, feat = _torchvision_trunk(name, c)
-        self.head = nn.Linear(feat, config["embedding_dim"])
+        self.config = {"pooling": "avg"} | dict(config)
+        self.trunk, feat = build_trunk(self.config, pretrained)
+        self.head = nn.Linear(feat, self.config["embedding_dim"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Normalisation lives in the model so every caller feeds the same uint8 pixels.
-        x = images.float().div_(127.5).sub_(1.0)
+        x = images.float() / 127.5 - 1.0  # uint8 or augmented float, both 0..255
         return F.normalize(self.head(self.trunk(x)), dim=1)
 
 

@@ -167,10 +167,31 @@ def _defaults(cls: type) -> dict[str, Any]:
     return out
 
 
+class AugmentParams(_Strict):
+    """Batch augmentation on the device (tasks.augment), used by self-supervised training."""
+
+    crop_scale: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=2, max_length=2)  # area kept
+    rotate: float = Field(ge=0, le=180)  # degrees, ±
+    translate: float = Field(ge=0, le=1)  # fraction of the image, ±
+    hflip: bool
+    brightness: float = Field(ge=0, lt=1)
+    contrast: float = Field(ge=0, lt=1)
+
+
 class TrainParams(_Strict):
+    # supervised: labels pick positives (P×K batches); self_supervised: no labels, two augmented
+    # views of an image are each other's positive (the loss is wrapped in SelfSupervisedLoss).
+    mode: Literal["supervised", "self_supervised"]
+    augment: AugmentParams
     backbone: str  # "small_cnn" or a torchvision model name (resnet18, ...)
+    pretrained: str | None  # torchvision weights: null | default (torch's cache, never downloaded) | a file
+    pooling: Literal["avg", "gem"]
     width: int = Field(gt=0)  # channels of the small CNN's blocks
     embedding_dim: int = Field(gt=0)
+    freeze_backbone_epochs: int = Field(ge=0)  # first N epochs train only the embedding head
+    lr_schedule: Literal["constant", "cosine"]
+    warmup_epochs: int = Field(ge=0)  # linear LR warm-up over the first N epochs' steps
+    grad_clip: float = Field(ge=0)  # max gradient norm; 0 = no clipping
     loss: Component
     miner: Component | None
     optimizer: Component

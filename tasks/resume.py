@@ -1,7 +1,7 @@
 """Per-epoch training state, so a killed training run resumes where it stopped.
 
-After every epoch the train stage writes ``paths.train_state`` atomically: model, loss and
-optimizer state, the epochs done, the curve so far and the MLflow run. A restart with the same
+After every epoch the train stage writes ``paths.train_state`` atomically: model, loss,
+optimizer and LR-scheduler state, the epochs done, the curve so far and the MLflow run. A restart with the same
 params and the same input files (checked by a fingerprint) continues from the next epoch; the
 batch plan fixes every later batch and nothing else in a step is random, so on the CPU the resumed
 run ends with exactly the weights of an uninterrupted one. Anything else starts afresh. The file is
@@ -30,15 +30,14 @@ def fingerprint(params: TrainParams, paths: Paths) -> str:
     return h.hexdigest()
 
 
-def save(path: Path, fp: str, epoch: int, model, loss_fn, optimizer, curve: list[dict], run_ids: dict[str, str]) -> None:
-    """The state after ``epoch`` (0-based) finished. Plain tensors and containers only, so it
-    loads with ``weights_only=True``."""
+def save(path: Path, fp: str, epoch: int, stateful: dict[str, Any], curve: list[dict], run_ids: dict[str, str]) -> None:
+    """The state after ``epoch`` (0-based) finished: ``stateful`` maps names to objects with
+    ``state_dict()`` (model, loss, optimizer, LR scheduler). Plain tensors and containers only,
+    so it loads with ``weights_only=True``."""
     state = {
         "fingerprint": fp,
         "epochs_done": epoch + 1,
-        "model": model.state_dict(),
-        "loss": loss_fn.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "states": {name: obj.state_dict() for name, obj in stateful.items()},
         "curve": curve,
         "run_ids": run_ids,
     }
@@ -62,7 +61,6 @@ def load(path: Path, fp: str, device: torch.device) -> dict[str, Any] | None:
     return state
 
 
-def restore(state: dict[str, Any], model, loss_fn, optimizer) -> None:
-    model.load_state_dict(state["model"])
-    loss_fn.load_state_dict(state["loss"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore(state: dict[str, Any], stateful: dict[str, Any]) -> None:
+    for name, obj in stateful.items():
+        obj.load_state_dict(state["states"][name])

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import resume, tracking
-from tasks.engine import loss_of, train_epoch
-from tasks.objectives import build_objective
-from tasks.models import EmbeddingNet, pick_device, pixels_to_tensor, save_checkpoint
+from tasks.engine import make_scheduler, train_epoch
+from tasks.models import pick_device, pixels_to_tensor, save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
+from tasks.recipe import build, use_bf16
 
 
 def load_train_data(paths: Paths, device: torch.device):
@@ -52,39 +52,6 @@ def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarra
     return plan, meta
 
 
-def build(params: TrainParams, items_meta: dict, device: torch.device, per_class: int | None = None):
-    """-> (model, compute, loss module, optimizer) on ``device``; loss, miner and optimizer chosen
-    by name; ``compute(images, labels) -> (loss, stats)`` (tasks.engine.loss_of). The loss module
-    holds the loss's own weights (ArcFace, ProxyAnchor...). ``per_class``: every batch holds
-    exactly that many images of each of its classes (a P×K plan), which lets the fused objective
-    use static shapes."""
-    model = EmbeddingNet(
-        {
-            "backbone": params.backbone,
-            "width": params.width,
-            "embedding_dim": params.embedding_dim,
-            "in_channels": items_meta["channels"],
-            "image_size": items_meta["height"],
-        }
-    ).to(device)
-    if params.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    objective, loss_fn = build_objective(
-        params.loss, params.miner, params.fused_mining, device,
-        num_classes=items_meta["n_train_classes"], embedding_size=params.embedding_dim,
-        memory_size=params.cross_batch_memory, per_class=per_class,
-    )
-    # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
-    trainable = list(model.parameters()) + list(loss_fn.parameters())
-    optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)
-    compute = loss_of(model, objective, use_bf16(params, device), params.compile)
-    return model, compute, loss_fn, optimizer
-
-
-def use_bf16(params: TrainParams, device: torch.device) -> bool:
-    return params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
-
-
 def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
     """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
     torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
@@ -92,12 +59,19 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
     plan, plan_meta = load_plan(paths, row_of)
 
-    model, compute, loss_fn, optimizer = build(params, items_meta, device, plan_meta["images_per_class"])
+    weights = params.pretrained
+    if weights not in (None, "default") and not Path(weights).is_absolute():
+        weights = str(Path(paths.root) / weights)
+    model, compute, _, optimizer, stateful = build(params, items_meta, device, plan_meta["images_per_class"], weights)
+    steps = sum(len(e) for e in plan)
+    warmup = sum(len(e) for e in plan[: params.warmup_epochs])
+    scheduler = make_scheduler(optimizer, params.lr_schedule, warmup, steps)
+    stateful["scheduler"] = scheduler
     fp = resume.fingerprint(params, paths)
     state = resume.load(paths["train_state"], fp, device)
     curve: list[dict[str, float]] = state["curve"] if state else []
     if state:
-        resume.restore(state, model, loss_fn, optimizer)
+        resume.restore(state, stateful)
         # The killed attempt's child run never finished; say so, and keep logging to its parent.
         tracking.mark_killed(Path(paths.root), state["run_ids"]["child"])
         parent_run_id = parent_run_id or state["run_ids"]["parent"]
@@ -112,18 +86,19 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
         upstream = {"ingest": items_meta["params"], "make_batches": plan_params}
         parent.params(flatten(upstream))
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
-        steps = sum(len(e) for e in plan)
         done = len(curve)
         bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",
                    unit="batch", file=sys.stderr, disable=None)
         for epoch in range(done, len(plan)):
-            row = train_epoch(model, compute, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1))
+            model.trunk.requires_grad_(epoch >= params.freeze_backbone_epochs)
+            row = train_epoch(model, compute, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1),
+                              params.grad_clip, scheduler)
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
             child.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
             parent.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
             ids = {"parent": run_id, "child": child.run_id}
-            resume.save(paths["train_state"], fp, epoch, model, loss_fn, optimizer, curve, ids)
+            resume.save(paths["train_state"], fp, epoch, stateful, curve, ids)
         bar.close()
         sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": len(plan)})
         paths["train_state"].unlink(missing_ok=True)

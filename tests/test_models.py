@@ -1,6 +1,6 @@
 import torch
 
-from tasks.models import EmbeddingNet, SmallCNN, load_checkpoint, pick_device, save_checkpoint
+from tasks.models import EmbeddingNet, load_checkpoint, pick_device, save_checkpoint
 
 
 def _config(**kw):
@@ -12,13 +12,6 @@ def test_embeddings_are_unit_norm_with_the_configured_dim():
     out = model(torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8))
     assert out.shape == (5, 12)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
-
-
-def test_small_cnn_stops_pooling_at_one_pixel():
-    # 8×8 digits: three pools reach 1×1; a fourth would fail.
-    net = SmallCNN(in_channels=1, width=4, image_size=8)
-    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 4)
-    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) == 3
 
 
 def test_torchvision_backbone_takes_grayscale():

@@ -14,7 +14,7 @@ from tasks.engine import train_epoch
 from tasks.make_batches import plan_epoch
 from tasks.params import parse_params
 from tasks.presets import PRESETS
-from tasks.train import build
+from tasks.recipe import build
 
 N_CLASSES, PER_CLASS, SIZE = 8, 24, 16
 
@@ -47,7 +47,7 @@ def test_preset_lowers_the_loss_and_raises_recall(name, tmp_path: Path):
     x, y = _data(seed=1)
     x_eval, y_eval = _data(seed=2)
     meta = {"channels": 1, "height": SIZE, "n_train_classes": N_CLASSES}
-    model, compute, _, optimizer = build(params, meta, torch.device("cpu"), per_class=6)
+    model, compute, _, optimizer, _ = build(params, meta, torch.device("cpu"), per_class=6)
     before = _recall_at_1(model, x_eval, y_eval)
     rng = np.random.default_rng(0)
     classes = [np.flatnonzero(y.numpy() == c) for c in range(N_CLASSES)]

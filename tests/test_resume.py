@@ -13,11 +13,16 @@ from mlflow.tracking import MlflowClient
 
 from conftest import FAST, ROOT, synthetic_items
 from tasks import make_batches, resume, tracking, train
+from tasks.recipe import build
 from tasks.params import load_params
 
 EPOCHS = 6
 # Big enough images that an epoch takes a noticeable time, so the kill lands inside one.
-SLOW = FAST | {"make_batches.epochs": EPOCHS, "train.width": 32, "make_batches.images_per_class": 4}
+# A warm-up + cosine schedule and clipping, so the scheduler's state must survive the kill too.
+SLOW = FAST | {
+    "make_batches.epochs": EPOCHS, "train.width": 32, "make_batches.images_per_class": 4,
+    "train.lr_schedule": "cosine", "train.warmup_epochs": 1, "train.grad_clip": 1.0,
+}
 
 
 def _project(make_project, name):
@@ -77,7 +82,7 @@ def test_a_state_from_other_params_is_not_resumed(make_project, capsys):
     fp_other = resume.fingerprint(other, params.paths)
     assert fp_other != resume.fingerprint(params.train, params.paths)
     meta = {"channels": 1, "height": 48, "n_train_classes": 6}
-    model, _, loss_fn, optimizer = train.build(params.train, meta, torch.device("cpu"))
-    resume.save(params.paths["train_state"], fp_other, 0, model, loss_fn, optimizer, [{"epoch": 0}], {"parent": "x", "child": "y"})
+    stateful = build(params.train, meta, torch.device("cpu")).stateful
+    resume.save(params.paths["train_state"], fp_other, 0, stateful, [{"epoch": 0}], {"parent": "x", "child": "y"})
     assert resume.load(params.paths["train_state"], resume.fingerprint(params.train, params.paths), torch.device("cpu")) is None
     assert "starting afresh" in capsys.readouterr().out

@@ -94,3 +94,35 @@ def test_compiled_training_matches_eager(make_project):
         train.run(params.train, params.paths)
         curves.append([float(row["loss"]) for row in _csv(params.paths["train_curve"])])
     assert curves[1] == pytest.approx(curves[0], rel=1e-3, abs=1e-5)
+
+
+def test_frozen_backbone_epochs_train_only_the_head(make_project):
+    params = load_params(make_project(FAST | {"make_batches.epochs": 1, "train.freeze_backbone_epochs": 1}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    torch.manual_seed(params.train.seed)
+    from tasks.models import EmbeddingNet
+
+    start = EmbeddingNet({  # the same seed and config as train.run: the same initial weights
+        "backbone": "small_cnn", "width": FAST["train.width"], "embedding_dim": FAST["train.embedding_dim"],
+        "in_channels": 1, "image_size": 16, "pooling": "avg"}).state_dict()
+    train.run(params.train, params.paths)
+    end = torch.load(params.paths["model"], weights_only=True)["state_dict"]
+    trunk_weights = [k for k in start if k.startswith("trunk.") and "running" not in k and "num_batches" not in k]
+    assert trunk_weights and all(torch.equal(start[k], end[k]) for k in trunk_weights)
+    assert not torch.equal(start["head.weight"], end["head.weight"])
+
+
+def test_self_supervised_mode_trains_without_labels(make_project):
+    """Two augmented views of each image are positives (NT-Xent); labels are never used."""
+    params = load_params(make_project(FAST | {
+        "make_batches.epochs": 4, "train.mode": "self_supervised",
+        "train.loss": {"name": "NTXentLoss", "temperature": 0.1}, "train.miner": None,
+    }))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    train.run(params.train, params.paths)
+    curve = _csv(params.paths["train_curve"])
+    assert float(curve[-1]["loss"]) < float(curve[0]["loss"])
+    # pos_distance: between the two views of an image, which training pulls together
+    assert float(curve[-1]["pos_distance"]) < float(curve[0]["pos_distance"])

@@ -1,0 +1,67 @@
+"""What is trained and how, from ``train`` params: network, objective, optimizer, augmenter.
+
+Shared by the train stage and the benchmarks, so a benchmark measures exactly what the stage runs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from pytorch_metric_learning import losses
+
+from tasks.augment import Augmenter
+from tasks.engine import LossOf, loss_of, self_supervised_loss_of
+from tasks.models import EmbeddingNet
+from tasks.objectives import build_objective
+from tasks.params import TrainParams
+
+
+class Built(NamedTuple):
+    model: EmbeddingNet
+    compute: LossOf  # (images, labels) -> (loss, stats)
+    loss_fn: torch.nn.Module  # holds the loss's own weights (ArcFace, ProxyAnchor...)
+    optimizer: torch.optim.Optimizer
+    stateful: dict  # everything a resumed run must restore (scheduler added by run)
+
+
+def build(params: TrainParams, items_meta: dict, device: torch.device, per_class: int | None = None, pretrained: str | None = None) -> Built:
+    """The model and how it learns, on ``device``; loss, miner and optimizer chosen by name.
+    ``per_class``: every batch holds exactly that many images of each of its classes (a P×K plan),
+    which lets the fused objective use static shapes. ``pretrained``: ``params.pretrained`` with a
+    relative path resolved."""
+    model = EmbeddingNet(
+        {
+            "backbone": params.backbone,
+            "width": params.width,
+            "embedding_dim": params.embedding_dim,
+            "in_channels": items_meta["channels"],
+            "image_size": items_meta["height"],
+            "pooling": params.pooling,
+        },
+        pretrained or params.pretrained,
+    ).to(device)
+    if params.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    bf16 = use_bf16(params, device)
+    stateful: dict = {"model": model}
+    if params.mode == "self_supervised":
+        loss_fn = getattr(losses, params.loss.name)(**params.loss.kwargs).to(device)
+        augmenter = Augmenter(params.augment, params.seed, device)
+        compute = self_supervised_loss_of(model, losses.SelfSupervisedLoss(loss_fn), augmenter, bf16)
+        stateful["augment"] = augmenter
+    else:
+        objective, loss_fn = build_objective(
+            params.loss, params.miner, params.fused_mining, device,
+            num_classes=items_meta["n_train_classes"], embedding_size=params.embedding_dim,
+            memory_size=params.cross_batch_memory, per_class=per_class,
+        )
+        compute = loss_of(model, objective, bf16, params.compile)
+    # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
+    trainable = list(model.parameters()) + list(loss_fn.parameters())
+    optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)
+    return Built(model, compute, loss_fn, optimizer, stateful | {"loss": loss_fn, "optimizer": optimizer})
+
+
+def use_bf16(params: TrainParams, device: torch.device) -> bool:
+    return params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from tasks.augment import Augmenter
+from tasks.params import AugmentParams
+
+NONE = AugmentParams(crop_scale=[1.0, 1.0], rotate=0.0, translate=0.0, hflip=False, brightness=0.0, contrast=0.0)
+
+
+def _images(n=6, size=12):
+    return torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_identity_settings_leave_images_unchanged():
+    x = _images()
+    torch.testing.assert_close(Augmenter(NONE, 0, torch.device("cpu"))(x), x.float(), atol=1e-3, rtol=0)
+
+
+def test_flip_only_mirrors_some_images_exactly():
+    x = _images(n=32)
+    out = Augmenter(NONE.model_copy(update={"hflip": True}), 0, torch.device("cpu"))(x)
+    flipped = [torch.allclose(o, i.float().flip(-1), atol=1e-3) for o, i in zip(out, x)]
+    same = [torch.allclose(o, i.float(), atol=1e-3) for o, i in zip(out, x)]
+    assert all(f or s for f, s in zip(flipped, same)) and 0 < sum(flipped) < 32
+
+
+def test_augmentation_is_seeded_and_resumable():
+    params = AugmentParams(crop_scale=[0.5, 1.0], rotate=20.0, translate=0.1, hflip=True, brightness=0.3, contrast=0.3)
+    x = _images()
+    a = Augmenter(params, 7, torch.device("cpu"))
+    b = Augmenter(params, 7, torch.device("cpu"))
+    torch.testing.assert_close(a(x), b(x))
+    state = a.state_dict()
+    first = a(x)
+    b.load_state_dict(state)
+    torch.testing.assert_close(b(x), first)  # restored generator: the same next draw
+    out = a(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape and 0 <= out.min() and out.max() <= 255
+    assert not torch.allclose(out, x.float())
+
+
+@pytest.mark.parametrize("bad", [{"crop_scale": [0.5]}, {"crop_scale": [0.0, 1.0]}, {"rotate": -1.0}, {"brightness": 1.0}])
+def test_invalid_settings_are_rejected(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        AugmentParams(**(NONE.model_dump() | bad))

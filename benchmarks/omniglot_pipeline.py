@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import omniglot_recipe
 from flows.pipeline import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,33 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "omniglot")
+    parser.add_argument("--data", type=Path, default=omniglot_recipe.DEFAULT_DATA)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--workdir", type=Path, default=None, help="keep outputs here (default: temp)")
     args = parser.parse_args()
-    data = args.data.resolve()
-    for name in ("images_background.zip", "images_evaluation.zip"):
-        if not (data / name).exists():
-            raise SystemExit(f"{data / name} not found: pass --data DIR with the official Omniglot zips")
-
+    overrides = omniglot_recipe.overrides(args.data, args.image_size, args.epochs)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="omniglot-"))
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", work / "params.yaml")
-    overrides = {
-        "ingest.source": {
-            "kind": "image_folder",
-            "train_root": str(data / "images_background.zip"),
-            "test_root": str(data / "images_evaluation.zip"),
-        },
-        "ingest.image_size": args.image_size,
-        "make_batches.classes_per_batch": 32,
-        "make_batches.images_per_class": 4,
-        "make_batches.epochs": args.epochs,
-        "train.embedding_dim": 128,
-        "train.optimizer": {"name": "AdamW", "lr": 0.001, "weight_decay": 0.0001},
-        "evaluate.recall_at": [1, 2, 4, 8],
-    }
     results = {}
     for name, extra in (("trained", {}), ("untrained", {"make_batches.epochs": 0})):
         start = time.perf_counter()

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import omniglot_recipe
 from flows.pipeline import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,25 +39,14 @@ ROWS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "omniglot")
+    parser.add_argument("--data", type=Path, default=omniglot_recipe.DEFAULT_DATA)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=28)
     args = parser.parse_args()
-    data = args.data.resolve()
     work = Path(tempfile.mkdtemp(prefix="ssl-vs-metric-"))
     try:
         shutil.copy(REPO / "params.yaml", work / "params.yaml")
-        common = {
-            "ingest.source": {"kind": "image_folder", "train_root": str(data / "images_background.zip"),
-                              "test_root": str(data / "images_evaluation.zip")},
-            "ingest.image_size": args.image_size,
-            "make_batches.classes_per_batch": 32,
-            "make_batches.images_per_class": 4,
-            "make_batches.epochs": args.epochs,
-            "train.embedding_dim": 128,
-            "train.optimizer": {"name": "AdamW", "lr": 0.001, "weight_decay": 0.0001},
-            "evaluate.recall_at": [1, 2, 4, 8],
-        }
+        common = omniglot_recipe.overrides(args.data, args.image_size, args.epochs)
         for name, overrides in ROWS.items():
             start = time.perf_counter()
             m = pipeline(params_file=str(work / "params.yaml"), overrides=common | overrides)["metrics"]

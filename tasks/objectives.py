@@ -156,6 +156,33 @@ def fused_equivalent(loss: Component, miner: Component | None, per_class: int | 
     return None
 
 
+class FusedNTXent:
+    """SelfSupervisedLoss(NTXentLoss(temperature)) (symmetric, cosine similarity), as SimCLR writes
+    it: one cross-entropy over the (2B × 2B) similarity matrix of both views, self excluded, each
+    view's target the other view of its image. pml builds a (positive pairs × all pairs) mask
+    instead — 2 M entries at B = 128, ~0.2 s a step on a CPU. Equality is tested."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a, b (B, D): the two views' embeddings -> scalar loss."""
+        z = F.normalize(torch.cat([a, b]), dim=1)
+        logits = (z @ z.T) / self.temperature
+        n = len(a)
+        logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+        return F.cross_entropy(logits, target)
+
+
+def self_supervised_objective(loss: Component, fused: bool, device: torch.device):
+    """-> (loss(a, b) on two views' embeddings, loss module whose parameters train too)."""
+    loss_fn = getattr(losses, loss.name)(**loss.kwargs).to(device)
+    if fused and loss.name == "NTXentLoss" and _only(loss, {"temperature": None}):
+        return FusedNTXent(float(loss.kwargs.get("temperature", 0.07))), loss_fn
+    return losses.SelfSupervisedLoss(loss_fn), loss_fn
+
+
 class MemoryObjective:
     """pml's CrossBatchMemory: the miner and loss see this batch against the last
     ``memory_size`` embeddings (a queue), so hard negatives are not limited to one batch."""

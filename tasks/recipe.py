@@ -8,12 +8,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from pytorch_metric_learning import losses
 
 from tasks.augment import Augmenter
 from tasks.engine import LossOf, loss_of, self_supervised_loss_of
 from tasks.models import EmbeddingNet
-from tasks.objectives import build_objective
+from tasks.objectives import build_objective, self_supervised_objective
 from tasks.params import TrainParams
 
 
@@ -46,9 +45,9 @@ def build(params: TrainParams, items_meta: dict, device: torch.device, per_class
     bf16 = use_bf16(params, device)
     stateful: dict = {"model": model}
     if params.mode == "self_supervised":
-        loss_fn = getattr(losses, params.loss.name)(**params.loss.kwargs).to(device)
+        ssl_loss, loss_fn = self_supervised_objective(params.loss, params.fused_mining, device)
         augmenter = Augmenter(params.augment, params.seed, device)
-        compute = self_supervised_loss_of(model, losses.SelfSupervisedLoss(loss_fn), augmenter, bf16)
+        compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16)
         stateful["augment"] = augmenter
     else:
         objective, loss_fn = build_objective(

@@ -31,6 +31,15 @@ def test_search_pads_when_the_gallery_is_smaller_than_k():
     assert pos.shape == (1, 4) and (pos[0, 2:] == -1).all() and np.isnan(scores[0, 2:]).all()
 
 
+def _trained(make_project, overrides: dict):
+    """A tmp project with synthetic items, a batch plan and a trained model."""
+    params = load_params(make_project(FAST | overrides))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    train.run(params.train, params.paths)
+    return params
+
+
 def _pipeline_after_train(params):
     export_embeddings.run(params.export_embeddings, params.paths)
     build_index.run(params.build_index, params.paths)
@@ -38,10 +47,7 @@ def _pipeline_after_train(params):
 
 
 def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_project):
-    params = load_params(make_project(FAST | {"make_batches.epochs": 4}))
-    synthetic_items(params.paths["items"], n_classes=6, per_class=12, test_classes=2)
-    make_batches.run(params.make_batches, params.paths)
-    train.run(params.train, params.paths)
+    params = _trained(make_project, {"make_batches.epochs": 4})  # 6 classes × 12, 2 for test
     result = _pipeline_after_train(params)
 
     written = json.loads(params.paths["metrics"].read_text())
@@ -60,10 +66,7 @@ def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_proj
 
 
 def test_evaluate_through_an_approximate_index(make_project):
-    params = load_params(make_project(FAST | {"make_batches.epochs": 1, "build_index.factory": "HNSW8"}))
-    synthetic_items(params.paths["items"])
-    make_batches.run(params.make_batches, params.paths)
-    train.run(params.train, params.paths)
+    params = _trained(make_project, {"make_batches.epochs": 1, "build_index.factory": "HNSW8"})
     result = _pipeline_after_train(params)
     assert result["index_factory"] == "HNSW8" and result["n_queries"] == 24
 
@@ -71,10 +74,7 @@ def test_evaluate_through_an_approximate_index(make_project):
 def test_index_and_id_map_must_agree(make_project):
     from tasks.contracts import ContractError
 
-    params = load_params(make_project(FAST | {"make_batches.epochs": 1}))
-    synthetic_items(params.paths["items"])
-    make_batches.run(params.make_batches, params.paths)
-    train.run(params.train, params.paths)
+    params = _trained(make_project, {"make_batches.epochs": 1})
     export_embeddings.run(params.export_embeddings, params.paths)
     build_index.run(params.build_index, params.paths)
     index = faiss.read_index(str(params.paths["index"]))
@@ -87,10 +87,7 @@ def test_index_and_id_map_must_agree(make_project):
 def test_an_index_from_another_model_is_refused(make_project):
     from tasks.contracts import ContractError
 
-    params = load_params(make_project(FAST | {"make_batches.epochs": 1}))
-    synthetic_items(params.paths["items"])
-    make_batches.run(params.make_batches, params.paths)
-    train.run(params.train, params.paths)
+    params = _trained(make_project, {"make_batches.epochs": 1})
     export_embeddings.run(params.export_embeddings, params.paths)
     build_index.run(params.build_index, params.paths)
     # Retrain (another seed) and re-export, but do not rebuild the index.

@@ -111,3 +111,29 @@ def test_fused_can_be_switched_off():
     spec = Component(name="TripletMarginLoss", margin=0.2)
     assert isinstance(build_objective(spec, None, fused=True, device=torch.device("cpu"))[0], FusedTriplet)
     assert isinstance(build_objective(spec, None, fused=False, device=torch.device("cpu"))[0], PmlObjective)
+
+
+@pytest.mark.parametrize("temperature,seed", [(0.07, 0), (0.1, 1), (0.5, 2)])
+def test_fused_nt_xent_equals_pml_self_supervised_loss(temperature, seed):
+    from tasks.objectives import FusedNTXent
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(16, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=temperature))(a, b)
+    ref_grads = torch.autograd.grad(ref, (a, b))
+    new = FusedNTXent(temperature)(a, b)
+    new_grads = torch.autograd.grad(new, (a, b))
+    torch.testing.assert_close(new, ref, rtol=1e-9, atol=1e-12)
+    for x, y in zip(new_grads, ref_grads):
+        torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-10)
+
+
+def test_self_supervised_objective_fuses_only_plain_nt_xent():
+    from tasks.objectives import FusedNTXent, self_supervised_objective
+
+    cpu = torch.device("cpu")
+    assert isinstance(self_supervised_objective(Component(name="NTXentLoss", temperature=0.1), True, cpu)[0], FusedNTXent)
+    assert isinstance(self_supervised_objective(Component(name="NTXentLoss"), False, cpu)[0], losses.SelfSupervisedLoss)
+    other = self_supervised_objective(Component(name="TripletMarginLoss", margin=0.2), True, cpu)[0]
+    assert isinstance(other, losses.SelfSupervisedLoss)

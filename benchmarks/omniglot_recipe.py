@@ -1,0 +1,26 @@
+"""The Omniglot setup the benchmarks share: official zips through the ImageFolder source
+(background = train, evaluation = test) and the training recipe, as params overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "omniglot"
+
+
+def overrides(data: Path, image_size: int, epochs: int, p: int = 32, k: int = 4) -> dict:
+    data = data.resolve()  # params paths resolve against the (temporary) project, not the cwd
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        if not (data / name).exists():
+            raise SystemExit(f"{data / name} not found: pass --data DIR with the official Omniglot zips")
+    return {
+        "ingest.source": {"kind": "image_folder", "train_root": str(data / "images_background.zip"),
+                          "test_root": str(data / "images_evaluation.zip")},
+        "ingest.image_size": image_size,
+        "make_batches.classes_per_batch": p,
+        "make_batches.images_per_class": k,
+        "make_batches.epochs": epochs,
+        "train.embedding_dim": 128,
+        "train.optimizer": {"name": "AdamW", "lr": 0.001, "weight_decay": 0.0001},
+        "evaluate.recall_at": [1, 2, 4, 8],
+    }

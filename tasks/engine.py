@@ -115,3 +115,39 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: in
         return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def recall_at_1(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
+    """Leave-one-out Recall@1 of uint8 images (N, C, H, W) with labels (N,): the share whose nearest
+    other image has their label. Blocks of ``batch_size`` rows bound memory to batch × N."""
+    model.eval()
+    emb = torch.cat([model(pixels[i : i + batch_size]).float() for i in range(0, len(pixels), batch_size)])
+    nearest = torch.empty(len(emb), dtype=torch.long, device=emb.device)
+    for i in range(0, len(emb), batch_size):
+        sim = emb[i : i + batch_size] @ emb.T
+        rows = torch.arange(len(sim), device=emb.device)
+        sim[rows, rows + i] = float("-inf")  # never oneself
+        nearest[i : i + batch_size] = sim.argmax(1)
+    return (labels[nearest] == labels).float().mean().item()
+
+
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a better score; remember the best epoch's weights.
+    Has state_dict / load_state_dict so a resumed run continues the same count."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_epoch, self.weights = patience, float("-inf"), -1, None
+
+    def update(self, epoch: int, score: float, model: torch.nn.Module) -> bool:
+        """Record ``epoch``'s score; True when training should stop."""
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return epoch - self.best_epoch >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.weights = state["best"], state["best_epoch"], state["weights"]

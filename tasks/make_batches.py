@@ -71,8 +71,13 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     items, _ = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT])
     train = items.filter(pc.equal(items[C.SPLIT], C.TRAIN))
     ids = np.asarray(train[C.ITEM_ID].to_pylist(), dtype=object)
-    names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
-    members = [np.flatnonzero(codes == c) for c in range(len(names))]
+    all_names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
+    # Validation classes: drawn with their own rng, so val_fraction 0 leaves the plan unchanged.
+    n_val = round(len(all_names) * params.val_fraction)
+    val = set(np.random.default_rng([params.seed, 2]).choice(len(all_names), size=n_val, replace=False).tolist())
+    kept = [c for c in range(len(all_names)) if c not in val]
+    members = [np.flatnonzero(codes == c) for c in kept]
+    names = all_names[kept]
     p, k = params.classes_per_batch, params.images_per_class
     small = [str(names[c]) for c, m in enumerate(members) if len(m) < k]
     # A class with one image can never give a positive pair: always excluded.
@@ -112,12 +117,16 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
         "batches_per_epoch": per_epoch,
         "seed": params.seed,
         "triplets_per_anchor": params.triplets_per_anchor,
+        "val_fraction": params.val_fraction,
+        "validation_classes": sorted(str(all_names[c]) for c in val),
     }
     C.write_table(batches, paths["batches"], C.BATCHES, meta)
 
     triplets = _triplets(usable, ids, params.triplets_per_anchor, params.seed)
     C.write_table(triplets, paths["triplets"], C.TRIPLETS, {"per_anchor": params.triplets_per_anchor})
-    return {k_: v for k_, v in meta.items() if k_ not in ("classes_smaller_than_k", "excluded_classes")} | {
+    lists = ("classes_smaller_than_k", "excluded_classes", "validation_classes")
+    return {k_: v for k_, v in meta.items() if k_ not in lists} | {
+        "n_validation_classes": len(val),
         "n_small_classes": len(small),
         "n_triplets": triplets.num_rows,
     }

@@ -97,6 +97,9 @@ class MakeBatchesParams(_Strict):
     images_per_class: int = Field(ge=2)  # K
     epochs: int = Field(ge=0)  # 0 = an untrained network (the baseline every run must beat)
     small_classes: Literal["replace", "drop"]
+    # Share of the train classes held out of the plan for validation (train logs their Recall@1
+    # per epoch and can stop early on it); 0 = none. Test classes are never used for this.
+    val_fraction: float = Field(ge=0, lt=1)
     triplets_per_anchor: int = Field(ge=0)
     seed: int
 
@@ -192,6 +195,9 @@ class TrainParams(_Strict):
     lr_schedule: Literal["constant", "cosine"]
     warmup_epochs: int = Field(ge=0)  # linear LR warm-up over the first N epochs' steps
     grad_clip: float = Field(ge=0)  # max gradient norm; 0 = no clipping
+    # Stop after N epochs without a better validation Recall@1 and keep the best epoch's weights;
+    # 0 = off. Needs make_batches.val_fraction > 0.
+    early_stopping_patience: int = Field(ge=0)
     loss: Component
     miner: Component | None
     optimizer: Component

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import resume, tracking
-from tasks.engine import make_scheduler, train_epoch
+from tasks.engine import EarlyStopping, make_scheduler, recall_at_1, train_epoch
+from tasks.errors import ParamsError
 from tasks.models import pick_device, pixels_to_tensor, save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
 from tasks.recipe import build, use_bf16
@@ -31,7 +32,8 @@ def load_train_data(paths: Paths, device: torch.device):
     names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
     pixels = pixels_to_tensor(train[C.PIXELS], meta["height"], meta["width"], meta["channels"])
     row_of = {item: i for i, item in enumerate(train[C.ITEM_ID].to_pylist())}
-    meta = meta | {"n_train_classes": len(names)}  # labels are 0..n-1: what proxy losses need
+    # labels are 0..n-1 (what proxy losses need); class_names[label] is the dataset's label
+    meta = meta | {"n_train_classes": len(names), "class_names": [str(n) for n in names]}
     return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
 
 
@@ -67,6 +69,13 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     warmup = sum(len(e) for e in plan[: params.warmup_epochs])
     scheduler = make_scheduler(optimizer, params.lr_schedule, warmup, steps)
     stateful["scheduler"] = scheduler
+    # Validation: the train classes make_batches held out of the plan (never test classes).
+    val_names = set(plan_meta.get("validation_classes", []))
+    val_codes = [c for c, name in enumerate(items_meta["class_names"]) if name in val_names]
+    val_idx = torch.nonzero(torch.isin(labels, torch.as_tensor(val_codes, device=device))).flatten()
+    if params.early_stopping_patience and not len(val_idx):
+        raise ParamsError("train.early_stopping_patience needs validation classes: set make_batches.val_fraction > 0")
+    stopper = stateful["early_stopping"] = EarlyStopping(params.early_stopping_patience)
     fp = resume.fingerprint(params, paths)
     state = resume.load(paths["train_state"], fp, device)
     curve: list[dict[str, float]] = state["curve"] if state else []
@@ -93,13 +102,23 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
             model.trunk.requires_grad_(epoch >= params.freeze_backbone_epochs)
             row = train_epoch(model, compute, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1),
                               params.grad_clip, scheduler)
+            stop = False
+            if len(val_idx):
+                row["val_recall_at_1"] = recall_at_1(model, pixels[val_idx], labels[val_idx])
+                stop = bool(params.early_stopping_patience) and stopper.update(epoch, row["val_recall_at_1"], model)
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
             child.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
             parent.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
             ids = {"parent": run_id, "child": child.run_id}
             resume.save(paths["train_state"], fp, epoch, stateful, curve, ids)
+            if stop:
+                print(f"train: no better validation Recall@1 for {params.early_stopping_patience} epochs; "
+                      f"stopping after epoch {epoch}, keeping epoch {stopper.best_epoch}")
+                break
         bar.close()
+        if stopper.weights is not None:
+            model.load_state_dict(stopper.weights)
         sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": len(plan)})
         paths["train_state"].unlink(missing_ok=True)
         _write_curve(paths["train_curve"], curve)
@@ -111,7 +130,7 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
 
 
 def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
-    cols = ["epoch", "loss", "mined", "frac_active", "pos_distance", "neg_distance", "img_per_s"]
+    cols = ["epoch", "loss", "mined", "frac_active", "pos_distance", "neg_distance", "val_recall_at_1", "lr", "img_per_s"]
     lines = [",".join(cols)] + [",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) for row in curve]
     C.write_text(path, "\n".join(lines) + "\n")
 

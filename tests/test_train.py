@@ -126,3 +126,42 @@ def test_self_supervised_mode_trains_without_labels(make_project):
     assert float(curve[-1]["loss"]) < float(curve[0]["loss"])
     # pos_distance: between the two views of an image, which training pulls together
     assert float(curve[-1]["pos_distance"]) < float(curve[0]["pos_distance"])
+
+
+def test_validation_recall_is_logged_and_early_stopping_keeps_the_best_epoch(make_project):
+    # lr = 0: only BatchNorm's running statistics move, so validation Recall@1 soon stops improving.
+    params = load_params(make_project(FAST | {
+        "make_batches.epochs": 6, "make_batches.val_fraction": 0.25, "make_batches.classes_per_batch": 2,
+        "train.optimizer": {"name": "SGD", "lr": 0.0}, "train.early_stopping_patience": 2,
+    }))
+    synthetic_items(params.paths["items"], n_classes=10, test_classes=2)
+    plan = make_batches.run(params.make_batches, params.paths)
+    assert plan["n_validation_classes"] == 2  # a quarter of the 8 train classes
+    result = train.run(params.train, params.paths)
+    curve = _csv(params.paths["train_curve"])
+    recalls = [float(r["val_recall_at_1"]) for r in curve]
+    best = recalls.index(max(recalls))
+    assert len(curve) < 6, "stopped early"
+    assert len(curve) - 1 - best == 2  # stopped exactly `patience` epochs after the best one
+    assert all(0 <= r <= 1 for r in recalls)
+    assert result["epochs"] == 6 and not params.paths["train_state"].exists()
+    # The saved model is the best epoch's: it scores the best validation Recall@1 again.
+    from tasks.engine import recall_at_1
+    from tasks.models import load_checkpoint
+
+    pixels, labels, row_of, meta = train.load_train_data(params.paths, torch.device("cpu"))
+    _, plan_meta = train.load_plan(params.paths, row_of)
+    val = [c for c, n in enumerate(meta["class_names"]) if n in set(plan_meta["validation_classes"])]
+    rows = torch.isin(labels, torch.tensor(val))
+    model = load_checkpoint(params.paths["model"])
+    assert recall_at_1(model, pixels[rows], labels[rows]) == pytest.approx(max(recalls), abs=1e-6)
+
+
+def test_early_stopping_without_validation_classes_is_a_clear_error(make_project):
+    from tasks.errors import ParamsError
+
+    params = load_params(make_project(FAST | {"train.early_stopping_patience": 2}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    with pytest.raises(ParamsError, match="make_batches.val_fraction"):
+        train.run(params.train, params.paths)

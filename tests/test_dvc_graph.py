@@ -4,7 +4,6 @@ otherwise a code change would not re-run the stage and DVC would serve stale out
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 import yaml

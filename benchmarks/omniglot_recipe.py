@@ -8,14 +8,20 @@ from pathlib import Path
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "omniglot"
 
 
-def overrides(data: Path, image_size: int, epochs: int, p: int = 32, k: int = 4) -> dict:
-    data = data.resolve()  # params paths resolve against the (temporary) project, not the cwd
+def source(data: Path) -> dict:
+    """``ingest.source`` for the official zips in ``data`` (absolute: params paths resolve against
+    the temporary project, not the cwd)."""
+    data = data.resolve()
     for name in ("images_background.zip", "images_evaluation.zip"):
         if not (data / name).exists():
             raise SystemExit(f"{data / name} not found: pass --data DIR with the official Omniglot zips")
+    return {"kind": "image_folder", "train_root": str(data / "images_background.zip"),
+            "test_root": str(data / "images_evaluation.zip")}
+
+
+def overrides(data: Path, image_size: int, epochs: int, p: int = 32, k: int = 4) -> dict:
     return {
-        "ingest.source": {"kind": "image_folder", "train_root": str(data / "images_background.zip"),
-                          "test_root": str(data / "images_evaluation.zip")},
+        "ingest.source": source(data),
         "ingest.image_size": image_size,
         "make_batches.classes_per_batch": p,
         "make_batches.images_per_class": k,

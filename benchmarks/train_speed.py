@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from pytorch_metric_learning import losses, miners, samplers  # the reference loop's recipe
 
+import omniglot_recipe
 from tasks import ingest, make_batches, train
 from tasks.engine import train_epoch
 from tasks.objectives import build_objective
@@ -118,7 +119,7 @@ def ours(params, device) -> tuple[float, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "omniglot")
+    parser.add_argument("--data", type=Path, default=omniglot_recipe.DEFAULT_DATA)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--p", type=int, default=32)
     parser.add_argument("--k", type=int, default=4)
@@ -129,14 +130,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours with train.compile: true")
     args = parser.parse_args()
     device = pick_device(args.device)
-    args.data = args.data.resolve()  # params paths resolve against the temp project, not the cwd
     size, channels, batch = args.image_size, 1, args.p * args.k
     work = Path(tempfile.mkdtemp(prefix="train-speed-"))
     try:
         shutil.copy(REPO / "params.yaml", work / "params.yaml")
         params = load_params(work / "params.yaml", {
-            "ingest.source": {"kind": "image_folder", "train_root": str(args.data / "images_background.zip"),
-                              "test_root": str(args.data / "images_evaluation.zip")},
+            "ingest.source": omniglot_recipe.source(args.data),
             "ingest.image_size": size,
             "make_batches.classes_per_batch": args.p,
             "make_batches.images_per_class": args.k,

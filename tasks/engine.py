@@ -8,6 +8,7 @@ instead of several per step).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -17,9 +18,8 @@ import torch
 # objective(embeddings (B, D) float32, labels (B,)) -> (scalar loss, {name: 0-d tensor}); see
 # tasks.objectives.
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-LossOf = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# The same signature one level up: uint8 images (B, C, H, W) instead of embeddings.
+LossOf = Objective
 
 
 def loss_of(model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool = False) -> LossOf:
@@ -38,7 +38,8 @@ def loss_of(model: torch.nn.Module, objective: Objective, bf16: bool = False, co
 
 def self_supervised_loss_of(model: torch.nn.Module, loss: torch.nn.Module, augment, bf16: bool = False) -> LossOf:
     """Like :func:`loss_of` without labels: two augmented views of each image, embedded together,
-    are each other's positive (``loss`` is a pml SelfSupervisedLoss)."""
+    are each other's positive. ``loss(a, b)`` takes the two views' embeddings (pml's
+    SelfSupervisedLoss or tasks.objectives.FusedNTXent)."""
 
     def compute(x: torch.Tensor, _labels: torch.Tensor):
         views = torch.cat([augment(x), augment(x)])
@@ -104,7 +105,6 @@ def train_epoch(
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):
     """Per-step LR factor: linear warm-up over ``warmup_steps``, then constant or cosine to 0."""
-    import math
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -183,7 +183,8 @@ class AugmentParams(_Strict):
 
 class TrainParams(_Strict):
     # supervised: labels pick positives (P×K batches); self_supervised: no labels, two augmented
-    # views of an image are each other's positive (the loss is wrapped in SelfSupervisedLoss).
+    # views of an image are each other's positive (the loss is wrapped in pml's SelfSupervisedLoss,
+    # or fused when it is a plain NTXentLoss and fused_mining is on).
     mode: Literal["supervised", "self_supervised"]
     augment: AugmentParams
     backbone: str  # "small_cnn" or a torchvision model name (resnet18, ...)

@@ -3,7 +3,8 @@
 After every epoch the train stage writes ``paths.train_state`` atomically: model, loss,
 optimizer and LR-scheduler state, the epochs done, the curve so far and the MLflow run. A restart with the same
 params and the same input files (checked by a fingerprint) continues from the next epoch; the
-batch plan fixes every later batch and nothing else in a step is random, so on the CPU the resumed
+batch plan fixes every later batch and the only other randomness (self-supervised augmentation)
+has its generator state saved too, so on the CPU the resumed
 run ends with exactly the weights of an uninterrupted one. Anything else starts afresh. The file is
 removed once the model is written: it is a crash-recovery file, not an output.
 """

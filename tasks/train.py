@@ -108,8 +108,9 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
                 stop = bool(params.early_stopping_patience) and stopper.update(epoch, row["val_recall_at_1"], model)
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
-            child.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
-            parent.metrics({f"train.{k}": v for k, v in row.items()}, step=epoch)
+            logged = {f"train.{k}": v for k, v in row.items()}
+            child.metrics(logged, step=epoch)
+            parent.metrics(logged, step=epoch)
             ids = {"parent": run_id, "child": child.run_id}
             resume.save(paths["train_state"], fp, epoch, stateful, curve, ids)
             if stop:

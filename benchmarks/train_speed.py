@@ -28,7 +28,7 @@ import torch
 from pytorch_metric_learning import losses, miners, samplers  # the reference loop's recipe
 
 import omniglot_recipe
-from tasks import ingest, make_batches, train
+from tasks import ingest, make_batches, train_data
 from tasks.engine import train_epoch
 from tasks.objectives import build_objective
 from tasks.recipe import build, use_bf16
@@ -110,8 +110,8 @@ def ours(params, device) -> tuple[float, torch.Tensor]:
     """Our train stage's engine on the ingested data: mean img/s over the planned epochs, and
     the first planned batch (a real batch for the limit)."""
     torch.manual_seed(params.train.seed)
-    pixels, labels, row_of, meta = train.load_train_data(params.paths, device)
-    plan, plan_meta = train.load_plan(params.paths, row_of)
+    pixels, labels, row_of, meta = train_data.load_train_data(params.paths, device)
+    plan, plan_meta = train_data.load_plan(params.paths, row_of)
     model, compute, _, optimizer, _ = build(params.train, meta, device, plan_meta["images_per_class"])
     rows = [train_epoch(model, compute, optimizer, pixels, labels, b, e) for e, b in enumerate(plan)]
     return sum(r["img_per_s"] for r in rows) / len(rows), pixels[torch.from_numpy(plan[0][0]).to(device)]

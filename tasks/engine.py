@@ -9,11 +9,15 @@ instead of several per step).
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from tasks.distributed import SINGLE, World, gather, local_rows, sum_gradients
 
 # objective(embeddings (B, D) float32, labels (B,)) -> (scalar loss, {name: 0-d tensor}); see
 # tasks.objectives.
@@ -22,30 +26,37 @@ Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str,
 LossOf = Objective
 
 
-def loss_of(model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool = False) -> LossOf:
-    """``(uint8 images (B, C, H, W), labels (B,)) -> (loss, stats)``: the network, under bfloat16
+def loss_of(
+    model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool = False, world: World = SINGLE
+) -> LossOf:
+    """``(uint8 images (B/W, C, H, W), labels (B,)) -> (loss, stats)``: the network, under bfloat16
     autocast if ``bf16``, then the objective in float32 (distances between near-identical
     embeddings need the precision). ``compile``: through torch.compile, network and objective
-    together (a sync-free objective then becomes one graph)."""
+    together (a sync-free objective then becomes one graph). With ``world`` of W > 1 processes the
+    images are this rank's slice of the batch and the labels the whole batch's: embeddings are
+    gathered, so the objective mines the global batch (see tasks.distributed)."""
 
     def compute(x: torch.Tensor, y: torch.Tensor):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = model(x)
-        return objective(emb.float(), y)
+        return objective(gather(emb.float(), world), y)
 
     return torch.compile(compute) if compile else compute
 
 
-def self_supervised_loss_of(model: torch.nn.Module, loss: torch.nn.Module, augment, bf16: bool = False) -> LossOf:
+def self_supervised_loss_of(
+    model: torch.nn.Module, loss: torch.nn.Module, augment, bf16: bool = False, world: World = SINGLE
+) -> LossOf:
     """Like :func:`loss_of` without labels: two augmented views of each image, embedded together,
     are each other's positive. ``loss(a, b)`` takes the two views' embeddings (pml's
-    SelfSupervisedLoss or tasks.objectives.FusedNTXent)."""
+    SelfSupervisedLoss or tasks.objectives.FusedNTXent), gathered across ranks (every other image
+    of the global batch is a negative)."""
 
     def compute(x: torch.Tensor, _labels: torch.Tensor):
         views = torch.cat([augment(x), augment(x)])
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = model(views).float()
-        a, b = emb.chunk(2)
+        a, b = (gather(v, world) for v in emb.chunk(2))
         with torch.no_grad():
             stats = {"pos_distance": (a - b).norm(dim=1).mean(), "neg_distance": torch.cdist(a, b).mean()}
         return loss(a, b), stats
@@ -64,15 +75,19 @@ def train_epoch(
     on_step: Callable[[], None] = lambda: None,
     clip: float = 0.0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    world: World = SINGLE,
 ) -> dict[str, float]:
     """One epoch; returns the epoch's mean statistics and its img/s.
 
     pixels uint8 (N, C, H, W) and labels int64 (N,) on the training device; each batch is an int64
     array of row indices (P·K,); ``compute`` comes from :func:`loss_of`. ``clip`` > 0 clips the
-    gradient norm; ``scheduler`` steps once per batch. Raises FloatingPointError naming the epoch
+    gradient norm; ``scheduler`` steps once per batch. With ``world`` of W > 1 processes this rank
+    embeds its slice of each batch and the network's gradients are summed over ranks (before
+    clipping, so the norm is the global batch's). Raises FloatingPointError naming the epoch
     and the first step whose loss was not finite.
     """
     trained = [p for group in optimizer.param_groups for p in group["params"]]
+    network = list(model.parameters())
     model.train()
     device = pixels.device
     sums: dict[str, torch.Tensor] = {}
@@ -80,9 +95,11 @@ def train_epoch(
     seen, start = 0, time.perf_counter()
     for step, idx in enumerate(batches):
         idx_t = torch.from_numpy(idx).to(device, non_blocking=True)
-        loss, stats = compute(pixels[idx_t], labels[idx_t])
+        mine = idx_t if world.size == 1 else torch.from_numpy(local_rows(idx, world)).to(device, non_blocking=True)
+        loss, stats = compute(pixels[mine], labels[idx_t])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        sum_gradients(network, world)
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(trained, clip)
         optimizer.step()
@@ -101,6 +118,27 @@ def train_epoch(
     row["img_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
     row["lr"] = optimizer.param_groups[0]["lr"]
     return row
+
+
+@contextmanager
+def deterministic(on: bool) -> Iterator[None]:
+    """Deterministic kernels while training (``train.deterministic``): cuDNN autotuning off, torch's
+    deterministic algorithms on — an op without a deterministic implementation raises, naming the
+    op, rather than silently varying. Restores the previous settings afterwards, since a Prefect
+    flow runs later stages in the same process. On CPU our training is deterministic either way."""
+    if not on:
+        yield
+        return
+    # cuBLAS needs a fixed workspace for reproducible matmuls (read when its handle is created).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int):

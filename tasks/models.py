@@ -7,6 +7,7 @@ weights, so a checkpoint loads with ``torch.load(weights_only=True)`` and export
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,13 @@ class EmbeddingNet(nn.Module):
 def save_checkpoint(model: EmbeddingNet, path: Path, extra: dict[str, Any] | None = None) -> str:
     """Write {config, state_dict, ...} atomically; return the file's SHA-256 (the model hash)."""
     state = {"config": model.config, "state_dict": model.state_dict(), **(extra or {})}
+    # torch.save names the zip's root folder after the file it writes to — here a random temporary
+    # name, which made equal weights hash differently. Through a buffer the root is always "archive",
+    # so equal weights give the same file (and the same model hash, and a DVC no-op).
+    buf = io.BytesIO()
+    torch.save(state, buf)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buf.getvalue())
     return file_sha256(path)
 
 

@@ -9,7 +9,9 @@ from typing import NamedTuple
 
 import torch
 
+from tasks import distributed
 from tasks.augment import Augmenter
+from tasks.distributed import SINGLE, World
 from tasks.engine import LossOf, loss_of, self_supervised_loss_of
 from tasks.models import EmbeddingNet
 from tasks.objectives import build_objective, self_supervised_objective
@@ -24,11 +26,15 @@ class Built(NamedTuple):
     stateful: dict  # everything a resumed run must restore (scheduler added by run)
 
 
-def build(params: TrainParams, items_meta: dict, device: torch.device, per_class: int | None = None, pretrained: str | None = None) -> Built:
+def build(
+    params: TrainParams, items_meta: dict, device: torch.device, per_class: int | None = None,
+    pretrained: str | None = None, world: World = SINGLE,
+) -> Built:
     """The model and how it learns, on ``device``; loss, miner and optimizer chosen by name.
     ``per_class``: every batch holds exactly that many images of each of its classes (a P×K plan),
     which lets the fused objective use static shapes. ``pretrained``: ``params.pretrained`` with a
-    relative path resolved."""
+    relative path resolved. ``world``: this process's rank among torchrun's (BatchNorm synchronised,
+    embeddings gathered, rank 0's initial weights everywhere)."""
     model = EmbeddingNet(
         {
             "backbone": params.backbone,
@@ -40,14 +46,16 @@ def build(params: TrainParams, items_meta: dict, device: torch.device, per_class
         },
         pretrained or params.pretrained,
     ).to(device)
+    model = distributed.sync_batchnorm(model, world, device)
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
     bf16 = use_bf16(params, device)
     stateful: dict = {"model": model}
     if params.mode == "self_supervised":
         ssl_loss, loss_fn = self_supervised_objective(params.loss, params.fused_mining, device)
-        augmenter = Augmenter(params.augment, params.seed, device)
-        compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16)
+        # Each rank draws its own augmentations (the same draws would correlate their slices).
+        augmenter = Augmenter(params.augment, params.seed + world.rank, device)
+        compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16, world)
         stateful["augment"] = augmenter
     else:
         objective, loss_fn = build_objective(
@@ -55,7 +63,8 @@ def build(params: TrainParams, items_meta: dict, device: torch.device, per_class
             num_classes=items_meta["n_train_classes"], embedding_size=params.embedding_dim,
             memory_size=params.cross_batch_memory, per_class=per_class,
         )
-        compute = loss_of(model, objective, bf16, params.compile)
+        compute = loss_of(model, objective, bf16, params.compile, world)
+    distributed.broadcast([model, loss_fn], world)
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())
     optimizer = getattr(torch.optim, params.optimizer.name)(trainable, **params.optimizer.kwargs)

@@ -75,6 +75,30 @@ class Tracker:
             self.client.set_tag(self.run_id, k, v)
 
 
+class NullTracker:
+    """Logs nothing: what ranks other than 0 of a distributed training hold (rank 0 logs for all)."""
+
+    run_id = None
+
+    def params(self, values: dict[str, Any]) -> None:
+        pass
+
+    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+        pass
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        pass
+
+    def tags(self, values: dict[str, str]) -> None:
+        pass
+
+
+@contextmanager
+def no_run() -> Iterator[tuple[NullTracker, NullTracker]]:
+    """:func:`stage_run`'s stand-in where nothing may be logged."""
+    yield NullTracker(), NullTracker()
+
+
 def _param_str(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]  # MLflow's param value limit

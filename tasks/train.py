@@ -3,7 +3,8 @@
 Reads ``paths.items`` (train split) and ``paths.batches``; writes ``paths.model`` (weights-only
 checkpoint), ``paths.train_curve`` (per-epoch CSV, a DVC plot) and ``paths.run_info`` (the MLflow
 run downstream stages log into). The train pixels stay resident on the device as uint8 — a batch is
-an index gather, never a decode or a host→device copy of a batch.
+an index gather, never a decode or a host→device copy of a batch. Under ``torchrun`` it trains
+data-parallel (tasks.distributed); rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
@@ -11,60 +12,39 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import resume, tracking
-from tasks.engine import EarlyStopping, make_scheduler, recall_at_1, train_epoch
+from tasks import distributed, resume, tracking
+from tasks.distributed import World
+from tasks.engine import EarlyStopping, deterministic, make_scheduler, recall_at_1, train_epoch
 from tasks.errors import ParamsError
-from tasks.models import pick_device, pixels_to_tensor, save_checkpoint
+from tasks.models import save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
 from tasks.recipe import build, use_bf16
-
-
-def load_train_data(paths: Paths, device: torch.device):
-    """-> pixels uint8 (N, C, H, W) on device, int64 labels (N,), item_id -> row, items metadata."""
-    items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT, C.PIXELS])
-    train = items.filter(pc.equal(items[C.SPLIT], C.TRAIN))
-    names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
-    pixels = pixels_to_tensor(train[C.PIXELS], meta["height"], meta["width"], meta["channels"])
-    row_of = {item: i for i, item in enumerate(train[C.ITEM_ID].to_pylist())}
-    # labels are 0..n-1 (what proxy losses need); class_names[label] is the dataset's label
-    meta = meta | {"n_train_classes": len(names), "class_names": [str(n) for n in names]}
-    return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
-
-
-def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarray]], dict]:
-    """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,)."""
-    table, meta = C.read_table(paths["batches"], C.BATCHES)
-    try:
-        rows = np.fromiter((row_of[i] for i in table[C.ITEM_ID].to_pylist()), np.int64, table.num_rows)
-    except KeyError as err:
-        raise C.ContractError(f"{paths['batches']}: item {err} is not a train item of {paths['items']}") from None
-    epochs, batches = table[C.EPOCH].to_numpy(), table[C.BATCH].to_numpy()
-    plan = []
-    for e in range(meta["epochs"]):
-        in_epoch = epochs == e
-        b = batches[in_epoch]
-        r = rows[in_epoch]
-        plan.append([r[b == i] for i in range(int(b.max()) + 1 if len(b) else 0)])
-    return plan, meta
+from tasks.train_data import load_plan, load_train_data
 
 
 def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
     """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
+    world, device = distributed.init(params.device)
+    try:
+        with deterministic(params.deterministic):
+            return _train(params, paths, parent_run_id, world, device)
+    finally:
+        distributed.shutdown(world)
+
+
+def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: World, device: torch.device) -> dict:
     torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
-    device = pick_device(params.device)
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
     plan, plan_meta = load_plan(paths, row_of)
 
     weights = params.pretrained
     if weights not in (None, "default") and not Path(weights).is_absolute():
         weights = str(Path(paths.root) / weights)
-    model, compute, _, optimizer, stateful = build(params, items_meta, device, plan_meta["images_per_class"], weights)
+    model, compute, _, optimizer, stateful = build(params, items_meta, device, plan_meta["images_per_class"], weights, world)
     steps = sum(len(e) for e in plan)
     warmup = sum(len(e) for e in plan[: params.warmup_epochs])
     scheduler = make_scheduler(optimizer, params.lr_schedule, warmup, steps)
@@ -81,14 +61,15 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     curve: list[dict[str, float]] = state["curve"] if state else []
     if state:
         resume.restore(state, stateful)
-        # The killed attempt's child run never finished; say so, and keep logging to its parent.
-        tracking.mark_killed(Path(paths.root), state["run_ids"]["child"])
         parent_run_id = parent_run_id or state["run_ids"]["parent"]
+        if world.main:  # The killed attempt's child run never finished; say so.
+            tracking.mark_killed(Path(paths.root), state["run_ids"]["child"])
 
-    root = Path(paths.root)
-    run_id = parent_run_id or tracking.start_pipeline_run(root, params.experiment)
-    tracking.write_run_info(paths["run_info"], run_id, params.experiment)
-    with tracking.stage_run(paths, "train", params, run_id) as (child, parent):
+    run_id = None
+    if world.main:
+        run_id = parent_run_id or tracking.start_pipeline_run(Path(paths.root), params.experiment)
+        tracking.write_run_info(paths["run_info"], run_id, params.experiment)
+    with tracking.stage_run(paths, "train", params, run_id) if world.main else tracking.no_run() as (child, parent):
         # The params that produced the data, read from the data itself (true even when DVC
         # restored it from cache), plus ours.
         plan_params = {k: v for k, v in plan_meta.items() if k in MakeBatchesParams.model_fields}
@@ -97,11 +78,11 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         done = len(curve)
         bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",
-                   unit="batch", file=sys.stderr, disable=None)
+                   unit="batch", file=sys.stderr, disable=None if world.main else True)
         for epoch in range(done, len(plan)):
             model.trunk.requires_grad_(epoch >= params.freeze_backbone_epochs)
             row = train_epoch(model, compute, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1),
-                              params.grad_clip, scheduler)
+                              params.grad_clip, scheduler, world)
             stop = False
             if len(val_idx):
                 row["val_recall_at_1"] = recall_at_1(model, pixels[val_idx], labels[val_idx])
@@ -111,15 +92,18 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
             logged = {f"train.{k}": v for k, v in row.items()}
             child.metrics(logged, step=epoch)
             parent.metrics(logged, step=epoch)
-            ids = {"parent": run_id, "child": child.run_id}
-            resume.save(paths["train_state"], fp, epoch, stateful, curve, ids)
-            if stop:
+            if world.main:
+                resume.save(paths["train_state"], fp, epoch, stateful, curve, {"parent": run_id, "child": child.run_id})
+            if stop and world.main:
                 print(f"train: no better validation Recall@1 for {params.early_stopping_patience} epochs; "
                       f"stopping after epoch {epoch}, keeping epoch {stopper.best_epoch}")
+            if stop:
                 break
         bar.close()
         if stopper.weights is not None:
             model.load_state_dict(stopper.weights)
+        if not world.main:
+            return {"rank": world.rank, "epochs": len(plan)}
         sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": len(plan)})
         paths["train_state"].unlink(missing_ok=True)
         _write_curve(paths["train_curve"], curve)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses, miners
 
-from tasks import make_batches, train
+from tasks import make_batches, train, train_data
 from tasks.params import load_params
 from tasks.objectives import mining_stats
 from conftest import FAST, synthetic_items
@@ -149,8 +149,8 @@ def test_validation_recall_is_logged_and_early_stopping_keeps_the_best_epoch(mak
     from tasks.engine import recall_at_1
     from tasks.models import load_checkpoint
 
-    pixels, labels, row_of, meta = train.load_train_data(params.paths, torch.device("cpu"))
-    _, plan_meta = train.load_plan(params.paths, row_of)
+    pixels, labels, row_of, meta = train_data.load_train_data(params.paths, torch.device("cpu"))
+    _, plan_meta = train_data.load_plan(params.paths, row_of)
     val = [c for c, n in enumerate(meta["class_names"]) if n in set(plan_meta["validation_classes"])]
     rows = torch.isin(labels, torch.tensor(val))
     model = load_checkpoint(params.paths["model"])
@@ -165,3 +165,14 @@ def test_early_stopping_without_validation_classes_is_a_clear_error(make_project
     make_batches.run(params.make_batches, params.paths)
     with pytest.raises(ParamsError, match="make_batches.val_fraction"):
         train.run(params.train, params.paths)
+
+
+def test_deterministic_mode_gives_identical_reruns_and_restores_the_global_flags(make_project):
+    params = load_params(make_project(FAST | {"train.deterministic": True}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    shas = {train.run(params.train, params.paths)["model_sha256"] for _ in range(2)}
+    assert len(shas) == 1
+    # A Prefect flow runs export and evaluate in the same process: the flags must not leak.
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before

@@ -1,0 +1,43 @@
+"""The train stage's inputs: train pixels resident on the device, and the batch plan as row indices.
+
+Shared by ``tasks.train`` and the benchmarks, so a benchmark trains on exactly what the stage reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from tasks import contracts as C
+from tasks.models import pixels_to_tensor
+from tasks.params import Paths
+
+
+def load_train_data(paths: Paths, device: torch.device):
+    """-> pixels uint8 (N, C, H, W) on device, int64 labels (N,), item_id -> row, items metadata."""
+    items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT, C.PIXELS])
+    train = items.filter(pc.equal(items[C.SPLIT], C.TRAIN))
+    names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
+    pixels = pixels_to_tensor(train[C.PIXELS], meta["height"], meta["width"], meta["channels"])
+    row_of = {item: i for i, item in enumerate(train[C.ITEM_ID].to_pylist())}
+    # labels are 0..n-1 (what proxy losses need); class_names[label] is the dataset's label
+    meta = meta | {"n_train_classes": len(names), "class_names": [str(n) for n in names]}
+    return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
+
+
+def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarray]], dict]:
+    """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,)."""
+    table, meta = C.read_table(paths["batches"], C.BATCHES)
+    try:
+        rows = np.fromiter((row_of[i] for i in table[C.ITEM_ID].to_pylist()), np.int64, table.num_rows)
+    except KeyError as err:
+        raise C.ContractError(f"{paths['batches']}: item {err} is not a train item of {paths['items']}") from None
+    epochs, batches = table[C.EPOCH].to_numpy(), table[C.BATCH].to_numpy()
+    plan = []
+    for e in range(meta["epochs"]):
+        in_epoch = epochs == e
+        b = batches[in_epoch]
+        r = rows[in_epoch]
+        plan.append([r[b == i] for i in range(int(b.max()) + 1 if len(b) else 0)])
+    return plan, meta

@@ -26,6 +26,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
@@ -39,22 +40,39 @@ def is_transient(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), UserInputError)
 
 
-def _as_task(module, retries: int):
+HOUR = 3600
+
+
+def _as_task(module, retries: int, timeout_h: float, persist: bool = False):
     """A Prefect task around a stage's ``run``. No caching: DVC is our cache; retries only for
-    stages whose failures can be transient (file systems, network storage), not for training."""
+    stages whose failures can be transient (file systems, network storage), not for training.
+    Timeouts are generous: they catch a hung stage (a stale network mount), not a long run.
+    ``persist``: keep the result in Prefect's result storage (the metrics, readable from the API
+    after the run)."""
     name = module.__name__.rsplit(".", 1)[-1]
     return task(
         module.run, name=name, retries=retries, retry_delay_seconds=2, cache_policy=NONE,
-        retry_condition_fn=is_transient,
+        retry_condition_fn=is_transient, timeout_seconds=timeout_h * HOUR, persist_result=persist,
     )
 
 
-ingest_task = _as_task(ingest, retries=2)
-make_batches_task = _as_task(make_batches, retries=2)
-train_task = _as_task(train, retries=0)
-export_task = _as_task(export_embeddings, retries=2)
-index_task = _as_task(build_index, retries=2)
-evaluate_task = _as_task(evaluate, retries=1)
+ingest_task = _as_task(ingest, retries=2, timeout_h=12)
+make_batches_task = _as_task(make_batches, retries=2, timeout_h=1)
+train_task = _as_task(train, retries=0, timeout_h=72)
+export_task = _as_task(export_embeddings, retries=2, timeout_h=12)
+index_task = _as_task(build_index, retries=2, timeout_h=12)
+evaluate_task = _as_task(evaluate, retries=1, timeout_h=6, persist=True)
+
+
+def report(metrics: dict[str, Any], run_id: str, root: Path) -> str:
+    """The flow run's markdown artifact: the metrics as a table and where to find the MLflow run."""
+    rows = "".join(
+        f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in metrics.items()
+    )
+    return (
+        "# tripletflow retrieval metrics\n\n| metric | value |\n|---|---|\n" + rows
+        + f"\nMLflow run: {tracking.run_link(root, run_id)}\n"
+    )
 
 
 @flow(name="tripletflow", log_prints=True)
@@ -81,10 +99,12 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
         tracking.finish_pipeline_run(root, run_id, "FAILED")
         raise
     logger.info("metrics: %s", json.dumps(metrics))
+    create_markdown_artifact(report(metrics, run_id, root), key="tripletflow-metrics",
+                             description="Retrieval metrics of this pipeline run")
     return {"run_id": run_id, "metrics": metrics}
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def parse_set(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -103,8 +123,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
-        load_params(args.params, _parse_set(args.overrides))
-        result = pipeline(params_file=str(Path(args.params).resolve()), overrides=_parse_set(args.overrides) or None)
+        load_params(args.params, parse_set(args.overrides))
+        result = pipeline(params_file=str(Path(args.params).resolve()), overrides=parse_set(args.overrides) or None)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
     print(json.dumps(result, default=str))

@@ -142,6 +142,17 @@ def mark_killed(root: Path, run_id: str) -> None:
         pass  # not in this store (e.g. a fresh mlflow.db): nothing to end
 
 
+def run_link(root: Path, run_id: str) -> str:
+    """Where a person finds the run: its UI page on a tracking server, or how to open a local store."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return f"run `{run_id}` (experiment {exp_id}) — open with `mlflow ui --backend-store-uri {uri}`"
+
+
 def write_run_info(path: Path, run_id: str, experiment: str) -> None:
     write_json(path, {"run_id": run_id, "experiment": experiment})
 

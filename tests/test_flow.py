@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import pipeline
+from flows.pipeline import pipeline, report
 from tasks import tracking
 from tasks.params import ParamsError
 from conftest import FAST, ROOT
@@ -42,6 +42,14 @@ def test_flow_runs_every_stage_and_logs_one_mlflow_run(make_project):
     assert run.data.metrics["map_at_r"] == pytest.approx(result["metrics"]["map_at_r"])
     children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert sorted(c.data.tags["tripletflow.stage"] for c in children) == ["build_index", "evaluate", "export_embeddings", "train"]
+
+
+def test_report_artifact_has_the_metrics_and_the_mlflow_run(make_project):
+    root = make_project(FAST).parent
+    run_id = tracking.start_pipeline_run(root, "tripletflow")
+    text = report({"map_at_r": 0.51234, "n_queries": 7}, run_id, root)
+    assert "| map_at_r | 0.5123 |" in text and "| n_queries | 7 |" in text
+    assert run_id in text and "mlflow ui --backend-store-uri sqlite:///" in text
 
 
 def test_invalid_override_fails_before_any_output(make_project):

@@ -1,0 +1,43 @@
+"""Serve the pipeline on one machine: a scheduled deployment without a work pool or worker.
+
+    python -m flows.serve [--name nightly-retrain] [--cron "0 3 * * *"] [--params params.yaml] [--set key=value ...]
+
+Needs a Prefect server (``prefect server start``, ``PREFECT_API_URL``) for its schedule to fire;
+runs until stopped, executing scheduled and API-triggered runs in this process's machine. For
+several machines use the work-pool deployments of ``infra/prefect.yaml`` instead. Overrides are
+validated against params.yaml before anything is registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flows.pipeline import parse_set, pipeline
+from tasks.cli import USER_ERRORS
+from tasks.params import load_params
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="nightly-retrain", help="deployment name")
+    parser.add_argument("--cron", default="0 3 * * *", help="schedule (cron, UTC)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    overrides = parse_set(args.overrides)
+    params_file = Path(args.params).resolve()
+    try:
+        load_params(params_file, overrides)
+    except USER_ERRORS as err:  # a typo must not become a deployment that fails every night
+        raise SystemExit(f"tripletflow: error: {err}") from None
+    pipeline.serve(
+        name=args.name,
+        cron=args.cron,
+        parameters={"params_file": str(params_file), "overrides": overrides},
+        description="tripletflow retrain (flow.serve)",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,8 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         plan_params = {k: v for k, v in plan_meta.items() if k in MakeBatchesParams.model_fields}
         upstream = {"ingest": items_meta["params"], "make_batches": plan_params}
         parent.params(flatten(upstream))
+        data = {"items": paths["items"], "batches": paths["batches"]}
+        parent.tags(tracking.provenance(Path(paths.root), data, upstream | {"train": params.model_dump()}))
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         done = len(curve)
         bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",

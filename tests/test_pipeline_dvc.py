@@ -79,6 +79,19 @@ def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
     evaluation = {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "evaluation")}
     assert {"metrics.json", "recall_at_k.csv", "recall_at_k.png", "retrieval_grid.png"} <= evaluation
 
+    # Provenance: the commit, and the data as DVC knows it (dvc.lock's hash of each file).
+    tags = latest.data.tags
+    head = _run(["git", "rev-parse", "HEAD"], repo).strip()
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["tripletflow.git_dirty"] == "true"  # params.yaml was edited for the miner change
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+    assert tags["dvc.md5.items"] == outs["data/items.parquet"]
+    assert tags["dvc.md5.batches"] == outs["data/batches.parquet"]
+    first = parents[0].data.tags
+    assert first["tripletflow.params_sha256"] != tags["tripletflow.params_sha256"]  # the miner changed
+    assert first["dvc.md5.items"] == tags["dvc.md5.items"]  # the data did not
+
 
 def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Path):
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -99,6 +99,9 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
         tracking.finish_pipeline_run(root, run_id, "FAILED")
         raise
     logger.info("metrics: %s", json.dumps(metrics))
+    if "model_alias" in metrics:
+        logger.info("model registry: %s v%s is the %s (%s)", metrics["registered_model"], metrics["model_version"],
+                    metrics["model_alias"], metrics["alias_reason"])
     create_markdown_artifact(report(metrics, run_id, root), key="tripletflow-metrics",
                              description="Retrieval metrics of this pipeline run")
     return {"run_id": run_id, "metrics": metrics}

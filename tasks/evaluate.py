@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks import contracts as C
-from tasks import figures, metrics, tracking
+from tasks import figures, metrics, registry, tracking
 from tasks.params import EvaluateParams, Paths
 
 
@@ -96,8 +96,12 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
         parent.metrics(numeric)
         for path in (paths["metrics"], paths["recall_curve"], fig_dir):
             parent.artifact(path, "evaluation")
+        registered = {}
+        if params.registered_model:
+            registered = registry.register(paths, params.registered_model, parent.run_id, result)
+            child.tags({f"tripletflow.{k}": str(v) for k, v in registered.items()})
     tracking.finish_pipeline_run(Path(paths.root), parent.run_id)
-    return result
+    return result | registered
 
 
 def _grid(params: EvaluateParams, paths: Paths, query_ids, pos, scores, hits, query_labels, ids_table, out: Path) -> None:

@@ -230,6 +230,9 @@ class EvaluateParams(_Strict):
     map_at: int = Field(gt=0)  # mAP@k, Google Landmark Retrieval definition (k=100)
     grid_queries: int = Field(ge=0)
     grid_top_k: int = Field(gt=0)
+    # MLflow registered model that each evaluated model becomes a version of (champion/challenger
+    # by mAP@R, see tasks.registry); null = do not log or register the model.
+    registered_model: str | None = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     seed: int
 
 

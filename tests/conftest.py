@@ -61,6 +61,7 @@ FAST = {
     "train.device": "cpu",
     "export_embeddings.device": "cpu",
     "ingest.workers": 1,
+    "evaluate.registered_model": None,  # logging a model to MLflow costs seconds; tests/test_registry.py covers it
 }
 
 

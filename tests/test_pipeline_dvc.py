@@ -103,3 +103,12 @@ def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Pat
     assert FIRST, "runs after test_dvc_repro_runs_all_then_nothing_then_only_downstream"
     assert FIRST["map_at_r"] > untrained["map_at_r"] + 0.05
     assert FIRST["recall_at_1"] >= untrained["recall_at_1"]
+
+    # The registry: three evaluated models, three versions; the untrained one never becomes champion.
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    versions = sorted(client.search_model_versions("name = 'tripletflow'"), key=lambda v: int(v.version))
+    assert [int(v.version) for v in versions] == [1, 2, 3]
+    champion = client.get_model_version_by_alias("tripletflow", "champion")
+    assert int(champion.version) in (1, 2)
+    assert int(client.get_model_version_by_alias("tripletflow", "challenger").version) == 3
+    assert float(champion.tags["map_at_r"]) > float(versions[2].tags["map_at_r"])

@@ -1,0 +1,87 @@
+"""The MLflow Model Registry: logged model, versions, champion/challenger by mAP@R on the same set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import FAST
+from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, registry, tracking, train
+from tasks.models import load_checkpoint
+from tasks.params import load_params
+
+
+@pytest.fixture
+def evaluated(make_project):
+    """A project through build_index (FAST, registry on); returns its params."""
+    params = load_params(make_project(FAST | {"evaluate.registered_model": "embedder"}))
+    p = params.paths
+    ingest.run(params.ingest, p)
+    make_batches.run(params.make_batches, p)
+    train.run(params.train, p)
+    export_embeddings.run(params.export_embeddings, p)
+    build_index.run(params.build_index, p)
+    return params
+
+
+def _client(params):
+    return MlflowClient(tracking.tracking_uri(params.paths.root))
+
+
+def test_first_version_is_champion_and_its_pyfunc_maps_images_to_embeddings(evaluated):
+    result = evaluate.run(evaluated.evaluate, evaluated.paths)
+    assert (result["model_version"], result["model_alias"]) == (1, "champion")
+    client = _client(evaluated)
+    mv = client.get_model_version_by_alias("embedder", "champion")
+    assert float(mv.tags["map_at_r"]) == pytest.approx(result["map_at_r"])
+    assert mv.run_id == tracking.parent_from_run_info(evaluated.paths.root, evaluated.paths["run_info"])
+
+    import mlflow.pyfunc
+
+    mlflow_model = mlflow.pyfunc.load_model(f"{mv.source}")
+    assert mlflow_model.metadata.get_input_schema().inputs[0].type == np.dtype("uint8")
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 16, 16), dtype=np.uint8)
+    want = load_checkpoint(evaluated.paths["model"])(torch.from_numpy(images)).detach().numpy()
+    np.testing.assert_allclose(mlflow_model.predict(images), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_better_version_takes_champion_a_worse_one_is_challenger(evaluated):
+    p = evaluated.paths
+    first = evaluate.run(evaluated.evaluate, p)
+    # Scores are compared as recorded on the versions: make the champion's look unbeatable.
+    client = _client(evaluated)
+    client.set_model_version_tag("embedder", "1", "map_at_r", "2.0")
+    second = evaluate.run(evaluated.evaluate, p)
+    assert (second["model_version"], second["model_alias"]) == (2, "challenger")
+    assert "does not beat champion v1" in second["alias_reason"]
+    client.set_model_version_tag("embedder", "1", "map_at_r", repr(first["map_at_r"] - 0.1))
+    third = evaluate.run(evaluated.evaluate, p)
+    assert (third["model_version"], third["model_alias"]) == (3, "champion")
+    assert int(client.get_model_version_by_alias("embedder", "champion").version) == 3
+    assert int(client.get_model_version_by_alias("embedder", "challenger").version) == 2
+
+
+def test_a_champion_from_another_evaluation_set_is_not_compared(evaluated):
+    p = evaluated.paths
+    evaluate.run(evaluated.evaluate, p)
+    _client(evaluated).set_model_version_tag("embedder", "1", "evaluation_set", "another")
+    again = evaluate.run(evaluated.evaluate, p)
+    assert again["model_alias"] == "challenger" and "another evaluation set" in again["alias_reason"]
+
+
+def test_the_evaluation_set_id_depends_on_which_items_are_scored(evaluated):
+    before = registry.evaluation_set_id(evaluated.paths)
+    assert before == registry.evaluation_set_id(evaluated.paths)
+    import pyarrow.parquet as pq
+
+    from tasks import contracts as C
+
+    path = evaluated.paths["embeddings"]
+    table = pq.read_table(path)
+    flags = table[C.IS_QUERY].to_pylist()
+    flags[flags.index(True)] = False
+    table = table.set_column(table.schema.get_field_index(C.IS_QUERY), C.IS_QUERY, __import__("pyarrow").array(flags))
+    pq.write_table(table, path)
+    assert registry.evaluation_set_id(evaluated.paths) != before

@@ -29,8 +29,18 @@ from tasks.params import Paths, flatten
 PARENT_TAG = "mlflow.parentRunId"
 
 
+def store_dir(root: Path) -> Path:
+    """Where the default store (mlflow.db + mlruns/) lives: the project root — except in a DVC
+    experiment that runs in a temporary copy of the repository (``dvc exp run --queue`` / ``--temp``),
+    where it is the original repository (DVC names it in DVC_ROOT), so the experiment's runs are
+    not deleted with the copy."""
+    if os.environ.get("DVC_EXP_NAME") and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return Path(root).resolve()
+
+
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_dir(root) / 'mlflow.db'}"
 
 
 class Tracker:
@@ -110,7 +120,7 @@ def _experiment_id(client, name: str, root: Path) -> str:
         return exp.experiment_id
     # With the default SQLite store MLflow would put artifacts under the *cwd*'s ./mlruns; pin
     # them beside the database instead, so where you run from does not matter.
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(root).resolve() / "mlruns").as_uri()
+    location = None if os.environ.get("MLFLOW_TRACKING_URI") else (store_dir(root) / "mlruns").as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -122,6 +132,8 @@ def start_pipeline_run(root: Path, experiment: str, tags: dict[str, str] | None 
         warnings.simplefilter("ignore")  # alembic/sqlalchemy chatter on a new SQLite store
         client = MlflowClient(tracking_uri(root))
         exp_id = _experiment_id(client, experiment, root)
+    if os.environ.get("DVC_EXP_NAME"):  # which `dvc exp show` row this run is
+        tags = {"dvc.exp_name": os.environ["DVC_EXP_NAME"], **(tags or {})}
     run = client.create_run(exp_id, tags={"tripletflow.kind": "pipeline", **(tags or {})})
     return run.info.run_id
 

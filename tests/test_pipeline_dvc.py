@@ -19,8 +19,8 @@ FIRST: dict = {}  # metrics of the default run, for the untrained-baseline compa
 STAGES = ["ingest", "make_batches", "train", "export_embeddings", "build_index", "evaluate"]
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"} | (env or {})
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
@@ -112,3 +112,76 @@ def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Pat
     assert int(champion.version) in (1, 2)
     assert int(client.get_model_version_by_alias("tripletflow", "challenger").version) == 3
     assert float(champion.tags["map_at_r"]) > float(versions[2].tags["map_at_r"])
+
+
+def test_queued_experiments_sweep_the_miner_and_keep_their_mlflow_runs(repo: Path):
+    """`dvc exp run --queue` runs each experiment in a temporary copy of the repository; their
+    metrics show in `dvc exp show` and their MLflow runs land in the repository's store."""
+    import csv
+    import io
+
+    dvc = [sys.executable, "-m", "dvc"]
+    for kind in ("easy", "all"):
+        _run(dvc + ["exp", "run", "--queue", "-n", f"mine-{kind}", "-S", f"train.miner.type_of_triplets={kind}",
+                    "-S", "make_batches.epochs=2"], repo)
+    _run(dvc + ["exp", "run", "--run-all"], repo)
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(_run(dvc + ["exp", "show", "--csv"], repo)))}
+    for kind in ("easy", "all"):
+        row = rows[f"mine-{kind}"]
+        assert row["train.miner.type_of_triplets"] == kind
+        assert 0 < float(row["map_at_r"]) <= 1
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tripletflow")
+    tagged = client.search_runs([exp.experiment_id], "tags.`dvc.exp_name` LIKE 'mine-%'")
+    by_name = {r.data.tags["dvc.exp_name"]: r for r in tagged}
+    assert set(by_name) == {"mine-easy", "mine-all"}
+    for kind, run in by_name.items():
+        assert run.data.params["train.miner.type_of_triplets"] == kind.removeprefix("mine-")
+        assert run.data.metrics["map_at_r"] == pytest.approx(float(rows[kind]["map_at_r"]), abs=1e-4)
+
+
+def test_s3_remote_push_then_pull_into_an_empty_cache_and_repro_is_a_no_op(repo: Path, tmp_path):
+    """A DVC remote on an S3-compatible server (moto's, on 127.0.0.1): push everything, delete the
+    cache and the outputs, pull them back, and `dvc repro` finds nothing to do."""
+    import shutil
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="tripletflow")
+        dvc = [sys.executable, "-m", "dvc"]
+        _run(dvc + ["remote", "add", "--local", "s3", "s3://tripletflow/dvcstore"], repo)
+        _run(dvc + ["remote", "modify", "--local", "s3", "endpointurl", endpoint], repo)
+        assert _ran(_run(dvc + ["repro"], repo, aws)) == []
+        _run(dvc + ["push", "-r", "s3"], repo, aws)
+
+        outs = ["data", "models/model.pt", "models/index.faiss", "models/index_ids.parquet", "reports"]
+        shutil.rmtree(repo / ".dvc" / "cache")
+        for out in outs:
+            path = repo / out
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _run(dvc + ["pull", "-r", "s3"], repo, aws)
+        assert (repo / "data" / "items.parquet").exists() and (repo / "models" / "model.pt").exists()
+        assert _ran(_run(dvc + ["repro"], repo, aws)) == []
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)

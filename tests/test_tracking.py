@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -76,3 +77,73 @@ def test_tracking_uri_honours_the_environment(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def _postgres_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[-1:]), None)
+
+
+def test_pipeline_tracks_and_registers_on_a_real_postgresql(make_project, tmp_path, monkeypatch):
+    """MLflow's backend store on PostgreSQL (the infra/ team setup): a whole pipeline's runs, and
+    the registry's champion alias, through a server started here and stopped afterwards."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    import pytest
+
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL is not installed here (no initdb/pg_ctl): apt-get install postgresql")
+    import psycopg2
+
+    from conftest import FAST
+    from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, train
+    from tasks.params import load_params
+
+    import tempfile
+
+    # Not under tmp_path: pytest's directory is private to us, and the server runs as postgres.
+    data = Path(tempfile.mkdtemp(prefix="tripletflow-pg-"))
+    # initdb refuses to run as root: run the server as the postgres user when we are root.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(data, "postgres")
+    subprocess.run([*as_user, initdb, "-D", str(data), "--auth=trust", "-U", "postgres"], check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-w", "-l", str(data / "log"),
+                    "-o", f"-p {port} -k {data} -h 127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE mlflow")
+        conn.close()
+        uri = f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.chdir(tmp_path)  # a database store without a server keeps artifacts under ./mlruns
+
+        params = load_params(make_project(FAST | {"evaluate.registered_model": "embedder"}))
+        p = params.paths
+        ingest.run(params.ingest, p)
+        make_batches.run(params.make_batches, p)
+        run_id = train.run(params.train, p)["run_id"]
+        export_embeddings.run(params.export_embeddings, p)
+        build_index.run(params.build_index, p)
+        result = evaluate.run(params.evaluate, p)
+
+        assert not (tmp_path / "project" / "mlflow.db").exists()  # nothing went to SQLite
+        client = MlflowClient(uri)
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["map_at_r"] == result["map_at_r"]
+        assert run.data.tags["dvc.md5.items"]
+        assert client.get_model_version_by_alias("embedder", "champion").run_id == run_id
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

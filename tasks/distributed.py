@@ -1,7 +1,11 @@
 """Data-parallel training across processes and machines, launched by ``torchrun``.
 
-    torchrun --nproc_per_node=4 -m tasks.train --params params.yaml          # 4 GPUs, one machine
+    train.processes: 4 in params.yaml                                       # 4 GPUs, one machine
+    torchrun --nproc_per_node=4 -m tasks.train --params params.yaml          # the same, by hand
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-endpoint=host:29500 -m tasks.train ...
+
+With ``train.processes`` > 1 the train stage launches torchrun itself (:func:`launch`), so
+``dvc repro`` and the Prefect flow (and its deployments) train on several GPUs with no other change.
 
 Every rank holds the whole train set and the whole batch plan. Rank ``r`` of ``W`` embeds slice
 ``r`` of each global P×K batch — whole classes when W divides P, since the plan lists a batch class
@@ -18,8 +22,14 @@ must not be reduced at all. One coalesced all-reduce per step is simple and exac
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,6 +70,40 @@ def init(device_name: str) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(rank, size), device
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch(module: str, params, paths, parent_run_id: str | None) -> dict:
+    """Run ``module``'s stage in ``params.processes`` local processes under torchrun; return rank 0's
+    result. The stage's params and paths travel as JSON (the flow's overrides included)."""
+    if params.device.startswith("cuda") or (params.device == "auto" and torch.cuda.is_available()):
+        if params.processes > torch.cuda.device_count():
+            raise ParamsError(f"train.processes: {params.processes} processes but {torch.cuda.device_count()} GPUs here")
+    with tempfile.TemporaryDirectory(prefix="tripletflow-launch-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({
+            "params": params.model_dump(mode="json"), "paths": paths.model_dump(mode="json"),
+            "parent_run_id": parent_run_id, "result": str(result),
+        }))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={params.processes}",
+               "-m", module, "--job", str(job)]
+        code = subprocess.run(cmd).returncode
+        if code != 0 or not result.exists():
+            raise RuntimeError(f"{module}: the {params.processes} torchrun processes failed (exit {code}); their output is above")
+        return json.loads(result.read_text())
+
+
+def run_job(job_file: str, run: Callable[..., dict], params_type, paths_type) -> None:
+    """The other side of :func:`launch`, in each torchrun process: rank 0 writes the result."""
+    job = json.loads(Path(job_file).read_text())
+    params = params_type.model_validate_json(json.dumps(job["params"]))
+    paths = paths_type.model_validate_json(json.dumps(job["paths"]))
+    result = run(params, paths, job["parent_run_id"])
+    if os.environ.get("RANK", "0") == "0":
+        Path(job["result"]).write_text(json.dumps(result, default=str))
 
 
 def shutdown(world: World) -> None:

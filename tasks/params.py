@@ -210,6 +210,7 @@ class TrainParams(_Strict):
     channels_last: bool
     compile: bool  # torch.compile network + objective (minutes of compiling; pays off on long GPU runs)
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    processes: int = Field(ge=1)  # data-parallel processes on this machine (one per GPU); >1 launches torchrun
     deterministic: bool  # deterministic kernels (cuDNN/cuBLAS); slower on GPU, needed for bit-exact reruns
     experiment: str = Field(min_length=1)
     seed: int

@@ -28,6 +28,8 @@ from tasks.train_data import load_plan, load_train_data
 
 def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
     """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
+    if params.processes > 1 and not distributed.under_torchrun():
+        return distributed.launch("tasks.train", params, paths, parent_run_id)
     world, device = distributed.init(params.device)
     try:
         with deterministic(params.deterministic):
@@ -125,6 +127,10 @@ def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     from tasks.cli import stage_main
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--job"]:  # a torchrun process started by distributed.launch
+        distributed.run_job(argv[1], run, TrainParams, Paths)
+        return
     stage_main("train", run, argv)
 
 

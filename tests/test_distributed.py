@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, ROOT
-from tasks import distributed, ingest, make_batches, recipe
+from tasks import distributed, ingest, make_batches, recipe, train
 from tasks.distributed import World
 from tasks.errors import ParamsError
 from tasks.params import load_params
@@ -89,18 +89,24 @@ def test_two_gloo_processes_compute_the_global_batch_gradient(tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one_process_with_the_global_batch(make_project, tmp_path):
-    """torchrun with 2 CPU processes (gloo), end to end through the train stage: the same loss
-    curve and mining statistics as one process on the whole batch. Not bit-equal: float summation
-    order differs, and over many Adam steps such differences grow (measured: loss within 0.1 %,
-    mined counts within 0.3 %, weights within 5e-3 and BatchNorm running means within 3e-2 after 3 epochs)."""
+    """``train.processes: 2`` on CPU: the stage launches torchrun (2 gloo processes), end to end. The
+    same loss curve and mining statistics as one process on the whole batch. Not bit-equal: float
+    summation order differs, and over many Adam steps such differences grow (measured: loss within
+    0.1 %, mined counts within 0.3 %, weights within 5e-3 and BatchNorm running means within 3e-2
+    after 3 epochs)."""
     params_path = make_project(FAST | {"make_batches.epochs": 3, "train.miner.type_of_triplets": "hard"})
     params = load_params(params_path)
     ingest.run(params.ingest, params.paths)
     make_batches.run(params.make_batches, params.paths)
     (one := tmp_path / "one").mkdir()
-    (two := tmp_path / "two").mkdir()
     curve1, w1 = _train(params_path, [sys.executable], one)
-    curve2, w2 = _train(params_path, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], two)
+
+    two = load_params(params_path, {"train.processes": 2})
+    result = train.run(two.train, two.paths)  # launches torchrun, returns rank 0's result
+    assert result["epochs"] == 3 and result["model_sha256"]
+    with open(two.paths["train_curve"]) as f:
+        curve2 = list(csv.DictReader(f))
+    w2 = torch.load(two.paths["model"], weights_only=True)["state_dict"]
 
     assert len(curve1) == len(curve2) == 3
     assert float(curve1[-1]["loss"]) < float(curve1[0]["loss"])  # it trained

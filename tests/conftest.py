@@ -98,3 +98,17 @@ def synthetic_items(path: Path, n_classes: int = 6, per_class: int = 12, size: i
     flat = np.stack([r[3] for r in rows])
     table = C.items_table([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [f"synthetic/{r[0]}" for r in rows], flat)
     C.write_table(table, path, C.ITEMS, {"height": size, "width": size, "channels": 1, "params": {"synthetic": True}})
+
+
+def run_stages(params, last: str = "evaluate") -> dict[str, dict]:
+    """Run the stage functions in order, in this process, up to and including ``last``;
+    returns each stage's result by name."""
+    from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, train
+
+    results = {}
+    for module in (ingest, make_batches, train, export_embeddings, build_index, evaluate):
+        name = module.__name__.rsplit(".", 1)[-1]
+        results[name] = module.run(getattr(params, name), params.paths)
+        if name == last:
+            break
+    return results

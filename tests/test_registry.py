@@ -7,8 +7,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST
-from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, registry, tracking, train
+from conftest import FAST, run_stages
+from tasks import evaluate, registry, tracking
 from tasks.models import load_checkpoint
 from tasks.params import load_params
 
@@ -17,12 +17,7 @@ from tasks.params import load_params
 def evaluated(make_project):
     """A project through build_index (FAST, registry on); returns its params."""
     params = load_params(make_project(FAST | {"evaluate.registered_model": "embedder"}))
-    p = params.paths
-    ingest.run(params.ingest, p)
-    make_batches.run(params.make_batches, p)
-    train.run(params.train, p)
-    export_embeddings.run(params.export_embeddings, p)
-    build_index.run(params.build_index, p)
+    run_stages(params, last="build_index")
     return params
 
 

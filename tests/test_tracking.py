@@ -101,8 +101,7 @@ def test_pipeline_tracks_and_registers_on_a_real_postgresql(make_project, tmp_pa
         pytest.skip("PostgreSQL is not installed here (no initdb/pg_ctl): apt-get install postgresql")
     import psycopg2
 
-    from conftest import FAST
-    from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, train
+    from conftest import FAST, run_stages
     from tasks.params import load_params
 
     import tempfile
@@ -129,13 +128,8 @@ def test_pipeline_tracks_and_registers_on_a_real_postgresql(make_project, tmp_pa
         monkeypatch.chdir(tmp_path)  # a database store without a server keeps artifacts under ./mlruns
 
         params = load_params(make_project(FAST | {"evaluate.registered_model": "embedder"}))
-        p = params.paths
-        ingest.run(params.ingest, p)
-        make_batches.run(params.make_batches, p)
-        run_id = train.run(params.train, p)["run_id"]
-        export_embeddings.run(params.export_embeddings, p)
-        build_index.run(params.build_index, p)
-        result = evaluate.run(params.evaluate, p)
+        done = run_stages(params)
+        run_id, result = done["train"]["run_id"], done["evaluate"]
 
         assert not (tmp_path / "project" / "mlflow.db").exists()  # nothing went to SQLite
         client = MlflowClient(uri)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST
-from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, tracking, train
+from conftest import FAST, run_stages
+from tasks import tracking
 from tasks.params import load_params
 
 pytestmark = pytest.mark.slow
@@ -72,12 +72,8 @@ def test_the_run_page_renders_the_pipeline_run_and_its_metric_charts(mlflow_serv
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     params = load_params(make_project(FAST | {"make_batches.epochs": 3}))
     p = params.paths
-    ingest.run(params.ingest, p)
-    make_batches.run(params.make_batches, p)
-    run_id = train.run(params.train, p)["run_id"]
-    export_embeddings.run(params.export_embeddings, p)
-    build_index.run(params.build_index, p)
-    result = evaluate.run(params.evaluate, p)
+    done = run_stages(params)
+    run_id, result = done["train"]["run_id"], done["evaluate"]
 
     # The server has the run and its metrics (REST API).
     with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/runs/get?run_id={run_id}", timeout=30) as resp:

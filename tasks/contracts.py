@@ -104,19 +104,28 @@ ITEMS = Contract(
 
 
 def items_table(
-    item_ids: list[str], labels: list[str], splits: list[str], sources: list[str], pixels: np.ndarray
+    item_ids: list[str],
+    labels: list[str],
+    splits: list[str],
+    sources: list[str],
+    pixels: np.ndarray,
+    is_query: list[bool] | None = None,
+    is_gallery: list[bool] | None = None,
 ) -> pa.Table:
-    """Build an ITEMS table; pixels (N, H·W·C) uint8. Test items are query and gallery
-    (leave-one-out), as every source without its own query/gallery protocol has them."""
-    is_test = pa.array([s == TEST for s in splits], pa.bool_())
+    """Build an ITEMS table; pixels (N, H·W·C) uint8.
+
+    Without ``is_query`` / ``is_gallery`` every test item is both a query and a gallery item
+    (leave-one-out), the protocol of sources without their own; train items are neither.
+    """
+    is_test = [s == TEST for s in splits]
     width = pixels.shape[1]
     return pa.table(
         {
             ITEM_ID: item_ids,
             LABEL: labels,
             SPLIT: splits,
-            IS_QUERY: is_test,
-            IS_GALLERY: is_test,
+            IS_QUERY: pa.array(is_test if is_query is None else is_query, pa.bool_()),
+            IS_GALLERY: pa.array(is_test if is_gallery is None else is_gallery, pa.bool_()),
             SOURCE: sources,
             PIXELS: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), width),
         },

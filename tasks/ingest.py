@@ -23,7 +23,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import sources
+from tasks import manifest, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
@@ -48,6 +48,8 @@ def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.R
     src = p.source
     if src.kind == "digits":
         return sources.digits()
+    if src.kind == "manifest":
+        return manifest.manifest(root / src.path)
     if src.root is not None:
         return sources.image_folder(root / src.root, split=None)
     return (
@@ -126,13 +128,17 @@ def run(params: IngestParams, paths: Paths) -> dict:
         if isinstance(rec, sources.Rejected):
             rejected.append(rec)
         elif rec.item_id in first_seen:
-            rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[rec.item_id]}"))
+            rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[rec.item_id]}", "duplicate"))
         else:
             first_seen[rec.item_id] = rec.source
             kept.append(rec)
     decoded = _decode_all(kept, params)
     good = [(r, px) for r, px in zip(kept, decoded) if not isinstance(px, str)]
-    rejected += [sources.Rejected(r.source, px) for r, px in zip(kept, decoded) if isinstance(px, str)]
+    rejected += [
+        sources.Rejected(r.source, px, "too large" if px.startswith("too large") else "corrupt")
+        for r, px in zip(kept, decoded)
+        if isinstance(px, str)
+    ]
     if not good:
         raise DatasetError(f"no usable image in source {params.source.model_dump()}")
 
@@ -140,10 +146,15 @@ def run(params: IngestParams, paths: Paths) -> dict:
     splits = _split_by_class(labels, [r.split for r, _ in good], params)
     _check_usable(labels, splits)
     flat = np.stack([px for _, px in good]).reshape(len(good), -1)
-    table = C.items_table([r.item_id for r, _ in good], labels, splits, [r.source for r, _ in good], flat)
+    # A source's own query/gallery protocol wins; otherwise test items are both (leave-one-out).
+    is_query = [r.query if r.query is not None else s == C.TEST for (r, _), s in zip(good, splits)]
+    is_gallery = [r.gallery if r.gallery is not None else s == C.TEST for (r, _), s in zip(good, splits)]
+    table = C.items_table(
+        [r.item_id for r, _ in good], labels, splits, [r.source for r, _ in good], flat, is_query, is_gallery
+    )
     # Deterministic row order whatever the file-system order: by split, label, then content id.
     table = table.sort_by([(C.SPLIT, "ascending"), (C.LABEL, "ascending"), (C.ITEM_ID, "ascending")])
-    reasons = Counter(r.reason.split(":")[0].split(" of ")[0] for r in rejected)
+    reasons = Counter(r.category for r in rejected)
     summary = {
         "ingested": len(good),
         "skipped": len(rejected),

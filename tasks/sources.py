@@ -26,12 +26,18 @@ MAX_PIXELS = 89_478_485
 
 @dataclass(frozen=True)
 class Record:
-    """One raw image: ``source`` is where it came from (for reports), ``data`` its encoded bytes."""
+    """One raw image: ``source`` is where it came from (for reports), ``data`` its encoded bytes.
+
+    ``query`` / ``gallery`` are set by sources with their own retrieval protocol (In-shop, a
+    manifest's columns); ``None`` means the default: every test item is both (leave-one-out).
+    """
 
     source: str
     label: str
     split: str | None
     data: bytes
+    query: bool | None = None
+    gallery: bool | None = None
 
     @property
     def item_id(self) -> str:
@@ -41,10 +47,29 @@ class Record:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A file that is not ingested, and why (written to the quarantine report)."""
+    """A file that is not ingested, and why (written to the quarantine report).
+
+    ``kind`` is the short category the stage's summary counts ("5 corrupt, 2 duplicate"); the
+    reason says the rest. Without one, the category is the reason up to its first colon.
+    """
 
     source: str
     reason: str
+    kind: str = ""
+
+    @property
+    def category(self) -> str:
+        return self.kind or self.reason.split(":")[0]
+
+
+def display(name: str) -> str:
+    """A file name fit for a report (valid UTF-8): bytes that are not UTF-8, which ``os.walk``
+    hands over as lone surrogates (surrogateescape), are shown as ``\\xNN`` escapes."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from surrogateescape
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def digits() -> Iterator[Record]:
@@ -84,7 +109,8 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         for name in sorted(filenames):
             path = Path(dirpath, name)
             rel = PurePosixPath(path.relative_to(root).as_posix())
-            yield _record(f"{root.name}/{rel}", rel, split, path.read_bytes)
+            # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.
+            yield _record(display(f"{root.name}/{rel}"), rel, split, path.read_bytes)
 
 
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -93,7 +119,7 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         # Zips made on macOS carry __MACOSX/ resource forks: not images, and not a top folder.
         for info in infos:
             if info.filename.startswith("__MACOSX/"):
-                yield Rejected(f"{root.name}/{info.filename}", "macOS resource fork (__MACOSX/)")
+                yield Rejected(f"{root.name}/{info.filename}", "macOS resource fork (__MACOSX/)", "not an image")
         infos = [i for i in infos if not i.filename.startswith("__MACOSX/")]
         tops = {PurePosixPath(i.filename).parts[0] for i in infos}
         strip = 1 if len(tops) == 1 and all(len(PurePosixPath(i.filename).parts) > 1 for i in infos) else 0
@@ -104,18 +130,18 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
 
 def _record(source: str, rel: PurePosixPath, split: str | None, read) -> Record | Rejected:
     if rel.suffix.lower() not in IMAGE_SUFFIXES:
-        return Rejected(source, f"not an image file (suffix {rel.suffix or 'none'!r})")
+        return Rejected(source, f"not an image file (suffix {display(rel.suffix) or 'none'!r})", "not an image")
     label = _label_of(rel)
     if label is None:
-        return Rejected(source, "no label: the file is not inside a class folder")
+        return Rejected(source, "no label: the file is not inside a class folder", "no label")
     try:
         data = read()
     # A damaged zip member raises BadZipFile/zlib.error, an encrypted one RuntimeError.
     except (OSError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
-        return Rejected(source, f"unreadable: {err}")
+        return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
     if not data:
-        return Rejected(source, "empty file")
-    return Record(source=source, label=label, split=split, data=data)
+        return Rejected(source, "empty file", "empty")
+    return Record(source=source, label=display(label), split=split, data=data)
 
 
 def decode(data: bytes, size: int, channels: int) -> np.ndarray:
@@ -138,6 +164,8 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # PIL's own guard, at twice our limit
+        raise ValueError(f"too large: decompression-bomb limit: {err}") from None
+    except (OSError, SyntaxError) as err:
         raise ValueError(f"corrupt or unsupported image: {err}") from None
     return arr.reshape(size, size, channels)

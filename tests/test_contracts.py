@@ -302,3 +302,15 @@ def test_write_text_and_json(tmp_path):
     C.write_text(path, "x")
     assert path.read_text() == "x"
     assert os.listdir(path.parent) == ["m.json"]
+
+
+def test_items_table_flags_default_and_explicit():
+    import numpy as np
+
+    px = np.zeros((3, 4), np.uint8)
+    splits = [C.TRAIN, C.TEST, C.TEST]
+    default = C.items_table(["a", "b", "c"], ["x", "y", "y"], splits, ["s"] * 3, px)
+    assert default[C.IS_QUERY].to_pylist() == [False, True, True] == default[C.IS_GALLERY].to_pylist()
+    given = C.items_table(["a", "b", "c"], ["x", "y", "y"], splits, ["s"] * 3, px, [False, True, False], [False, False, True])
+    assert given[C.IS_QUERY].to_pylist() == [False, True, False]
+    assert given[C.IS_GALLERY].to_pylist() == [False, False, True]

@@ -23,7 +23,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import manifest, sources
+from tasks import download, layouts, manifest, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
@@ -50,6 +50,9 @@ def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.R
         return sources.digits()
     if src.kind == "manifest":
         return manifest.manifest(root / src.path)
+    if src.kind in layouts.READERS:
+        download.ensure(src.downloads, root / src.root)
+        return layouts.READERS[src.kind](root / src.root)
     if src.root is not None:
         return sources.image_folder(root / src.root, split=None)
     return (

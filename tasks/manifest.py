@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tasks.errors import DatasetError
-from tasks.sources import Record, Rejected, display
+from tasks.sources import Record, Rejected, display, file_record
 
 REQUIRED = ("path", "label")
 FLAGS = ("is_query", "is_gallery")
@@ -109,15 +109,4 @@ def manifest(path: Path) -> Iterator[Record | Rejected]:
         if flags and split == "test" and not (query or gallery):
             yield Rejected(where, "a test item that is neither query nor gallery", "bad row")
             continue
-        try:
-            data = (root / norm).read_bytes()
-        except FileNotFoundError:
-            yield Rejected(where, "missing file", "missing")
-            continue
-        except OSError as err:
-            yield Rejected(where, f"unreadable: {display(str(err))}", "unreadable")
-            continue
-        if not data:
-            yield Rejected(where, "empty file", "empty")
-            continue
-        yield Record(display(norm), display(label), split, data, query, gallery)
+        yield file_record(root / norm, display(norm), label, split, query, gallery)

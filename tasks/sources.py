@@ -144,6 +144,22 @@ def _record(source: str, rel: PurePosixPath, split: str | None, read) -> Record 
     return Record(source=source, label=display(label), split=split, data=data)
 
 
+def file_record(
+    path: Path, source: str, label: str, split: str | None, query: bool | None = None, gallery: bool | None = None
+) -> Record | Rejected:
+    """One listed file (a manifest row, a layout's list entry) read into a Record, or Rejected:
+    missing, unreadable or empty."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Rejected(source, "missing file", "missing")
+    except OSError as err:
+        return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
+    if not data:
+        return Rejected(source, "empty file", "empty")
+    return Record(source, display(label), split, data, query, gallery)
+
+
 def decode(data: bytes, size: int, channels: int) -> np.ndarray:
     """Encoded image -> uint8 array (size, size, channels), EXIF-rotated, resized with antialiasing.
 

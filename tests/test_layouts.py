@@ -288,3 +288,13 @@ def test_fashion_mnist_bad_idx(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DatasetError, match="neither"):
         list(layouts.fashion_mnist(tmp_path))
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+
+
+@pytest.mark.skipif(not (FASHION / "t10k-labels-idx1-ubyte.gz").exists(), reason=f"no Fashion-MNIST at {FASHION}")
+def test_fashion_mnist_real_files():
+    recs = records(layouts.fashion_mnist(FASHION))
+    assert len(recs) == 70_000
+    assert Counter(r.label for r in recs) == {c: 7_000 for c in layouts.FASHION_CLASSES}

@@ -164,6 +164,9 @@ def run(params: IngestParams, paths: Paths) -> dict:
         "skipped_by_reason": dict(reasons),
         "classes": {s: len({l for l, sp in zip(labels, splits) if sp == s}) for s in (C.TRAIN, C.TEST)},
         "images": dict(Counter(splits)),
+        # Kept: a test singleton is a gallery distractor (and a query with no positive, which
+        # evaluation must allow); in train, make_batches.small_classes decides.
+        "single_image_classes": sum(1 for n in Counter(zip(labels, splits)).values() if n == 1),
     }
     meta = {
         "height": params.image_size,

@@ -163,6 +163,9 @@ def file_record(
 def decode(data: bytes, size: int, channels: int) -> np.ndarray:
     """Encoded image -> uint8 array (size, size, channels), EXIF-rotated, resized with antialiasing.
 
+    CMYK, palette and 1-bit images are converted by PIL; 16-bit grey is scaled (not clipped) to
+    8 bits; transparency (RGBA, LA, palette or grey with a transparent colour) is composited on white.
+
     Raises ValueError with a short reason for anything that is not a decodable image.
     """
     try:
@@ -176,6 +179,11 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
                 # at 255 rather than scale, so scale 0..65535 to 0..255 ourselves.
                 wide = np.asarray(img, dtype=np.float64) / 257.0
                 img = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                # Transparent pixels hold arbitrary colour (often black): dropping alpha would show
+                # it. Composite on white, the background product and character images assume.
+                rgba = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)

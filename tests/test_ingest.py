@@ -483,3 +483,91 @@ def test_manifest_without_split_uses_test_fraction(make_project):
     summary, items, _, _ = run_ingest(path)
     assert summary["classes"] == {C.TRAIN: 3, C.TEST: 2}  # round(5 * 0.4) test classes
     assert_flags(items)
+
+
+# ------------------------------------------------------------------------- bad input, nothing lost
+
+
+def _encoded(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(arr, mode=mode) if mode else Image.fromarray(arr)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _bomb_png(side: int) -> bytes:
+    """A tiny PNG whose header claims side × side pixels (valid CRC): a decompression bomb."""
+    import struct
+    import zlib
+
+    data = bytearray(_encoded(np.zeros((1, 1), np.uint8), mode="L"))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", side, side)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_every_kind_of_bad_input_is_handled_or_quarantined(make_project, capsys):
+    """Each file below is either ingested (converted) or in the quarantine with its reason; the
+    summary line counts the skipped ones by category."""
+    import os
+    import warnings
+
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.channels": 3, "ingest.image_size": 6})
+    root = path.parent / "imgs"
+    tree = write_tree(root, {f"c{i}": 3 for i in range(4)})
+    rng = np.random.default_rng(5)
+    jpeg = _encoded(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "JPEG")
+    png16 = io.BytesIO()
+    Image.fromarray(np.array([[0, 65535], [30000, 1000]], np.uint16)).save(png16, format="PNG")
+    palette = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).convert("P", colors=4).save(palette, "PNG")
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (6, 6), (0, 255, 255, 0)).save(cmyk, "JPEG")  # pure red in CMYK
+    rgba = np.zeros((6, 6, 4), np.uint8)  # fully transparent black: white once composited
+    handled = {
+        "c0/cmyk.jpg": cmyk.getvalue(),
+        "c0/sixteen_bit.png": png16.getvalue(),
+        "c1/palette.png": palette.getvalue(),
+        "c1/rgba.png": _encoded(rgba),
+        "single/only.png": png(424_242),  # a class with one image: kept (see README)
+    }
+    skipped = {
+        "c2/corrupt.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,
+        "c2/truncated.jpg": jpeg[: len(jpeg) // 2],
+        "c2/truncated.png": _encoded(rng.integers(0, 256, (32, 32), dtype=np.uint8))[:600],
+        "c3/zero.png": b"",
+        "c3/vector.svg": b"<svg xmlns='http://www.w3.org/2000/svg'/>",  # a format we do not read
+        "c3/pdf.png": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",  # right suffix, unsupported content
+        "c3/bomb.png": _bomb_png(20_000),
+        "c3/dup.png": tree["c1"][2],
+    }
+    for rel, data in {**handled, **skipped}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    # File and folder names that are not UTF-8 (Latin-1 bytes): os.walk hands them over as
+    # surrogate escapes, which Arrow cannot store as they are.
+    raw_root = os.fsencode(root)
+    os.mkdir(raw_root + b"/caf\xe9")
+    for i in range(2):
+        with open(raw_root + b"/caf\xe9/n\xe9e%d.png" % i, "wb") as f:
+            f.write(png(777_000 + i))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        summary, items, _, quarantine = run_ingest(path)
+    reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
+    assert set(reasons) == {f"imgs/{rel}" for rel in skipped}
+    assert reasons["imgs/c3/dup.png"] == "duplicate of imgs/c1/img002.png"
+    assert reasons["imgs/c3/bomb.png"].startswith("too large")
+    assert reasons["imgs/c3/vector.svg"].startswith("not an image file")
+    sources_ = items[C.SOURCE].to_pylist()
+    assert {f"imgs/{rel}" for rel in handled} <= set(sources_)
+    assert "imgs/caf\\xe9/n\\xe9e0.png" in sources_ and "caf\\xe9" in items[C.LABEL].to_pylist()
+    px = dict(zip(sources_, (np.asarray(p.values).reshape(6, 6, 3) for p in items[C.PIXELS])))
+    assert np.all(px["imgs/c1/rgba.png"] == 255)
+    assert np.all(np.abs(px["imgs/c0/cmyk.jpg"].astype(int) - (255, 0, 0)) <= 8)
+    assert px["imgs/c0/sixteen_bit.png"].max() == 255  # scaled from 16 bits, not clipped
+    assert summary["skipped_by_reason"] == {"corrupt": 4, "empty": 1, "not an image": 1, "too large": 1, "duplicate": 1}
+    assert summary["ingested"] + summary["skipped"] == 12 + 2 + len(handled) + len(skipped)
+    assert summary["single_image_classes"] == 1
+    assert "ingest: 19 ingested, 8 skipped: 4 corrupt, " in capsys.readouterr().out

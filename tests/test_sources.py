@@ -240,7 +240,12 @@ def test_decode_resize_constant_and_structure():
 
 def test_decode_rgba_and_palette():
     rgba = noise(3, (5, 5, 4))
-    assert np.array_equal(sources.decode(encode(rgba), 5, 3), rgba[..., :3])
+    alpha = rgba[..., 3:].astype(float) / 255
+    on_white = rgba[..., :3] * alpha + 255 * (1 - alpha)  # composited on white, not alpha dropped
+    assert np.abs(sources.decode(encode(rgba), 5, 3).astype(float) - on_white).max() <= 1
+    clear = rgba.copy()
+    clear[..., 3] = 0  # fully transparent: white whatever colour the pixels hold
+    assert np.all(sources.decode(encode(clear), 5, 1) == 255)
     data = palette_png(4)
     with Image.open(io.BytesIO(data)) as img:
         want = np.asarray(img.convert("RGB"))

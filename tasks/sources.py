@@ -24,12 +24,14 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
 MAX_PIXELS = 89_478_485
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ingest holds a million of these (without bytes)
 class Record:
     """One raw image: ``source`` is where it came from (for reports), ``data`` its encoded bytes.
 
     ``query`` / ``gallery`` are set by sources with their own retrieval protocol (In-shop, a
     manifest's columns); ``None`` means the default: every test item is both (leave-one-out).
+    ``origin`` (a file, or the zip holding ``member``) lets ingest drop ``data`` after hashing and
+    have a decode worker read the bytes again; sources that make images in memory leave it None.
     """
 
     source: str
@@ -38,11 +40,18 @@ class Record:
     data: bytes
     query: bool | None = None
     gallery: bool | None = None
+    origin: str | None = None
+    member: str | None = None
 
     @property
     def item_id(self) -> str:
         """Stable id: a content hash, so the same image gets the same id in every dataset drop."""
-        return hashlib.blake2b(self.data, digest_size=8).hexdigest()
+        return content_id(self.data)
+
+
+def content_id(data: bytes) -> str:
+    """16 hex digits of blake2b over the encoded bytes (the ITEMS item_id)."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
             path = Path(dirpath, name)
             rel = PurePosixPath(path.relative_to(root).as_posix())
             # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.
-            yield _record(display(f"{root.name}/{rel}"), rel, split, path.read_bytes)
+            yield _record(display(f"{root.name}/{rel}"), rel, split, path.read_bytes, str(path))
 
 
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -125,10 +134,13 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         strip = 1 if len(tops) == 1 and all(len(PurePosixPath(i.filename).parts) > 1 for i in infos) else 0
         for info in infos:
             rel = PurePosixPath(*PurePosixPath(info.filename).parts[strip:])
-            yield _record(f"{root.name}/{info.filename}", rel, split, lambda info=info: zf.read(info))
+            read = lambda info=info: zf.read(info)  # noqa: E731
+            yield _record(display(f"{root.name}/{info.filename}"), rel, split, read, str(root), info.filename)
 
 
-def _record(source: str, rel: PurePosixPath, split: str | None, read) -> Record | Rejected:
+def _record(
+    source: str, rel: PurePosixPath, split: str | None, read, origin: str, member: str | None = None
+) -> Record | Rejected:
     if rel.suffix.lower() not in IMAGE_SUFFIXES:
         return Rejected(source, f"not an image file (suffix {display(rel.suffix) or 'none'!r})", "not an image")
     label = _label_of(rel)
@@ -141,7 +153,7 @@ def _record(source: str, rel: PurePosixPath, split: str | None, read) -> Record 
         return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
     if not data:
         return Rejected(source, "empty file", "empty")
-    return Record(source=source, label=display(label), split=split, data=data)
+    return Record(source, display(label), split, data, origin=origin, member=member)
 
 
 def file_record(
@@ -157,7 +169,7 @@ def file_record(
         return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
     if not data:
         return Rejected(source, "empty file", "empty")
-    return Record(source, display(label), split, data, query, gallery)
+    return Record(source, display(label), split, data, query, gallery, origin=str(path))
 
 
 def decode(data: bytes, size: int, channels: int) -> np.ndarray:

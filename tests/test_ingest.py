@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks import contracts as C
-from tasks import ingest
+from tasks import decoding, ingest
 from tasks.ingest import DatasetError
 from tasks.params import load_params
 
@@ -171,13 +171,13 @@ def test_digits_deterministic_and_seeded(make_project, digits_run):
 def test_workers_2_matches_workers_1(make_project, monkeypatch, digits_run):
     _, serial, serial_meta, _ = digits_run
     contexts = []
-    real = ingest.multiprocessing.get_context
+    real = decoding.multiprocessing.get_context
 
     def spy(method=None):
         contexts.append(method)
         return real(method)
 
-    monkeypatch.setattr(ingest.multiprocessing, "get_context", spy)
+    monkeypatch.setattr(decoding.multiprocessing, "get_context", spy)
     monkeypatch.setattr(ingest, "PARALLEL_MIN_IMAGES", 0)  # digits are below the real threshold
     _, parallel, meta, quarantine = run_ingest(
         make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.workers": 2}, name="w2")
@@ -365,11 +365,28 @@ def test_test_split_needs_two_classes(make_project):
 
 def test_nothing_decodable_is_dataset_error(make_project):
     path = folder_project(make_project, {"root": "imgs"})
-    for c in ("a", "b", "c"):
+    for c in ("a", "b", "c", "d", "e"):  # enough classes to pass the check made before decoding
         (path.parent / "imgs" / c).mkdir(parents=True)
         for i in range(2):
             (path.parent / "imgs" / c / f"{i}.png").write_bytes(f"junk {c}{i}".encode())
     with pytest.raises(DatasetError, match="no usable image"):
+        run_ingest(path)
+    _assert_no_outputs(path)
+
+
+def test_classes_emptied_by_decode_failures_are_caught_after_decoding(make_project):
+    # 5 classes pass the check on the file list; all but one of the train classes' files are junk
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.test_fraction": 0.4})
+    write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(5)})
+    items = run_ingest(path)[1]
+    train = sorted(classes_of(items, C.TRAIN))
+    for label in train[1:]:
+        for f in (path.parent / "imgs" / label).iterdir():
+            f.write_bytes(b"junk " + f.name.encode() + label.encode())
+    params = load_params(path)
+    params.paths["items"].unlink()
+    params.paths["quarantine"].unlink()
+    with pytest.raises(DatasetError, match="train split has 1 classes"):
         run_ingest(path)
     _assert_no_outputs(path)
 
@@ -571,3 +588,25 @@ def test_every_kind_of_bad_input_is_handled_or_quarantined(make_project, capsys)
     assert summary["ingested"] + summary["skipped"] == 12 + 2 + len(handled) + len(skipped)
     assert summary["single_image_classes"] == 1
     assert "ingest: 19 ingested, 8 skipped: 4 corrupt, " in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- bounded memory
+
+
+def test_first_pass_keeps_no_bytes_of_files_it_can_read_again(make_project):
+    path = folder_project(make_project, {"root": "imgs"})
+    write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(3)})
+    params = load_params(path)
+    kept, ids, rejected = ingest._first_pass(params.ingest, Path(params.paths.root))
+    assert len(kept) == len(ids) == 6 and rejected == []
+    assert all(r.data == b"" and r.origin and Path(r.origin).is_file() for r in kept)
+    digits, _, _ = ingest._first_pass(load_params(make_project(SMALL, name="d")).ingest, path.parent)
+    assert all(r.data and r.origin is None for r in digits)  # made in memory: the bytes stay
+
+
+def test_row_groups_do_not_change_the_table(make_project, monkeypatch, digits_run):
+    monkeypatch.setattr(ingest, "ROW_GROUP_BYTES", 20_000)  # less than a decode chunk of 512 rows
+    path = make_project({**SMALL, "ingest.test_fraction": 0.4}, name="rg")
+    _, items, meta, _ = run_ingest(path)
+    assert pq.ParquetFile(load_params(path).paths["items"]).metadata.num_row_groups == 4  # 1,797 rows
+    assert items.equals(digits_run[1]) and meta == digits_run[2]

@@ -25,7 +25,7 @@ Job = tuple[str | None, str | None, bytes | None, str]
 Chunk = tuple[np.ndarray, list[str | None]]
 
 _ZIPS: dict[str, zipfile.ZipFile] = {}  # per process: a worker opens each zip once, not per image
-IN_FLIGHT_PER_WORKER = 3  # chunks queued per worker: keeps cores busy, bounds results held
+IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: keeps cores busy, bounds results held
 
 
 def _read(origin: str | None, member: str | None, data: bytes | None) -> bytes:

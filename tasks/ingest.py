@@ -35,7 +35,7 @@ __all__ = ["DatasetError", "run", "main"]
 
 CHUNK = 512  # images per decode task: amortises inter-process traffic, small enough for a live bar
 PARALLEL_MIN_IMAGES = 8192  # below this, decoding (~15k small images/s a core) beats starting workers
-ROW_GROUP_BYTES = 64 << 20  # pixels buffered per Parquet row group (the unit a reader can skip to)
+ROW_GROUP_BYTES = 16 << 20  # per Parquet row group: small enough that writing one overlaps decoding
 
 
 def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.Rejected]:

@@ -12,8 +12,9 @@ import io
 import os
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -96,9 +97,9 @@ def digits() -> Iterator[Record]:
         yield Record(source=f"digits/{i:04d}", label=str(int(target)), split=None, data=buf.getvalue())
 
 
-def _label_of(rel: PurePosixPath) -> str | None:
-    parent = rel.parent.as_posix()
-    return None if parent in ("", ".") else parent
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -113,13 +114,17 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         return
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} is neither a directory nor a zip file")
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Plain strings, not Path objects: at a million files pathlib's parsing is most of this loop.
+    top = str(root)
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()  # deterministic order
+        folder = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        prefix = "" if folder == "." else folder + "/"
         for name in sorted(filenames):
-            path = Path(dirpath, name)
-            rel = PurePosixPath(path.relative_to(root).as_posix())
+            path = os.path.join(dirpath, name)
             # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.
-            yield _record(display(f"{root.name}/{rel}"), rel, split, path.read_bytes, str(path))
+            rel = prefix + name
+            yield _record(display(f"{root.name}/{rel}"), rel, split, partial(_read_file, path), path)
 
 
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -133,18 +138,20 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         tops = {PurePosixPath(i.filename).parts[0] for i in infos}
         strip = 1 if len(tops) == 1 and all(len(PurePosixPath(i.filename).parts) > 1 for i in infos) else 0
         for info in infos:
-            rel = PurePosixPath(*PurePosixPath(info.filename).parts[strip:])
+            rel = PurePosixPath(*PurePosixPath(info.filename).parts[strip:]).as_posix()
             read = lambda info=info: zf.read(info)  # noqa: E731
             yield _record(display(f"{root.name}/{info.filename}"), rel, split, read, str(root), info.filename)
 
 
 def _record(
-    source: str, rel: PurePosixPath, split: str | None, read, origin: str, member: str | None = None
+    source: str, rel: str, split: str | None, read: Callable[[], bytes], origin: str, member: str | None = None
 ) -> Record | Rejected:
-    if rel.suffix.lower() not in IMAGE_SUFFIXES:
-        return Rejected(source, f"not an image file (suffix {display(rel.suffix) or 'none'!r})", "not an image")
-    label = _label_of(rel)
-    if label is None:
+    """``rel``: the file's path below the folder's root, '/'-separated; its folder is the label."""
+    suffix = os.path.splitext(rel)[1]
+    if suffix.lower() not in IMAGE_SUFFIXES:
+        return Rejected(source, f"not an image file (suffix {display(suffix) or 'none'!r})", "not an image")
+    label = rel.rpartition("/")[0]
+    if not label:
         return Rejected(source, "no label: the file is not inside a class folder", "no label")
     try:
         data = read()

@@ -30,7 +30,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks import ingest, sources  # noqa: E402
+from tasks import ingest, scan, sources  # noqa: E402
 from tasks.params import load_params  # noqa: E402
 
 SIDE = 64  # source images: 64×64 RGB JPEGs of ~2–3 KB, "small JPEGs"
@@ -154,7 +154,7 @@ def main() -> None:
     tree.stop()
     main_cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     start = time.perf_counter()
-    ingest._first_pass(params.ingest, Path(params.paths.root))  # the scan alone, warm cache
+    scan.first_pass(params.ingest, Path(params.paths.root))  # the first pass alone, warm cache
     scan_s = time.perf_counter() - start
     rate = summary["ingested"] / ingest_s
     self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -7,19 +7,19 @@ protocol, else leave-one-out on the test split), source, and pixels decoded once
 that cannot be used are skipped and listed with their reason in ``paths.quarantine`` — never a
 crash mid-stage, never a silently lost file.
 
-Two passes keep memory bounded whatever the dataset's size. Pass 1 streams the source and keeps
-only metadata (where each image is, its label, split and content hash): duplicates, the class
-split and the final row order are decided from it. Pass 2 decodes in that order, in chunks across
-cores (workers read the files themselves), and writes the table row group by row group.
+Two passes keep memory bounded whatever the dataset's size. Pass 1 (tasks/scan.py) streams the
+source and keeps only metadata — where each image is, its label, split and content hash — from
+which duplicates, the class split and the final row order are decided. Pass 2 (tasks/decoding.py)
+decodes in that order, in chunks across cores (workers read the files themselves), and this
+module writes the table row group by row group.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import decoding, download, layouts, manifest, sources
+from tasks import decoding, scan, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
@@ -36,47 +36,6 @@ __all__ = ["DatasetError", "run", "main"]
 CHUNK = 512  # images per decode task: amortises inter-process traffic, small enough for a live bar
 PARALLEL_MIN_IMAGES = 8192  # below this, decoding (~15k small images/s a core) beats starting workers
 ROW_GROUP_BYTES = 16 << 20  # per Parquet row group: small enough that writing one overlaps decoding
-
-
-def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.Rejected]:
-    src = p.source
-    if src.kind == "digits":
-        return sources.digits()
-    if src.kind == "manifest":
-        return manifest.manifest(root / src.path)
-    if src.kind in layouts.READERS:
-        download.ensure(src.downloads, root / src.root)
-        return layouts.READERS[src.kind](root / src.root)
-    if src.root is not None:
-        return sources.image_folder(root / src.root, split=None)
-    return (
-        r
-        for split, rel in ((C.TRAIN, src.train_root), (C.TEST, src.test_root))
-        for r in sources.image_folder(root / rel, split=split)
-    )
-
-
-def _first_pass(p: IngestParams, root: Path) -> tuple[list[sources.Record], list[str], list[sources.Rejected]]:
-    """(records without their bytes where they can be read again, content ids, rejected)."""
-    kept, ids, rejected = [], [], []
-    first_seen: dict[str, str] = {}
-    labels: dict[str, str] = {}  # one str object per label: a million records share a few thousand
-    bar = tqdm(desc="ingest: scan", unit="img", file=sys.stderr, disable=None)
-    for rec in _records(p, root):
-        bar.update()
-        if isinstance(rec, sources.Rejected):
-            rejected.append(rec)
-            continue
-        item_id = rec.item_id
-        if item_id in first_seen:
-            rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[item_id]}", "duplicate"))
-            continue
-        first_seen[item_id] = rec.source
-        label = labels.setdefault(rec.label, rec.label)
-        kept.append(dataclasses.replace(rec, label=label, data=b"" if rec.origin else rec.data))
-        ids.append(item_id)
-    bar.close()
-    return kept, ids, rejected
 
 
 def _split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
@@ -157,7 +116,9 @@ def _category(reason: str) -> str:
 
 def run(params: IngestParams, paths: Paths) -> dict:
     """Read the source, split by class, decode, write ``paths.items`` and ``paths.quarantine``."""
-    kept, ids, rejected = _first_pass(params, Path(paths.root))
+    kept, ids, rejected = scan.first_pass(params, Path(paths.root))
+    for name in scan.outside_raw(params, paths):
+        print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
     if not kept:
         raise DatasetError(f"no usable image in source {params.source.model_dump()}")
     splits = _split_by_class([r.label for r in kept], [r.split for r in kept], params)

@@ -29,6 +29,7 @@ class Paths(_Strict):
     """Where each stage reads and writes, relative to ``root`` (the directory of params.yaml)."""
 
     root: str = "."  # filled in by load_params; never written in params.yaml
+    raw: str  # the raw data ingest reads: a DVC dependency of ingest (dvc.yaml can't depend on a source's keys)
     items: str
     quarantine: str
     batches: str

@@ -593,20 +593,18 @@ def test_every_kind_of_bad_input_is_handled_or_quarantined(make_project, capsys)
 # ------------------------------------------------------------------------------- bounded memory
 
 
-def test_first_pass_keeps_no_bytes_of_files_it_can_read_again(make_project):
-    path = folder_project(make_project, {"root": "imgs"})
-    write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(3)})
-    params = load_params(path)
-    kept, ids, rejected = ingest._first_pass(params.ingest, Path(params.paths.root))
-    assert len(kept) == len(ids) == 6 and rejected == []
-    assert all(r.data == b"" and r.origin and Path(r.origin).is_file() for r in kept)
-    digits, _, _ = ingest._first_pass(load_params(make_project(SMALL, name="d")).ingest, path.parent)
-    assert all(r.data and r.origin is None for r in digits)  # made in memory: the bytes stay
-
-
 def test_row_groups_do_not_change_the_table(make_project, monkeypatch, digits_run):
     monkeypatch.setattr(ingest, "ROW_GROUP_BYTES", 20_000)  # less than a decode chunk of 512 rows
     path = make_project({**SMALL, "ingest.test_fraction": 0.4}, name="rg")
     _, items, meta, _ = run_ingest(path)
     assert pq.ParquetFile(load_params(path).paths["items"]).metadata.num_row_groups == 4  # 1,797 rows
     assert items.equals(digits_run[1]) and meta == digits_run[2]
+
+
+def test_warns_when_the_source_is_outside_paths_raw(make_project, capsys):
+    path = folder_project(make_project, {"root": "imgs"})
+    write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(5)})
+    run_ingest(path)
+    assert "ingest: warning: imgs is outside paths.raw (data/raw)" in capsys.readouterr().out
+    run_ingest(path.parent / "params.yaml", {"paths.raw": "."})
+    assert "warning" not in capsys.readouterr().out

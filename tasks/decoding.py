@@ -11,9 +11,12 @@ from __future__ import annotations
 import multiprocessing
 import zipfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from itertools import islice
+from typing import Any
 
 import numpy as np
 
@@ -68,29 +71,37 @@ def _close_zips() -> None:
 
 
 def decode_chunks(chunks: Iterable[list[Job]], size: int, channels: int, workers: int) -> Iterator[Chunk]:
-    """Decoded chunks in the order given. ``workers`` > 1: a process pool on a fork server, not
-    fork() — the caller may be threaded (a Prefect flow, torch), and forking one can deadlock —
-    with at most IN_FLIGHT_PER_WORKER chunks per worker queued, so results never pile up."""
+    """Decoded chunks in the order given, on ``workers`` processes (see :func:`ordered_map`)."""
+    return ordered_map(partial(decode_chunk, size=size, channels=channels), chunks, workers)
+
+
+def ordered_map(fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int, serial_first: int = 0) -> Iterator[Any]:
+    """``fn(task)`` for each task, results in order. The first ``serial_first`` tasks run here
+    (a source too small to pay for starting workers never starts them); the rest, with
+    ``workers`` > 1, on a process pool from a fork server, not fork() — the caller may be threaded
+    (a Prefect flow, torch), and forking one can deadlock — with at most IN_FLIGHT_PER_WORKER tasks
+    per worker queued, so results never pile up."""
+    todo = iter(tasks)
+    try:
+        for task in islice(todo, serial_first if workers > 1 else None):
+            yield fn(task)
+    finally:
+        _close_zips()
     if workers <= 1:
-        try:
-            for jobs in chunks:
-                yield decode_chunk(jobs, size, channels)
-        finally:
-            _close_zips()
         return
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    # ProcessPoolExecutor, unlike multiprocessing.Pool, fails (BrokenProcessPool) instead of
-    # respawning workers forever when they cannot start.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    pool = None
     pending: deque[Future] = deque()
-    todo = iter(chunks)
     try:
         while True:
             while len(pending) < workers * IN_FLIGHT_PER_WORKER:
-                jobs = next(todo, None)
-                if jobs is None:
+                task = next(todo, _END)
+                if task is _END:
                     break
-                pending.append(pool.submit(decode_chunk, jobs, size, channels))
+                if pool is None:  # ProcessPoolExecutor, unlike multiprocessing.Pool, fails
+                    # (BrokenProcessPool) instead of respawning workers that cannot start forever.
+                    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+                pending.append(pool.submit(fn, task))
             if not pending:
                 return
             yield pending.popleft().result()
@@ -100,4 +111,8 @@ def decode_chunks(chunks: Iterable[list[Job]], size: int, channels: int, workers
             "`if __name__ == '__main__':` (worker processes import the main module), or set ingest.workers: 1"
         ) from err
     finally:
-        pool.shutdown(cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+_END = object()

@@ -116,7 +116,7 @@ def _category(reason: str) -> str:
 
 def run(params: IngestParams, paths: Paths) -> dict:
     """Read the source, split by class, decode, write ``paths.items`` and ``paths.quarantine``."""
-    kept, ids, rejected = scan.first_pass(params, Path(paths.root))
+    kept, ids, rejected = scan.first_pass(params, Path(paths.root), PARALLEL_MIN_IMAGES, CHUNK)
     for name in scan.outside_raw(params, paths):
         print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
     if not kept:

@@ -9,14 +9,17 @@ flags and content hash — the bytes of a million files are never in memory toge
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import download, layouts, manifest, sources
+from tasks import decoding, download, layouts, manifest, sources
 from tasks.params import IngestParams, Paths
 
 
@@ -49,24 +52,47 @@ def outside_raw(p: IngestParams, paths: Paths) -> list[str]:
     return [n for n in named if not (Path(paths.root) / n).resolve().is_relative_to(raw)]
 
 
-def first_pass(p: IngestParams, root: Path) -> tuple[list[sources.Record], list[str], list[sources.Rejected]]:
-    """(records without their bytes where they can be read again, content ids, rejected)."""
-    kept, ids, rejected = [], [], []
+def first_pass(
+    p: IngestParams, root: Path, serial_images: int = 8192, chunk: int = 512
+) -> tuple[list[sources.Record], list[str], list[sources.Rejected]]:
+    """(records without their bytes where they can be read again, content ids, rejected).
+
+    Files are read and hashed in chunks of ``chunk`` on ``ingest.workers`` processes once more
+    than ``serial_images`` were seen (below that, here: starting workers costs more); zip members
+    and images made in memory are hashed here. Results are taken in source order, so the copy
+    kept of a duplicate is the first one whatever the number of workers."""
+    kept: list[sources.Record] = []
+    ids: list[str] = []
+    rejected: list[sources.Rejected] = []
     first_seen: dict[str, str] = {}
-    labels: dict[str, str] = {}  # one str object per label: a million records share a few thousand
+    queued: deque[list] = deque()  # the chunks whose file hashes are being computed, in order
+
+    def tasks() -> Iterator[list[tuple[str, str]]]:
+        items = iter(records(p, root))
+        while batch := list(islice(items, chunk)):
+            queued.append(batch)
+            yield [(r.origin, r.source) for r in batch if isinstance(r, sources.Record) and r.data is None]
+
+    workers = p.workers or os.cpu_count() or 1
     bar = tqdm(desc="ingest: scan", unit="img", file=sys.stderr, disable=None)
-    for rec in records(p, root):
-        bar.update()
-        if isinstance(rec, sources.Rejected):
-            rejected.append(rec)
-            continue
-        item_id = rec.item_id
-        if item_id in first_seen:
-            rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[item_id]}", "duplicate"))
-            continue
-        first_seen[item_id] = rec.source
-        label = labels.setdefault(rec.label, rec.label)
-        kept.append(dataclasses.replace(rec, label=label, data=b"" if rec.origin else rec.data))
-        ids.append(item_id)
+    for hashes in decoding.ordered_map(sources.hash_files, tasks(), workers, serial_first=serial_images // chunk):
+        batch = queued.popleft()
+        hashed = iter(hashes)
+        for rec in batch:
+            if isinstance(rec, sources.Rejected):
+                rejected.append(rec)
+                continue
+            item_id = next(hashed) if rec.data is None else rec.item_id
+            if isinstance(item_id, sources.Rejected):
+                rejected.append(item_id)
+            elif item_id in first_seen:
+                rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[item_id]}", "duplicate"))
+            else:
+                first_seen[item_id] = rec.source
+                # Bytes that can be read again (a file, a zip member) are dropped; the decode
+                # worker reads them. Only images made in memory keep theirs.
+                kept.append(dataclasses.replace(rec, data=None) if rec.origin and rec.data else rec)
+                ids.append(item_id)
+        bar.update(len(batch))
     bar.close()
     return kept, ids, rejected

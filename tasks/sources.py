@@ -13,8 +13,8 @@ import os
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -27,7 +27,9 @@ MAX_PIXELS = 89_478_485
 
 @dataclass(frozen=True, slots=True)  # slots: ingest holds a million of these (without bytes)
 class Record:
-    """One raw image: ``source`` is where it came from (for reports), ``data`` its encoded bytes.
+    """One raw image: ``source`` is where it came from (for reports), ``data`` its encoded bytes,
+    or None for a file not read yet (``origin``; see :func:`load`): listing a million files is
+    cheap, reading them is work the first pass spreads across cores.
 
     ``query`` / ``gallery`` are set by sources with their own retrieval protocol (In-shop, a
     manifest's columns); ``None`` means the default: every test item is both (leave-one-out).
@@ -38,7 +40,7 @@ class Record:
     source: str
     label: str
     split: str | None
-    data: bytes
+    data: bytes | None
     query: bool | None = None
     gallery: bool | None = None
     origin: str | None = None
@@ -47,6 +49,8 @@ class Record:
     @property
     def item_id(self) -> str:
         """Stable id: a content hash, so the same image gets the same id in every dataset drop."""
+        if self.data is None:
+            raise ValueError(f"{self.source}: not read yet (sources.load)")
         return content_id(self.data)
 
 
@@ -114,17 +118,19 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         return
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} is neither a directory nor a zip file")
-    # Plain strings, not Path objects: at a million files pathlib's parsing is most of this loop.
+    # Plain strings, not Path objects, and per-folder work done once per folder: at a million
+    # files this loop is the part of the first pass that cannot be spread across cores.
     top = str(root)
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()  # deterministic order
         folder = os.path.relpath(dirpath, top).replace(os.sep, "/")
-        prefix = "" if folder == "." else folder + "/"
+        label = "" if folder == "." else folder
+        # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.
+        shown, prefix = display(label), display(f"{root.name}/{label}/" if label else f"{root.name}/")
         for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.
-            rel = prefix + name
-            yield _record(display(f"{root.name}/{rel}"), rel, split, partial(_read_file, path), path)
+            source = prefix + display(name)
+            rejected = _unusable(source, name, label)
+            yield rejected or Record(source, shown, split, None, origin=dirpath + os.sep + name)
 
 
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -143,16 +149,27 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
             yield _record(display(f"{root.name}/{info.filename}"), rel, split, read, str(root), info.filename)
 
 
-def _record(
-    source: str, rel: str, split: str | None, read: Callable[[], bytes], origin: str, member: str | None = None
-) -> Record | Rejected:
-    """``rel``: the file's path below the folder's root, '/'-separated; its folder is the label."""
-    suffix = os.path.splitext(rel)[1]
+def _unusable(source: str, name: str, label: str) -> Rejected | None:
+    """Why a file of an image folder is not an image of a class, or None."""
+    suffix = os.path.splitext(name)[1]
     if suffix.lower() not in IMAGE_SUFFIXES:
         return Rejected(source, f"not an image file (suffix {display(suffix) or 'none'!r})", "not an image")
-    label = rel.rpartition("/")[0]
     if not label:
         return Rejected(source, "no label: the file is not inside a class folder", "no label")
+    return None
+
+
+def _record(
+    source: str, rel: str, split: str | None, read: Callable[[], bytes] | None, origin: str, member: str | None = None
+) -> Record | Rejected:
+    """``rel``: the file's path below the folder's root, '/'-separated; its folder is the label.
+    ``read`` None: a file, left unread (see :func:`load`)."""
+    folder, _, name = rel.rpartition("/")
+    rejected = _unusable(source, name, folder)
+    if rejected:
+        return rejected
+    if read is None:
+        return Record(source, display(folder), split, None, origin=origin)
     try:
         data = read()
     # A damaged zip member raises BadZipFile/zlib.error, an encrypted one RuntimeError.
@@ -160,23 +177,43 @@ def _record(
         return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
     if not data:
         return Rejected(source, "empty file", "empty")
-    return Record(source, display(label), split, data, origin=origin, member=member)
+    return Record(source, display(folder), split, data, origin=origin, member=member)
 
 
 def file_record(
     path: Path, source: str, label: str, split: str | None, query: bool | None = None, gallery: bool | None = None
-) -> Record | Rejected:
-    """One listed file (a manifest row, a layout's list entry) read into a Record, or Rejected:
-    missing, unreadable or empty."""
+) -> Record:
+    """One listed file (a manifest row, a layout's list entry), not read yet (see :func:`load`)."""
+    return Record(source, display(label), split, None, query, gallery, origin=str(path))
+
+
+def read_file(path: str, source: str) -> bytes | Rejected:
+    """The bytes of a listed file, or why there are none: missing, unreadable or empty."""
     try:
-        data = path.read_bytes()
+        data = _read_file(path)
     except FileNotFoundError:
         return Rejected(source, "missing file", "missing")
     except OSError as err:
         return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
-    if not data:
-        return Rejected(source, "empty file", "empty")
-    return Record(source, display(label), split, data, query, gallery, origin=str(path))
+    return data if data else Rejected(source, "empty file", "empty")
+
+
+def load(rec: Record) -> Record | Rejected:
+    """``rec`` with its bytes read (itself if it has them), or why it cannot be read."""
+    if rec.data is not None or rec.origin is None:
+        return rec
+    data = read_file(rec.origin, rec.source)
+    return data if isinstance(data, Rejected) else dataclasses.replace(rec, data=data)
+
+
+def hash_files(jobs: list[tuple[str, str]]) -> list[str | Rejected]:
+    """Content ids of files given as (path, source), or why one cannot be read: the first pass's
+    task for a worker process (the bytes stay there; only the 16-character ids come back)."""
+    out: list[str | Rejected] = []
+    for path, source in jobs:
+        data = read_file(path, source)
+        out.append(data if isinstance(data, Rejected) else content_id(data))
+    return out
 
 
 def decode(data: bytes, size: int, channels: int) -> np.ndarray:

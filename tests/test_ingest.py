@@ -182,7 +182,7 @@ def test_workers_2_matches_workers_1(make_project, monkeypatch, digits_run):
     _, parallel, meta, quarantine = run_ingest(
         make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.workers": 2}, name="w2")
     )
-    assert contexts == ["forkserver"]  # 1,797 digits = 4 chunks: the pool really ran
+    assert contexts == ["forkserver"] * 2  # scan and decode: 1,797 digits = 4 chunks, pools really ran
     assert parallel.equals(serial)
     assert meta["summary"] == serial_meta["summary"]
     assert quarantine.num_rows == 0

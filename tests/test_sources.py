@@ -57,6 +57,12 @@ def build_tree(root: Path) -> dict[str, str]:
     return {rel: expected for rel, (_, expected) in files.items()}
 
 
+def loaded(items) -> list[Record | Rejected]:
+    """Items with their files read, as ingest's first pass reads them (a directory's files are
+    listed unread)."""
+    return [sources.load(i) if isinstance(i, Record) else i for i in items]
+
+
 def outcome(items: list[Record | Rejected], prefix: str) -> dict[str, str]:
     """{relative path: label or 'REJECT:<reason>'} with ``prefix`` stripped from each source."""
     out = {}
@@ -92,7 +98,10 @@ def zip_dir(src: Path, dst: Path, top: str | None) -> Path:
 def test_image_folder_directory(tmp_path):
     root = tmp_path / "imgs"
     expected = build_tree(root)
-    items = list(sources.image_folder(root, split="train"))
+    listed = list(sources.image_folder(root, split="train"))
+    unread = [r for r in listed if isinstance(r, Record)]
+    assert all(r.data is None and r.origin == str(root / r.source[len("imgs/"):]) for r in unread)
+    items = loaded(listed)
     check_outcome(outcome(items, "imgs/"), expected)
     records = [r for r in items if isinstance(r, Record)]
     assert len(records) == 6
@@ -133,7 +142,7 @@ def test_image_folder_zip_with_top_folder_matches_directory(tmp_path, explicit_d
     zipped = list(sources.image_folder(archive, split="test"))
     # sources name the zip and the full entry; labels must not contain the top folder
     check_outcome(outcome(zipped, "imgs.zip/imgs/"), expected)
-    from_dir = {(r.label, r.item_id) for r in sources.image_folder(root, "test") if isinstance(r, Record)}
+    from_dir = {(r.label, r.item_id) for r in loaded(sources.image_folder(root, "test")) if isinstance(r, Record)}
     from_zip = {(r.label, r.item_id) for r in zipped if isinstance(r, Record)}
     assert from_zip == from_dir and len(from_zip) == 6
     assert all(r.split == "test" for r in zipped if isinstance(r, Record))

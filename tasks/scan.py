@@ -73,7 +73,8 @@ def first_pass(
             queued.append(batch)
             yield [(r.origin, r.source) for r in batch if isinstance(r, sources.Record) and r.data is None]
 
-    workers = p.workers or os.cpu_count() or 1
+    # Digits and Fashion-MNIST make their images in memory: nothing for workers to read.
+    workers = 1 if p.source.kind in ("digits", "fashion_mnist") else p.workers or os.cpu_count() or 1
     bar = tqdm(desc="ingest: scan", unit="img", file=sys.stderr, disable=None)
     for hashes in decoding.ordered_map(sources.hash_files, tasks(), workers, serial_first=serial_images // chunk):
         batch = queued.popleft()

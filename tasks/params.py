@@ -118,7 +118,7 @@ class IngestParams(_Strict):
     image_size: int = Field(gt=0, le=1024)
     channels: Literal[1, 3]
     test_fraction: float = Field(gt=0, lt=1)
-    workers: int = Field(ge=0)  # 0 = one per core
+    workers: int = Field(ge=0)  # processes reading, hashing and decoding images; 0 = one per core
     seed: int
 
 

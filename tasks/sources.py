@@ -1,12 +1,14 @@
 """Image sources: where raw images come from, and how one image is decoded.
 
-A source yields :class:`Record` s — the encoded bytes of one image, its label, and its split when the
-source has an official one. Every source goes through the same decoder (:func:`decode`), so the
-bundled digits and a user's JPEG tree are treated alike.
+A source yields :class:`Record` s — the encoded bytes of one image (or, for a file, where to read
+them: see :func:`load`), its label, and its split when the source has an official one — and
+:class:`Rejected` for what it cannot use, with the reason. Every source goes through the same
+decoder (:func:`decode`), so the bundled digits and a user's JPEG tree are treated alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -14,7 +16,6 @@ import re
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -161,16 +162,14 @@ def _unusable(source: str, name: str, label: str) -> Rejected | None:
 
 
 def _record(
-    source: str, rel: str, split: str | None, read: Callable[[], bytes] | None, origin: str, member: str | None = None
+    source: str, rel: str, split: str | None, read: Callable[[], bytes], origin: str, member: str
 ) -> Record | Rejected:
-    """``rel``: the file's path below the folder's root, '/'-separated; its folder is the label.
-    ``read`` None: a file, left unread (see :func:`load`)."""
+    """A zip member, read here (members are cheap to read from an open archive, and a damaged one
+    is best reported now). ``rel``: its path below the folder's root; its folder is the label."""
     folder, _, name = rel.rpartition("/")
     rejected = _unusable(source, name, folder)
     if rejected:
         return rejected
-    if read is None:
-        return Record(source, display(folder), split, None, origin=origin)
     try:
         data = read()
     # A damaged zip member raises BadZipFile/zlib.error, an encrypted one RuntimeError.

@@ -9,6 +9,7 @@ interrupted stage never leaves a half-written file for DVC to cache.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import tempfile
@@ -69,8 +70,9 @@ class Contract:
             fields.append(pa.field(name, t, nullable=False))
         return pa.schema(fields)
 
-    def check(self, schema: pa.Schema, where: str) -> dict[str, Any]:
-        """Raise ContractError unless ``schema`` fits; return the decoded metadata."""
+    def check(self, schema: pa.Schema, where: str, want_meta: bool = True) -> dict[str, Any]:
+        """Raise ContractError unless ``schema`` fits (its columns, and unless ``want_meta`` is False
+        the required metadata keys); return the decoded metadata."""
         for name, spec in self.columns:
             idx = schema.get_field_index(name)
             if idx < 0:
@@ -83,7 +85,7 @@ class Contract:
         raw = (schema.metadata or {}).get(META_KEY)
         meta = json.loads(raw) if raw else {}
         missing = [k for k in self.required_meta if k not in meta]
-        if missing:
+        if missing and want_meta:
             raise ContractError(f"{where}: {self.name} metadata lacks {missing}")
         return meta
 
@@ -104,19 +106,28 @@ ITEMS = Contract(
 
 
 def items_table(
-    item_ids: list[str], labels: list[str], splits: list[str], sources: list[str], pixels: np.ndarray
+    item_ids: list[str],
+    labels: list[str],
+    splits: list[str],
+    sources: list[str],
+    pixels: np.ndarray,
+    is_query: list[bool] | None = None,
+    is_gallery: list[bool] | None = None,
 ) -> pa.Table:
-    """Build an ITEMS table; pixels (N, H·W·C) uint8. Test items are query and gallery
-    (leave-one-out), as every source without its own query/gallery protocol has them."""
-    is_test = pa.array([s == TEST for s in splits], pa.bool_())
+    """Build an ITEMS table; pixels (N, H·W·C) uint8.
+
+    Without ``is_query`` / ``is_gallery`` every test item is both a query and a gallery item
+    (leave-one-out), the protocol of sources without their own; train items are neither.
+    """
+    is_test = [s == TEST for s in splits]
     width = pixels.shape[1]
     return pa.table(
         {
             ITEM_ID: item_ids,
             LABEL: labels,
             SPLIT: splits,
-            IS_QUERY: is_test,
-            IS_GALLERY: is_test,
+            IS_QUERY: pa.array(is_test if is_query is None else is_query, pa.bool_()),
+            IS_GALLERY: pa.array(is_test if is_gallery is None else is_gallery, pa.bool_()),
             SOURCE: sources,
             PIXELS: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), width),
         },
@@ -176,7 +187,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def with_meta(table: pa.Table, meta: dict[str, Any]) -> pa.Table:
-    return table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    return table.replace_schema_metadata({META_KEY: _meta_bytes(meta)})
 
 
 def write_table(table: pa.Table, path: Path, contract: Contract, meta: dict[str, Any] | None = None) -> None:
@@ -187,6 +198,57 @@ def write_table(table: pa.Table, path: Path, contract: Contract, meta: dict[str,
     _check_no_nulls(table, f"writing {path}", contract)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+class StreamWriter:
+    """Rows of one contract file written row group by row group (see :func:`stream_table`)."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, contract: Contract, where: str):
+        self._writer, self.schema, self._contract, self._where = writer, schema, contract, where
+        self.meta: dict[str, Any] | None = None
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append ``table`` (same columns and types as the stream) as one or more row groups."""
+        if not table.schema.equals(self.schema, check_metadata=False):
+            raise ContractError(f"{self._where}: rows with schema {table.schema} do not fit {self.schema}")
+        _check_no_nulls(table, self._where, self._contract)
+        self._writer.write_table(table.replace_schema_metadata(None))
+        self.rows += table.num_rows
+
+    def finish(self, meta: dict[str, Any]) -> None:
+        """Set the file's metadata, known only once every row is written (counts, summaries)."""
+        self._contract.check(with_meta(self.schema.empty_table(), meta).schema, self._where)
+        self.meta = meta
+
+
+@contextmanager
+def stream_table(path: Path, contract: Contract, schema: pa.Schema) -> Iterator[StreamWriter]:
+    """Write a contract file in row groups, without holding it in memory, atomically: the file
+    appears only if the block ends without error and :meth:`StreamWriter.finish` was called.
+
+    Parquet keeps the Arrow schema (and our metadata in it) in the footer, written at close; the
+    metadata is set there, so it may depend on every row written."""
+    where = f"writing {path}"
+    contract.check(schema, where, want_meta=False)  # the metadata is checked by finish()
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(tmp, schema.remove_metadata(), compression="zstd")
+        stream = StreamWriter(writer, schema.remove_metadata(), contract, where)
+        try:
+            yield stream
+            if stream.meta is None:
+                raise ContractError(f"{where}: finish(meta) was not called")
+            final = stream.schema.with_metadata({META_KEY: _meta_bytes(stream.meta)})
+            writer.add_key_value_metadata({
+                "ARROW:schema": base64.b64encode(final.serialize().to_pybytes()).decode(),
+                META_KEY.decode(): _meta_bytes(stream.meta).decode(),
+            })
+        finally:
+            writer.close()
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True).encode()
 
 
 def read_meta(path: Path, contract: Contract) -> dict[str, Any]:

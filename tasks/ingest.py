@@ -1,21 +1,25 @@
 """Stage 1 — ingest: images + labels from a source into one Parquet table of decoded pixels.
 
 Output (``paths.items``, contract ``ITEMS``): item_id (content hash), label, split (train/test,
-class-disjoint: test classes are never seen in training), is_query / is_gallery (leave-one-out on
-the test split), source, and pixels decoded once to ``image_size``² × ``channels`` uint8, so
-training and export never decode an image again. Files that cannot be used are skipped and listed
-with their reason in ``paths.quarantine`` — never a crash mid-stage, never a silently lost file.
+class-disjoint: test classes are never seen in training), is_query / is_gallery (the source's own
+protocol, else leave-one-out on the test split), source, and pixels decoded once to
+``image_size``² × ``channels`` uint8, so training and export never decode an image again. Files
+that cannot be used are skipped and listed with their reason in ``paths.quarantine`` — never a
+crash mid-stage, never a silently lost file.
+
+Two passes keep memory bounded whatever the dataset's size. Pass 1 (tasks/scan.py) streams the
+source and keeps only metadata — where each image is, its label, split and content hash — from
+which duplicates, the class split and the final row order are decided. Pass 2 (tasks/decoding.py)
+decodes in that order, in chunks across cores (workers read the files themselves), and this
+module writes the table row group by row group.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,76 +27,15 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import sources
+from tasks import decoding, scan, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
 __all__ = ["DatasetError", "run", "main"]
 
-_CHUNK = 512  # records per worker task: large enough to amortise pickling, small for a live bar
+CHUNK = 512  # images per decode task: amortises inter-process traffic, small enough for a live bar
 PARALLEL_MIN_IMAGES = 8192  # below this, decoding (~15k small images/s a core) beats starting workers
-
-
-def _decode_chunk(args: tuple[list[bytes], int, int]) -> list[np.ndarray | str]:
-    blobs, size, channels = args
-    out: list[np.ndarray | str] = []
-    for blob in blobs:
-        try:
-            out.append(sources.decode(blob, size, channels))
-        except ValueError as err:
-            out.append(str(err))
-    return out
-
-
-def _records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.Rejected]:
-    src = p.source
-    if src.kind == "digits":
-        return sources.digits()
-    if src.root is not None:
-        return sources.image_folder(root / src.root, split=None)
-    return (
-        r
-        for split, rel in ((C.TRAIN, src.train_root), (C.TEST, src.test_root))
-        for r in sources.image_folder(root / rel, split=split)
-    )
-
-
-def _decode_all(records: list[sources.Record], p: IngestParams) -> list[np.ndarray | str]:
-    """Decode across cores. Workers come from a fork server, not fork(): the caller may be a
-    threaded process (a Prefect flow, torch), and forking one can deadlock. Small sources decode
-    in-process: starting workers costs more than decoding a few thousand small images."""
-    chunks = [
-        ([r.data for r in records[i : i + _CHUNK]], p.image_size, p.channels)
-        for i in range(0, len(records), _CHUNK)
-    ]
-    workers = min(p.workers or os.cpu_count() or 1, len(chunks))
-    if len(records) < PARALLEL_MIN_IMAGES:
-        workers = 1
-    bar = tqdm(total=len(records), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
-    results: list[np.ndarray | str] = []
-    pool = None
-    try:
-        if workers <= 1:
-            mapped = map(_decode_chunk, chunks)
-        else:
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            # ProcessPoolExecutor, unlike multiprocessing.Pool, fails (BrokenProcessPool) instead of
-            # respawning workers forever when they cannot start.
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
-            mapped = pool.map(_decode_chunk, chunks)
-        for chunk in mapped:
-            results.extend(chunk)
-            bar.update(len(chunk))
-    except BrokenProcessPool as err:
-        raise RuntimeError(
-            "ingest: decode workers could not start. Called from a script? Put the call under "
-            "`if __name__ == '__main__':` (worker processes import the main module), or set ingest.workers: 1"
-        ) from err
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return results
+ROW_GROUP_BYTES = 16 << 20  # per Parquet row group: small enough that writing one overlaps decoding
 
 
 def _split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
@@ -106,67 +49,107 @@ def _split_by_class(labels: list[str], splits: list[str | None], p: IngestParams
     return [C.TEST if label in test else C.TRAIN for label in labels]
 
 
-def _check_usable(labels: list[str], splits: list[str]) -> None:
+def _check_usable(counts: Counter) -> None:
+    """``counts``: (split, label) -> images. Raise DatasetError unless metric learning can use it."""
     for name, wanted in ((C.TRAIN, 2), (C.TEST, 1)):
-        counts = Counter(label for label, s in zip(labels, splits) if s == name)
-        usable = [c for c, n in counts.items() if n >= 2]
-        if len(counts) < 2 or len(usable) < wanted:
+        sizes = [n for (s, _), n in counts.items() if s == name]
+        usable = sum(1 for n in sizes if n >= 2)
+        if len(sizes) < 2 or usable < wanted:
             raise DatasetError(
-                f"{name} split has {len(counts)} classes, {len(usable)} with at least 2 images; "
+                f"{name} split has {len(sizes)} classes, {usable} with at least 2 images; "
                 f"metric learning needs at least 2 classes and {wanted} with 2+ images"
             )
 
 
-def run(params: IngestParams, paths: Paths) -> dict:
-    """Read the source, decode, split by class, write ``paths.items`` and ``paths.quarantine``."""
-    kept: list[sources.Record] = []
-    rejected: list[sources.Rejected] = []
-    first_seen: dict[str, str] = {}
-    for rec in _records(params, Path(paths.root)):
-        if isinstance(rec, sources.Rejected):
-            rejected.append(rec)
-        elif rec.item_id in first_seen:
-            rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[rec.item_id]}"))
-        else:
-            first_seen[rec.item_id] = rec.source
-            kept.append(rec)
-    decoded = _decode_all(kept, params)
-    good = [(r, px) for r, px in zip(kept, decoded) if not isinstance(px, str)]
-    rejected += [sources.Rejected(r.source, px) for r, px in zip(kept, decoded) if isinstance(px, str)]
-    if not good:
-        raise DatasetError(f"no usable image in source {params.source.model_dump()}")
-
-    labels = [r.label for r, _ in good]
-    splits = _split_by_class(labels, [r.split for r, _ in good], params)
-    _check_usable(labels, splits)
-    flat = np.stack([px for _, px in good]).reshape(len(good), -1)
-    table = C.items_table([r.item_id for r, _ in good], labels, splits, [r.source for r, _ in good], flat)
-    # Deterministic row order whatever the file-system order: by split, label, then content id.
-    table = table.sort_by([(C.SPLIT, "ascending"), (C.LABEL, "ascending"), (C.ITEM_ID, "ascending")])
-    reasons = Counter(r.reason.split(":")[0].split(" of ")[0] for r in rejected)
-    summary = {
-        "ingested": len(good),
+def _summary(counts: Counter, rejected: list[sources.Rejected]) -> dict:
+    return {
+        "ingested": sum(counts.values()),
         "skipped": len(rejected),
-        "skipped_by_reason": dict(reasons),
-        "classes": {s: len({l for l, sp in zip(labels, splits) if sp == s}) for s in (C.TRAIN, C.TEST)},
-        "images": dict(Counter(splits)),
+        "skipped_by_reason": dict(Counter(r.category for r in rejected)),
+        "classes": {s: sum(1 for sp, _ in counts if sp == s) for s in (C.TRAIN, C.TEST)},
+        "images": {s: sum(n for (sp, _), n in counts.items() if sp == s) for s in (C.TRAIN, C.TEST)},
+        # Kept: a test singleton is a gallery distractor (and a query with no positive, which
+        # evaluation must allow); in train, make_batches.small_classes decides.
+        "single_image_classes": sum(1 for n in counts.values() if n == 1),
     }
-    meta = {
-        "height": params.image_size,
-        "width": params.image_size,
-        "channels": params.channels,
-        # Params that shape the data; `workers` does not, and must not make the file differ.
-        "params": params.model_dump(exclude={"workers"}),
-        "summary": summary,
-    }
-    C.write_table(table, paths["items"], C.ITEMS, meta)
+
+
+def _tables(
+    kept: list[sources.Record], ids: list[str], splits: list[str], order: list[int], p: IngestParams,
+    rejected: list[sources.Rejected],
+) -> Iterator[pa.Table]:
+    """ITEMS tables of about ROW_GROUP_BYTES each, rows in ``order``; decode failures -> ``rejected``."""
+    chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
+    jobs = ([(kept[i].origin, kept[i].member, kept[i].data or None, ids[i]) for i in c] for c in chunks)
+    workers = 1 if len(order) < PARALLEL_MIN_IMAGES else min(p.workers or os.cpu_count() or 1, len(chunks))
+    bar = tqdm(total=len(order), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
+    buffered: list[pa.Table] = []
+    for rows, (pixels, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers)):
+        good = [j for j, e in enumerate(errors) if e is None]
+        for j, e in enumerate(errors):
+            if e is not None:
+                rejected.append(sources.Rejected(kept[rows[j]].source, e, _category(e)))
+        recs = [kept[rows[j]] for j in good]
+        split = [splits[rows[j]] for j in good]
+        buffered.append(C.items_table(
+            [ids[rows[j]] for j in good], [r.label for r in recs], split, [r.source for r in recs], pixels[good],
+            # A source's own query/gallery protocol wins; otherwise test items are both (leave-one-out).
+            [r.query if r.query is not None else s == C.TEST for r, s in zip(recs, split)],
+            [r.gallery if r.gallery is not None else s == C.TEST for r, s in zip(recs, split)],
+        ))
+        bar.update(len(rows))
+        if sum(t.nbytes for t in buffered) >= ROW_GROUP_BYTES:
+            yield pa.concat_tables(buffered)
+            buffered = []
+    bar.close()
+    if buffered:
+        yield pa.concat_tables(buffered)
+
+
+def _category(reason: str) -> str:
+    """The summary's word for a decode failure (sources.decode and decoding.decode_chunk reasons)."""
+    for start in ("too large", "unreadable", "changed"):
+        if reason.startswith(start):
+            return start
+    return "corrupt"
+
+
+def run(params: IngestParams, paths: Paths) -> dict:
+    """Read the source, split by class, decode, write ``paths.items`` and ``paths.quarantine``."""
+    kept, ids, rejected = scan.first_pass(params, Path(paths.root), PARALLEL_MIN_IMAGES, CHUNK)
+    for name in scan.outside_raw(params, paths):
+        print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
+    if not kept:
+        raise DatasetError(f"no usable image in source {params.source.model_dump()}")
+    splits = _split_by_class([r.label for r in kept], [r.split for r in kept], params)
+    _check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
+    # Deterministic row order whatever the file-system order: by split, label, then content id.
+    order = sorted(range(len(kept)), key=lambda i: (splits[i], kept[i].label, ids[i]))
+    width = params.image_size * params.image_size * params.channels
+    counts: Counter = Counter()  # (split, label) -> images written
+    with C.stream_table(paths["items"], C.ITEMS, C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), width)})) as w:
+        for table in _tables(kept, ids, splits, order, params, rejected):
+            counts.update(zip(table[C.SPLIT].to_pylist(), table[C.LABEL].to_pylist()))
+            w.write(table)
+        if not w.rows:
+            raise DatasetError(f"no usable image in source {params.source.model_dump()}")
+        _check_usable(counts)  # decode failures may have emptied classes
+        summary = _summary(counts, rejected)
+        w.finish({
+            "height": params.image_size,
+            "width": params.image_size,
+            "channels": params.channels,
+            # Params that shape the data; `workers` does not, and must not make the file differ.
+            "params": params.model_dump(exclude={"workers"}),
+            "summary": summary,
+        })
     quarantine = pa.table(
         {C.PATH: [r.source for r in rejected], C.REASON: [r.reason for r in rejected]},
         schema=C.QUARANTINE.schema(),
     )
     C.write_table(quarantine, paths["quarantine"], C.QUARANTINE)
-    detail = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
-    print(f"ingest: {len(good):,} ingested, {len(rejected):,} skipped" + (f": {detail}" if detail else ""))
+    detail = ", ".join(f"{n} {why}" for why, n in Counter(r.category for r in rejected).most_common())
+    print(f"ingest: {w.rows:,} ingested, {len(rejected):,} skipped" + (f": {detail}" if detail else ""))
     return summary
 
 

@@ -29,6 +29,7 @@ class Paths(_Strict):
     """Where each stage reads and writes, relative to ``root`` (the directory of params.yaml)."""
 
     root: str = "."  # filled in by load_params; never written in params.yaml
+    raw: str  # the raw data ingest reads: a DVC dependency of ingest (dvc.yaml can't depend on a source's keys)
     items: str
     quarantine: str
     batches: str
@@ -79,8 +80,37 @@ class ImageFolderSource(_Strict):
         return self
 
 
-Source = Annotated[Union[DigitsSource, ImageFolderSource], Field(discriminator="kind")]
-_SOURCE_KINDS = ("digits", "image_folder")
+class ManifestSource(_Strict):
+    """A CSV or Parquet table with columns ``path,label[,split][,is_query,is_gallery]``; paths are
+    relative to the manifest's directory. Without ``split`` the classes are split by
+    ``ingest.test_fraction``; ``is_query``/``is_gallery`` (both or neither) need ``split``."""
+
+    kind: Literal["manifest"]
+    path: str
+
+
+class Download(_Strict):
+    """A file fetched into the layout's ``root`` when it is missing, checked against its sha256.
+    ``url`` may be ``https://`` or ``file://``; ``extract`` unpacks a .zip/.tar(.gz) there."""
+
+    url: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    file: str = Field(min_length=1)  # name under root
+    extract: bool = False
+
+
+class LayoutSource(_Strict):
+    """A standard benchmark in its published directory layout under ``root``, read with its
+    official split and query/gallery protocol (see tasks/layouts.py for each)."""
+
+    kind: Literal["omniglot", "cub200", "cars196", "sop", "inshop", "gldv2", "fashion_mnist"]
+    root: str
+    downloads: list[Download] = Field(default_factory=list)
+
+
+Source = Annotated[Union[DigitsSource, ImageFolderSource, ManifestSource, LayoutSource], Field(discriminator="kind")]
+LAYOUT_KINDS = ("omniglot", "cub200", "cars196", "sop", "inshop", "gldv2", "fashion_mnist")
+_SOURCE_KINDS = ("digits", "image_folder", "manifest", *LAYOUT_KINDS)
 
 
 class IngestParams(_Strict):
@@ -88,7 +118,7 @@ class IngestParams(_Strict):
     image_size: int = Field(gt=0, le=1024)
     channels: Literal[1, 3]
     test_fraction: float = Field(gt=0, lt=1)
-    workers: int = Field(ge=0)  # 0 = one per core
+    workers: int = Field(ge=0)  # processes reading, hashing and decoding images; 0 = one per core
     seed: int
 
 

@@ -1,18 +1,21 @@
 """Image sources: where raw images come from, and how one image is decoded.
 
-A source yields :class:`Record` s — the encoded bytes of one image, its label, and its split when the
-source has an official one. Every source goes through the same decoder (:func:`decode`), so the
-bundled digits and a user's JPEG tree are treated alike.
+A source yields :class:`Record` s — the encoded bytes of one image (or, for a file, where to read
+them: see :func:`load`), its label, and its split when the source has an official one — and
+:class:`Rejected` for what it cannot use, with the reason. Every source goes through the same
+decoder (:func:`decode`), so the bundled digits and a user's JPEG tree are treated alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+import re
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -24,27 +27,65 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
 MAX_PIXELS = 89_478_485
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ingest holds a million of these (without bytes)
 class Record:
-    """One raw image: ``source`` is where it came from (for reports), ``data`` its encoded bytes."""
+    """One raw image: ``source`` is where it came from (for reports), ``data`` its encoded bytes,
+    or None for a file not read yet (``origin``; see :func:`load`): listing a million files is
+    cheap, reading them is work the first pass spreads across cores.
+
+    ``query`` / ``gallery`` are set by sources with their own retrieval protocol (In-shop, a
+    manifest's columns); ``None`` means the default: every test item is both (leave-one-out).
+    ``origin`` (a file, or the zip holding ``member``) lets ingest drop ``data`` after hashing and
+    have a decode worker read the bytes again; sources that make images in memory leave it None.
+    """
 
     source: str
     label: str
     split: str | None
-    data: bytes
+    data: bytes | None
+    query: bool | None = None
+    gallery: bool | None = None
+    origin: str | None = None
+    member: str | None = None
 
     @property
     def item_id(self) -> str:
         """Stable id: a content hash, so the same image gets the same id in every dataset drop."""
-        return hashlib.blake2b(self.data, digest_size=8).hexdigest()
+        if self.data is None:
+            raise ValueError(f"{self.source}: not read yet (sources.load)")
+        return content_id(self.data)
+
+
+def content_id(data: bytes) -> str:
+    """16 hex digits of blake2b over the encoded bytes (the ITEMS item_id)."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True)
 class Rejected:
-    """A file that is not ingested, and why (written to the quarantine report)."""
+    """A file that is not ingested, and why (written to the quarantine report).
+
+    ``kind`` is the short category the stage's summary counts ("5 corrupt, 2 duplicate"); the
+    reason says the rest. Without one, the category is the reason up to its first colon.
+    """
 
     source: str
     reason: str
+    kind: str = ""
+
+    @property
+    def category(self) -> str:
+        return self.kind or self.reason.split(":")[0]
+
+
+def display(name: str) -> str:
+    """A file name fit for a report (valid UTF-8): bytes that are not UTF-8, which ``os.walk``
+    hands over as lone surrogates (surrogateescape), are shown as ``\\xNN`` escapes."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from surrogateescape
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def digits() -> Iterator[Record]:
@@ -62,9 +103,9 @@ def digits() -> Iterator[Record]:
         yield Record(source=f"digits/{i:04d}", label=str(int(target)), split=None, data=buf.getvalue())
 
 
-def _label_of(rel: PurePosixPath) -> str | None:
-    parent = rel.parent.as_posix()
-    return None if parent in ("", ".") else parent
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -79,12 +120,19 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         return
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} is neither a directory nor a zip file")
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Plain strings, not Path objects, and per-folder work done once per folder: at a million
+    # files this loop is the part of the first pass that cannot be spread across cores.
+    top = str(root)
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()  # deterministic order
+        folder = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        label = "" if folder == "." else folder
+        # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.
+        shown, prefix = display(label), display(f"{root.name}/{label}/" if label else f"{root.name}/")
         for name in sorted(filenames):
-            path = Path(dirpath, name)
-            rel = PurePosixPath(path.relative_to(root).as_posix())
-            yield _record(f"{root.name}/{rel}", rel, split, path.read_bytes)
+            source = prefix + display(name)
+            rejected = _unusable(source, name, label)
+            yield rejected or Record(source, shown, split, None, origin=dirpath + os.sep + name)
 
 
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -93,33 +141,89 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         # Zips made on macOS carry __MACOSX/ resource forks: not images, and not a top folder.
         for info in infos:
             if info.filename.startswith("__MACOSX/"):
-                yield Rejected(f"{root.name}/{info.filename}", "macOS resource fork (__MACOSX/)")
+                yield Rejected(f"{root.name}/{info.filename}", "macOS resource fork (__MACOSX/)", "not an image")
         infos = [i for i in infos if not i.filename.startswith("__MACOSX/")]
         tops = {PurePosixPath(i.filename).parts[0] for i in infos}
         strip = 1 if len(tops) == 1 and all(len(PurePosixPath(i.filename).parts) > 1 for i in infos) else 0
         for info in infos:
-            rel = PurePosixPath(*PurePosixPath(info.filename).parts[strip:])
-            yield _record(f"{root.name}/{info.filename}", rel, split, lambda info=info: zf.read(info))
+            rel = PurePosixPath(*PurePosixPath(info.filename).parts[strip:]).as_posix()
+            read = lambda info=info: zf.read(info)  # noqa: E731
+            yield _record(display(f"{root.name}/{info.filename}"), rel, split, read, str(root), info.filename)
 
 
-def _record(source: str, rel: PurePosixPath, split: str | None, read) -> Record | Rejected:
-    if rel.suffix.lower() not in IMAGE_SUFFIXES:
-        return Rejected(source, f"not an image file (suffix {rel.suffix or 'none'!r})")
-    label = _label_of(rel)
-    if label is None:
-        return Rejected(source, "no label: the file is not inside a class folder")
+def _unusable(source: str, name: str, label: str) -> Rejected | None:
+    """Why a file of an image folder is not an image of a class, or None."""
+    suffix = os.path.splitext(name)[1]
+    if suffix.lower() not in IMAGE_SUFFIXES:
+        return Rejected(source, f"not an image file (suffix {display(suffix) or 'none'!r})", "not an image")
+    if not label:
+        return Rejected(source, "no label: the file is not inside a class folder", "no label")
+    return None
+
+
+def _record(
+    source: str, rel: str, split: str | None, read: Callable[[], bytes], origin: str, member: str
+) -> Record | Rejected:
+    """A zip member, read here (members are cheap to read from an open archive, and a damaged one
+    is best reported now). ``rel``: its path below the folder's root; its folder is the label."""
+    folder, _, name = rel.rpartition("/")
+    rejected = _unusable(source, name, folder)
+    if rejected:
+        return rejected
     try:
         data = read()
     # A damaged zip member raises BadZipFile/zlib.error, an encrypted one RuntimeError.
     except (OSError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
-        return Rejected(source, f"unreadable: {err}")
+        return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
     if not data:
-        return Rejected(source, "empty file")
-    return Record(source=source, label=label, split=split, data=data)
+        return Rejected(source, "empty file", "empty")
+    return Record(source, display(folder), split, data, origin=origin, member=member)
+
+
+def file_record(
+    path: Path, source: str, label: str, split: str | None, query: bool | None = None, gallery: bool | None = None
+) -> Record:
+    """One listed file (a manifest row, a layout's list entry), not read yet (see :func:`load`)."""
+    return Record(source, display(label), split, None, query, gallery, origin=str(path))
+
+
+def read_file(path: str, source: str) -> bytes | Rejected:
+    """The bytes of a listed file, or why there are none: missing, unreadable or empty."""
+    try:
+        data = _read_file(path)
+    except FileNotFoundError:
+        return Rejected(source, "missing file", "missing")
+    except OSError as err:
+        return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
+    return data if data else Rejected(source, "empty file", "empty")
+
+
+def load(rec: Record) -> Record | Rejected:
+    """``rec`` with its bytes read (itself if it has them), or why it cannot be read."""
+    if rec.data is not None or rec.origin is None:
+        return rec
+    data = read_file(rec.origin, rec.source)
+    return data if isinstance(data, Rejected) else dataclasses.replace(rec, data=data)
+
+
+def hash_files(jobs: list[tuple[str, str]]) -> list[str | Rejected]:
+    """Content ids of files given as (path, source), or why one cannot be read: the first pass's
+    task for a worker process (the bytes stay there; only the 16-character ids come back)."""
+    out: list[str | Rejected] = []
+    for path, source in jobs:
+        data = read_file(path, source)
+        out.append(data if isinstance(data, Rejected) else content_id(data))
+    return out
+
+
+_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def decode(data: bytes, size: int, channels: int) -> np.ndarray:
     """Encoded image -> uint8 array (size, size, channels), EXIF-rotated, resized with antialiasing.
+
+    CMYK, palette and 1-bit images are converted by PIL; 16-bit grey is scaled (not clipped) to
+    8 bits; transparency (RGBA, LA, palette or grey with a transparent colour) is composited on white.
 
     Raises ValueError with a short reason for anything that is not a decodable image.
     """
@@ -134,10 +238,19 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
                 # at 255 rather than scale, so scale 0..65535 to 0..255 ourselves.
                 wide = np.asarray(img, dtype=np.float64) / 257.0
                 img = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+                # Transparent pixels hold arbitrary colour (often black): dropping alpha would show
+                # it. Composite on white, the background product and character images assume.
+                rgba = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
             arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ValueError(f"corrupt or unsupported image: {err}") from None
+    except Image.DecompressionBombError as err:  # PIL's own guard, at twice our limit
+        raise ValueError(f"too large: decompression-bomb limit: {err}") from None
+    except (OSError, SyntaxError) as err:
+        # PIL names the stream it read ("<_io.BytesIO object at 0x7f..>"): a different address
+        # every run would make the quarantine report differ, and DVC see a change, each time.
+        raise ValueError(f"corrupt or unsupported image: {_ADDRESS.sub('', str(err))}") from None
     return arr.reshape(size, size, channels)

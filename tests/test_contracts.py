@@ -302,3 +302,53 @@ def test_write_text_and_json(tmp_path):
     C.write_text(path, "x")
     assert path.read_text() == "x"
     assert os.listdir(path.parent) == ["m.json"]
+
+
+def test_items_table_flags_default_and_explicit():
+    import numpy as np
+
+    px = np.zeros((3, 4), np.uint8)
+    splits = [C.TRAIN, C.TEST, C.TEST]
+    default = C.items_table(["a", "b", "c"], ["x", "y", "y"], splits, ["s"] * 3, px)
+    assert default[C.IS_QUERY].to_pylist() == [False, True, True] == default[C.IS_GALLERY].to_pylist()
+    given = C.items_table(["a", "b", "c"], ["x", "y", "y"], splits, ["s"] * 3, px, [False, True, False], [False, False, True])
+    assert given[C.IS_QUERY].to_pylist() == [False, True, False]
+    assert given[C.IS_GALLERY].to_pylist() == [False, False, True]
+
+
+# ------------------------------------------------------------------------------- streamed writes
+
+
+def test_stream_table_row_groups_and_late_metadata(tmp_path):
+    path = tmp_path / "items.parquet"
+    table = items_table(n=6)
+    with C.stream_table(path, C.ITEMS, table.schema) as w:
+        w.write(table.slice(0, 4))
+        w.write(table.slice(4))
+        w.finish({**META, "rows": w.rows})  # metadata that depends on every row written
+    back, meta = C.read_table(path, C.ITEMS)
+    assert back.equals(table) and meta == {**META, "rows": 6}
+    assert pq.ParquetFile(path).metadata.num_row_groups == 2
+    assert _leftovers(tmp_path) == []
+
+
+def test_stream_table_refuses_bad_rows_and_leaves_no_file(tmp_path):
+    path = tmp_path / "items.parquet"
+    table = items_table()
+    with pytest.raises(ContractError, match="no column 'label'"):
+        with C.stream_table(path, C.ITEMS, table.drop_columns([C.LABEL]).schema):
+            pass
+    with pytest.raises(ContractError, match="do not fit"):
+        with C.stream_table(path, C.ITEMS, table.schema) as w:
+            w.write(items_table(pixels=8))
+    with pytest.raises(ContractError, match="finish"):
+        with C.stream_table(path, C.ITEMS, table.schema) as w:
+            w.write(table)
+    with pytest.raises(ContractError, match=r"metadata lacks \['channels'\]"):
+        with C.stream_table(path, C.ITEMS, table.schema) as w:
+            w.finish({"height": 2, "width": 2})
+    with pytest.raises(KeyError):  # the stage failed mid-way: no half file for DVC
+        with C.stream_table(path, C.ITEMS, table.schema) as w:
+            w.write(table)
+            raise KeyError("boom")
+    assert not path.exists() and _leftovers(tmp_path) == []

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks import contracts as C
-from tasks import ingest
+from tasks import decoding, ingest
 from tasks.ingest import DatasetError
 from tasks.params import load_params
 
@@ -171,18 +171,18 @@ def test_digits_deterministic_and_seeded(make_project, digits_run):
 def test_workers_2_matches_workers_1(make_project, monkeypatch, digits_run):
     _, serial, serial_meta, _ = digits_run
     contexts = []
-    real = ingest.multiprocessing.get_context
+    real = decoding.multiprocessing.get_context
 
     def spy(method=None):
         contexts.append(method)
         return real(method)
 
-    monkeypatch.setattr(ingest.multiprocessing, "get_context", spy)
+    monkeypatch.setattr(decoding.multiprocessing, "get_context", spy)
     monkeypatch.setattr(ingest, "PARALLEL_MIN_IMAGES", 0)  # digits are below the real threshold
     _, parallel, meta, quarantine = run_ingest(
         make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.workers": 2}, name="w2")
     )
-    assert contexts == ["forkserver"]  # 1,797 digits = 4 chunks: the pool really ran
+    assert contexts == ["forkserver"]  # 1,797 digits = 4 chunks: the decode pool really ran
     assert parallel.equals(serial)
     assert meta["summary"] == serial_meta["summary"]
     assert quarantine.num_rows == 0
@@ -194,7 +194,7 @@ def test_prints_summary_line(make_project, capsys):
     (root / "imgs" / "c0" / "x.txt").write_text("x")
     run_ingest(root / "params.yaml")
     out = capsys.readouterr().out
-    assert "ingest: 15 ingested, 1 skipped: 1 not an image file" in out
+    assert "ingest: 15 ingested, 1 skipped: 1 not an image" in out
 
 
 # ------------------------------------------------------------------------------------ image folder
@@ -298,9 +298,9 @@ def test_bad_files_are_quarantined(make_project):
     assert all(reasons.values())
     assert summary["skipped"] == 6 and summary["ingested"] == 15
     assert summary["skipped_by_reason"] == {
-        "corrupt or unsupported image": 2,
-        "empty file": 1,
-        "not an image file (suffix '.txt')": 1,
+        "corrupt": 2,
+        "empty": 1,
+        "not an image": 1,
         "duplicate": 1,
         "no label": 1,
     }
@@ -365,11 +365,28 @@ def test_test_split_needs_two_classes(make_project):
 
 def test_nothing_decodable_is_dataset_error(make_project):
     path = folder_project(make_project, {"root": "imgs"})
-    for c in ("a", "b", "c"):
+    for c in ("a", "b", "c", "d", "e"):  # enough classes to pass the check made before decoding
         (path.parent / "imgs" / c).mkdir(parents=True)
         for i in range(2):
             (path.parent / "imgs" / c / f"{i}.png").write_bytes(f"junk {c}{i}".encode())
     with pytest.raises(DatasetError, match="no usable image"):
+        run_ingest(path)
+    _assert_no_outputs(path)
+
+
+def test_classes_emptied_by_decode_failures_are_caught_after_decoding(make_project):
+    # 5 classes pass the check on the file list; all but one of the train classes' files are junk
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.test_fraction": 0.4})
+    write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(5)})
+    items = run_ingest(path)[1]
+    train = sorted(classes_of(items, C.TRAIN))
+    for label in train[1:]:
+        for f in (path.parent / "imgs" / label).iterdir():
+            f.write_bytes(b"junk " + f.name.encode() + label.encode())
+    params = load_params(path)
+    params.paths["items"].unlink()
+    params.paths["quarantine"].unlink()
+    with pytest.raises(DatasetError, match="train split has 1 classes"):
         run_ingest(path)
     _assert_no_outputs(path)
 
@@ -437,3 +454,175 @@ def test_an_unguarded_script_gets_an_error_not_a_hang(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "__main__" in proc.stderr
+
+
+# -------------------------------------------------------------------------------------- manifest
+
+
+def test_manifest_with_official_query_gallery_protocol(make_project):
+    import csv
+
+    path = make_project({**SMALL, "ingest.source": {"kind": "manifest", "path": "data/list.csv"}})
+    data = path.parent / "data"
+    rows = [["path", "label", "split", "is_query", "is_gallery"]]
+    for c in range(4):  # train classes
+        for i in range(3):
+            rows.append([f"tr/{c}/{i}.png", f"t{c}", "train", "false", "false"])
+    for c in range(3):  # test classes: image 0 a query, the others gallery
+        for i in range(3):
+            rows.append([f"te/{c}/{i}.png", f"q{c}", "test", str(i == 0), str(i > 0)])
+    for n, row in enumerate(rows[1:]):
+        (data / row[0]).parent.mkdir(parents=True, exist_ok=True)
+        (data / row[0]).write_bytes(png(n))
+    rows.append(["../params.yaml", "t0", "train", "false", "false"])  # escapes the manifest's directory
+    rows.append(["tr/0/9.png", "t0", "train", "false", "false"])  # no such file
+    with open(data / "list.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+    summary, items, _, quarantine = run_ingest(path)
+    assert summary["images"] == {C.TRAIN: 12, C.TEST: 9}
+    flags = {s: (q, g) for s, q, g in zip(*(items[c].to_pylist() for c in (C.SOURCE, C.IS_QUERY, C.IS_GALLERY)))}
+    assert flags["te/1/0.png"] == (True, False) and flags["te/1/2.png"] == (False, True)
+    assert flags["tr/3/1.png"] == (False, False)
+    assert summary["skipped_by_reason"] == {"outside root": 1, "missing": 1}
+    assert sorted(quarantine[C.PATH].to_pylist()) == ["list.csv:22:../params.yaml", "tr/0/9.png"]
+
+
+def test_manifest_without_split_uses_test_fraction(make_project):
+    path = make_project({**SMALL, "ingest.source": {"kind": "manifest", "path": "m.csv"}})
+    lines = ["path,label"]
+    for c in range(5):
+        for i in range(2):
+            name = f"img_{c}_{i}.png"
+            (path.parent / name).write_bytes(png(c * 10 + i))
+            lines.append(f"{name},class {c}")
+    (path.parent / "m.csv").write_text("\n".join(lines) + "\n")
+    summary, items, _, _ = run_ingest(path)
+    assert summary["classes"] == {C.TRAIN: 3, C.TEST: 2}  # round(5 * 0.4) test classes
+    assert_flags(items)
+
+
+# ------------------------------------------------------------------------- bad input, nothing lost
+
+
+def _encoded(arr: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(arr, mode=mode) if mode else Image.fromarray(arr)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _bomb_png(side: int) -> bytes:
+    """A tiny PNG whose header claims side × side pixels (valid CRC): a decompression bomb."""
+    import struct
+    import zlib
+
+    data = bytearray(_encoded(np.zeros((1, 1), np.uint8), mode="L"))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", side, side)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def test_every_kind_of_bad_input_is_handled_or_quarantined(make_project, capsys):
+    """Each file below is either ingested (converted) or in the quarantine with its reason; the
+    summary line counts the skipped ones by category."""
+    import os
+    import warnings
+
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.channels": 3, "ingest.image_size": 6})
+    root = path.parent / "imgs"
+    tree = write_tree(root, {f"c{i}": 3 for i in range(4)})
+    rng = np.random.default_rng(5)
+    jpeg = _encoded(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "JPEG")
+    png16 = io.BytesIO()
+    Image.fromarray(np.array([[0, 65535], [30000, 1000]], np.uint16)).save(png16, format="PNG")
+    palette = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).convert("P", colors=4).save(palette, "PNG")
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (6, 6), (0, 255, 255, 0)).save(cmyk, "JPEG")  # pure red in CMYK
+    rgba = np.zeros((6, 6, 4), np.uint8)  # fully transparent black: white once composited
+    handled = {
+        "c0/cmyk.jpg": cmyk.getvalue(),
+        "c0/sixteen_bit.png": png16.getvalue(),
+        "c1/palette.png": palette.getvalue(),
+        "c1/rgba.png": _encoded(rgba),
+        "single/only.png": png(424_242),  # a class with one image: kept (see README)
+    }
+    skipped = {
+        "c2/corrupt.png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 64,
+        "c2/truncated.jpg": jpeg[: len(jpeg) // 2],
+        "c2/truncated.png": _encoded(rng.integers(0, 256, (32, 32), dtype=np.uint8))[:600],
+        "c3/zero.png": b"",
+        "c3/vector.svg": b"<svg xmlns='http://www.w3.org/2000/svg'/>",  # a format we do not read
+        "c3/pdf.png": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",  # right suffix, unsupported content
+        "c3/bomb.png": _bomb_png(20_000),
+        "c3/dup.png": tree["c1"][2],
+    }
+    for rel, data in {**handled, **skipped}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    # File and folder names that are not UTF-8 (Latin-1 bytes): os.walk hands them over as
+    # surrogate escapes, which Arrow cannot store as they are.
+    raw_root = os.fsencode(root)
+    os.mkdir(raw_root + b"/caf\xe9")
+    for i in range(2):
+        with open(raw_root + b"/caf\xe9/n\xe9e%d.png" % i, "wb") as f:
+            f.write(png(777_000 + i))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        summary, items, _, quarantine = run_ingest(path)
+    reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
+    assert set(reasons) == {f"imgs/{rel}" for rel in skipped}
+    assert reasons["imgs/c3/dup.png"] == "duplicate of imgs/c1/img002.png"
+    assert reasons["imgs/c3/bomb.png"].startswith("too large")
+    assert reasons["imgs/c3/vector.svg"].startswith("not an image file")
+    sources_ = items[C.SOURCE].to_pylist()
+    assert {f"imgs/{rel}" for rel in handled} <= set(sources_)
+    assert "imgs/caf\\xe9/n\\xe9e0.png" in sources_ and "caf\\xe9" in items[C.LABEL].to_pylist()
+    px = dict(zip(sources_, (np.asarray(p.values).reshape(6, 6, 3) for p in items[C.PIXELS])))
+    assert np.all(px["imgs/c1/rgba.png"] == 255)
+    assert np.all(np.abs(px["imgs/c0/cmyk.jpg"].astype(int) - (255, 0, 0)) <= 8)
+    assert px["imgs/c0/sixteen_bit.png"].max() == 255  # scaled from 16 bits, not clipped
+    assert summary["skipped_by_reason"] == {"corrupt": 4, "empty": 1, "not an image": 1, "too large": 1, "duplicate": 1}
+    assert summary["ingested"] + summary["skipped"] == 12 + 2 + len(handled) + len(skipped)
+    assert summary["single_image_classes"] == 1
+    assert "ingest: 19 ingested, 8 skipped: 4 corrupt, " in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- bounded memory
+
+
+def test_row_groups_do_not_change_the_table(make_project, monkeypatch, digits_run):
+    monkeypatch.setattr(ingest, "ROW_GROUP_BYTES", 20_000)  # less than a decode chunk of 512 rows
+    path = make_project({**SMALL, "ingest.test_fraction": 0.4}, name="rg")
+    _, items, meta, _ = run_ingest(path)
+    assert pq.ParquetFile(load_params(path).paths["items"]).metadata.num_row_groups == 4  # 1,797 rows
+    assert items.equals(digits_run[1]) and meta == digits_run[2]
+
+
+def test_warns_when_the_source_is_outside_paths_raw(make_project, capsys):
+    path = folder_project(make_project, {"root": "imgs"})
+    write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(5)})
+    run_ingest(path)
+    assert "ingest: warning: imgs is outside paths.raw (data/raw)" in capsys.readouterr().out
+    run_ingest(path.parent / "params.yaml", {"paths.raw": "."})
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_image_folder_on_workers_matches_in_process(make_project, monkeypatch):
+    """Both passes on worker processes (files read and hashed, then decoded there) give the same
+    bytes as both passes in-process, bad files and duplicates included."""
+    monkeypatch.setattr(ingest, "PARALLEL_MIN_IMAGES", 0)
+    outputs = []
+    for workers in (1, 2):
+        path = folder_project(make_project, {"root": "imgs"}, name=f"w{workers}", **{"ingest.workers": workers})
+        tree = write_tree(path.parent / "imgs", {f"c{i}": 40 for i in range(6)})  # 240 images: many chunks
+        (path.parent / "imgs" / "c0" / "bad.png").write_bytes(b"junk")
+        (path.parent / "imgs" / "c5" / "dup.png").write_bytes(tree["c2"][7])
+        monkeypatch.setattr(ingest, "CHUNK", 16)
+        summary, _, _, quarantine = run_ingest(path)
+        params = load_params(path)
+        outputs.append((params.paths["items"].read_bytes(), quarantine.to_pylist(), summary))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][2]["skipped_by_reason"] == {"corrupt": 1, "duplicate": 1}

@@ -198,7 +198,12 @@ def test_s3_remote_push_then_pull_into_an_empty_cache_and_repro_is_a_no_op(repo:
         assert _ran(_run(dvc + ["repro"], repo, aws)) == []
         _run(dvc + ["push", "-r", "s3"], repo, aws)
 
-        outs = ["data", "models/model.pt", "models/index.faiss", "models/index_ids.parquet", "reports"]
+        # Every cached output of the pipeline (not the git-tracked raw-data folder, not the
+        # cache: false metrics and curves, which git keeps).
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())
+        outs = {o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+        outs = [o for o in outs if o.startswith(("data/", "models/", "reports/")) and not o.startswith("data/raw")]
+        assert "data/items.parquet" in outs and "models/model.pt" in outs
         shutil.rmtree(repo / ".dvc" / "cache")
         for out in outs:
             path = repo / out
@@ -209,3 +214,58 @@ def test_s3_remote_push_then_pull_into_an_empty_cache_and_repro_is_a_no_op(repo:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
+
+
+def test_a_new_dataset_drop_reruns_ingest_and_an_old_tag_comes_back(tmp_path):
+    """The README's recipe: `dvc add` a raw drop under paths.raw, tag, add a drop, and
+    `git checkout v1 && dvc checkout` brings back the old raw data and ingested items."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    root = copy_repo(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def drop(classes: range) -> None:
+        for c in classes:
+            (root / "data" / "raw" / "toy" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((6, 6), c * 30 + i, np.uint8)).save(buf, "PNG")
+                (root / "data" / "raw" / "toy" / f"c{c}" / f"{i}.png").write_bytes(buf.getvalue())
+
+    def commit(tag: str) -> None:
+        _run(dvc + ["add", "-q", "data/raw/toy"], root)
+        _run(git + ["add", "-A"], root)
+        _run(git + ["commit", "-q", "-m", tag], root)
+
+    def rows() -> int:
+        return pq.read_metadata(root / "data" / "items.parquet").num_rows
+
+    (root / "dvc.lock").unlink()  # a project that has run nothing yet
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ingest"].update(source={"kind": "image_folder", "root": "data/raw/toy"}, image_size=8, workers=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], root)
+    drop(range(5))
+    commit("v1 data")
+    assert _ran(_run(dvc + ["repro", "ingest"], root)) == ["ingest"] and rows() == 15
+    _run(git + ["add", "-A"], root)
+    _run(git + ["commit", "-q", "-m", "v1"], root)
+    _run(["git", "tag", "v1"], root)
+
+    drop(range(5, 7))  # a new drop: two more classes
+    commit("v2 data")
+    assert "ingest" in _run(dvc + ["status"], root)  # the raw data changed: ingest is stale
+    assert _ran(_run(dvc + ["repro", "ingest"], root)) == ["ingest"] and rows() == 21
+    _run(git + ["add", "-A"], root)
+    _run(git + ["commit", "-q", "-m", "v2"], root)
+
+    _run(["git", "checkout", "-q", "v1"], root)
+    # Only ingest has run here; a project that ran (or pulled) everything runs plain `dvc checkout`.
+    _run(dvc + ["checkout", "data/raw/toy.dvc", "ingest"], root)
+    assert len(list((root / "data" / "raw" / "toy").iterdir())) == 5 and rows() == 15
+    assert _ran(_run(dvc + ["repro", "ingest"], root)) == []  # v1's data and items, as recorded

@@ -1,0 +1,77 @@
+"""Fetch a dataset file once, into a local cache, and refuse it unless its sha256 matches.
+
+Only used when a layout's ``downloads`` are configured and the file is not already there; nothing
+downloads otherwise (and these machines have no network: tests use ``file://`` URLs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from tasks.contracts import atomic_path
+from tasks.errors import DatasetError
+
+_BLOCK = 1 << 20
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
+    """``dest`` if it exists with the right sha256; otherwise download ``url`` there (atomically:
+    a broken transfer never leaves a file that looks complete) and check it. A mismatch is a
+    DatasetError and leaves no file behind."""
+    if dest.is_file() and sha256_of(dest) == sha256:
+        return dest
+    if dest.exists():
+        raise DatasetError(f"{dest} exists but its sha256 is not {sha256}: remove it to download again")
+    with atomic_path(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out, _BLOCK)
+        except OSError as err:  # URLError is an OSError
+            raise DatasetError(f"download of {url} failed: {err}") from None
+        got = sha256_of(tmp)
+        if got != sha256:
+            raise DatasetError(f"download of {url}: sha256 {got}, expected {sha256}")
+    return dest
+
+
+def extract(archive: Path, into: Path) -> None:
+    """Unpack a .zip or .tar(.gz|.bz2|.xz) into ``into`` once (a marker file remembers it). Tar
+    members that would land outside ``into`` (``..``, absolute, links) are refused by the 'data'
+    filter."""
+    marker = into / f".{archive.name}.extracted"
+    if marker.exists():
+        return
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(into)  # zipfile drops '..' and absolute prefixes itself
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            try:
+                tf.extractall(into, filter="data")
+            except tarfile.FilterError as err:
+                raise DatasetError(f"{archive}: unsafe member refused: {err}") from None
+    else:
+        raise DatasetError(f"{archive}: extract is set but it is neither a zip nor a tar archive")
+    marker.write_text(sha256_of(archive) + "\n")
+
+
+def ensure(downloads: list, root: Path) -> None:
+    """Fetch (and unpack) each configured download into ``root``; ``downloads`` are params'
+    Download models (url, sha256, file, extract)."""
+    for d in downloads:
+        path = fetch(d.url, d.sha256, root / d.file)
+        if d.extract:
+            extract(path, root)

@@ -229,6 +229,11 @@ class EvaluateParams(_Strict):
     map_at: int = Field(gt=0)  # mAP@k, Google Landmark Retrieval definition (k=100)
     grid_queries: int = Field(ge=0)
     grid_top_k: int = Field(gt=0)
+    # Exact search (tasks.search): one query_chunk × gallery_block float32 tile at a time bounds
+    # memory (4096 × 16384 × 4 B = 256 MiB) whatever the collection size.
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    query_chunk: int = Field(gt=0)
+    gallery_block: int = Field(gt=0)
     seed: int
 
 

@@ -5,30 +5,8 @@ import numpy as np
 import pytest
 
 from tasks import build_index, evaluate, export_embeddings, make_batches, train
-from tasks.evaluate import search_excluding_self
 from tasks.params import load_params
 from conftest import FAST, synthetic_items
-
-
-def test_search_never_returns_the_query_itself():
-    x = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 3]]  # items 0 and 1 are identical
-    index = faiss.IndexFlatIP(4)
-    index.add(x)
-    ids = np.array(["a", "b", "c", "d", "e"], dtype=object)
-    pos, scores = search_excluding_self(index, x[:2], ids[:2], ids, k=3)
-    assert pos.shape == (2, 3)
-    assert pos[0, 0] == 1 and pos[1, 0] == 0  # each finds its twin, never itself
-    assert 0 not in pos[0] and 1 not in pos[1]
-    assert scores[0, 0] == pytest.approx(1.0)
-
-
-def test_search_pads_when_the_gallery_is_smaller_than_k():
-    x = np.eye(3, dtype=np.float32)
-    index = faiss.IndexFlatIP(3)
-    index.add(x)
-    ids = np.array(["a", "b", "c"], dtype=object)
-    pos, scores = search_excluding_self(index, x[:1], ids[:1], ids, k=4)
-    assert pos.shape == (1, 4) and (pos[0, 2:] == -1).all() and np.isnan(scores[0, 2:]).all()
 
 
 def _trained(make_project, overrides: dict):
@@ -69,6 +47,10 @@ def test_evaluate_through_an_approximate_index(make_project):
     params = _trained(make_project, {"make_batches.epochs": 1, "build_index.factory": "HNSW8"})
     result = _pipeline_after_train(params)
     assert result["index_factory"] == "HNSW8" and result["n_queries"] == 24
+    assert result["search"] == "index"
+    # Exact metrics beside the index's, for comparison; HNSW on 24 items finds the exact answer.
+    for key in ("map_at_r", "r_precision", "map_at_100", "precision_at_1", "recall_at_1"):
+        assert result[f"exact_{key}"] == pytest.approx(result[key])
 
 
 def test_index_and_id_map_must_agree(make_project):
@@ -95,4 +77,61 @@ def test_an_index_from_another_model_is_refused(make_project):
     train.run(retrained.train, retrained.paths)
     export_embeddings.run(retrained.export_embeddings, retrained.paths)
     with pytest.raises(ContractError, match="rebuild the index"):
+        evaluate.run(params.evaluate, params.paths)
+
+
+def _embeddings_project(make_project, rows, factory="Flat", metric="inner_product"):
+    """A project whose embeddings table is ``rows`` = [(item_id, label, is_query, is_gallery, vector)]
+    (no model, no items: the index is built and evaluated from it directly)."""
+    import pyarrow as pa
+
+    from tasks import contracts as C
+    from tasks.tracking import write_run_info
+
+    params = load_params(make_project({"evaluate.grid_queries": 0, "build_index.factory": factory, "build_index.metric": metric}))
+    vectors = np.stack([r[4] for r in rows]).astype(np.float32)
+    dim = vectors.shape[1]
+    table = pa.table(
+        {
+            C.ITEM_ID: [r[0] for r in rows], C.LABEL: [r[1] for r in rows], C.SPLIT: [C.TEST] * len(rows),
+            C.IS_QUERY: [r[2] for r in rows], C.IS_GALLERY: [r[3] for r in rows],
+            C.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        },
+        schema=C.EMBEDDINGS.schema({C.EMBEDDING: pa.list_(pa.float32(), dim)}),
+    )
+    C.write_table(table, params.paths["embeddings"], C.EMBEDDINGS, {"dim": dim, "model_sha256": "0" * 64, "normalized": True})
+    write_run_info(params.paths["run_info"], "no-such-run", "tripletflow")
+    build_index.run(params.build_index, params.paths)
+    return params
+
+
+def test_separate_query_and_gallery_sets_with_an_absent_class(make_project):
+    e = np.eye(4, dtype=np.float32)
+    rows = [
+        # gallery: two "a" near e0, two "b" near e1, one "c" near e2
+        ("g1", "a", False, True, e[0]), ("g2", "a", False, True, e[0] + 0.1 * e[3]),
+        ("g3", "b", False, True, e[1]), ("g4", "b", False, True, e[1] + 0.1 * e[3]),
+        ("g5", "c", False, True, e[2]),
+        # queries: "a" (perfect), "b" whose nearest is the "c" item, and "z" absent from the gallery
+        ("q1", "a", True, False, e[0]), ("q2", "b", True, False, e[2] + 0.9 * e[1]),
+        ("q3", "z", True, False, e[3]),
+    ]
+    params = _embeddings_project(make_project, rows)
+    result = evaluate.run(params.evaluate, params.paths)
+    assert result["n_queries"] == 3 and result["n_queries_without_relevant"] == 1
+    assert result["search"] == "exact"
+    # q1: AP@R = 1, P@1 = 1. q2: ranks c, b, b -> AP@R (R=2) = (1/2) * (1/2) = 0.25, P@1 = 0.
+    assert result["map_at_r"] == pytest.approx((1 + 0.25) / 2)
+    assert result["precision_at_1"] == pytest.approx(0.5)
+    assert result["recall_at_5"] == pytest.approx(1.0)
+    assert json.loads(params.paths["metrics"].read_text()) == result
+
+
+def test_no_query_with_a_relevant_item_is_a_named_error(make_project):
+    from tasks.errors import DatasetError
+
+    e = np.eye(3, dtype=np.float32)
+    rows = [("g1", "a", False, True, e[0]), ("g2", "b", False, True, e[1]), ("q1", "z", True, False, e[2])]
+    params = _embeddings_project(make_project, rows)
+    with pytest.raises(DatasetError, match="none of the 1 queries"):
         evaluate.run(params.evaluate, params.paths)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks import contracts as C
-from tasks import figures, retrieval, search, tracking
+from tasks import fewshot, figures, retrieval, search, tracking
 from tasks.errors import DatasetError
 from tasks.params import EvaluateParams, Paths
 
@@ -81,7 +81,7 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
             result |= {f"exact_{key}": v for key, v in retrieval.summary(exact(), params.recall_at, params.map_at).items() if not key.startswith("n_")}
     except ValueError as err:
         raise DatasetError(f"{paths['embeddings']}: {err}") from None
-    result |= {"index_factory": ids_meta["factory"], "search": "exact" if is_exact else "index"}
+    result |= _few_shot(params, queries, query_labels, metric) | {"index_factory": ids_meta["factory"], "search": "exact" if is_exact else "index"}
     C.write_json(paths["metrics"], result)
 
     ks, recall = retrieval.recall_curve(ret, max(params.recall_at))
@@ -99,6 +99,18 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
             parent.artifact(path, "evaluation")
     tracking.finish_pipeline_run(Path(paths.root), parent.run_id)
     return result
+
+
+def _few_shot(params: EvaluateParams, x: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float]:
+    """``few_shot_{N}way_{K}shot`` accuracy and its ``_ci95`` half-width for each K (tasks.fewshot)."""
+    fs, out = params.few_shot, {}
+    for shots in fs.shots if fs.ways else []:
+        try:
+            mean, half = fewshot.episodes_accuracy(x, labels, fs.ways, shots, fs.queries, fs.episodes, params.seed, metric)
+        except ValueError as err:
+            raise DatasetError(f"evaluate.few_shot: {err} (set evaluate.few_shot.ways: 0 to skip)") from None
+        out |= {f"few_shot_{fs.ways}way_{shots}shot": mean, f"few_shot_{fs.ways}way_{shots}shot_ci95": half}
+    return out
 
 
 def _grid(params: EvaluateParams, paths: Paths, query_ids, pos, scores, hits, query_labels, ids_table, out: Path) -> None:

@@ -224,6 +224,15 @@ class BuildIndexParams(_Strict):
     metric: Literal["inner_product", "l2"]
 
 
+class FewShotParams(_Strict):
+    """N-way K-shot episodes over the query classes (tasks.fewshot); ways 0 = off."""
+
+    ways: int = Field(ge=0)
+    shots: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    queries: int = Field(gt=0)  # per class and episode
+    episodes: int = Field(gt=0)
+
+
 class EvaluateParams(_Strict):
     recall_at: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
     map_at: int = Field(gt=0)  # mAP@k, Google Landmark Retrieval definition (k=100)
@@ -234,7 +243,8 @@ class EvaluateParams(_Strict):
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     query_chunk: int = Field(gt=0)
     gallery_block: int = Field(gt=0)
-    seed: int
+    few_shot: FewShotParams
+    seed: int  # grid queries and few-shot episodes
 
 
 class Params(_Strict):

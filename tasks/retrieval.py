@@ -55,7 +55,7 @@ def n_relevant(query_codes: np.ndarray, gallery_codes: np.ndarray, self_pos: np.
 def needed_k(r: np.ndarray, n_gallery: int, *at_least: int) -> int:
     """The k every metric needs: max R (MAP@R and R-Precision look at the top R — a smaller k is
     the most common way to get a wrong MAP@R) and the largest K asked for, capped at the gallery."""
-    return max(1, min(int(max(int(r.max(initial=1)), *at_least)), n_gallery))
+    return max(1, min(max((int(r.max(initial=1)), *at_least)), n_gallery))
 
 
 def score(

@@ -4,10 +4,12 @@ Both engines yield :class:`Chunk` s — the top-``k`` gallery positions and scor
 run of queries — so callers reduce metrics chunk by chunk and memory never depends on Q × G.
 
 Exact search (:func:`exact_chunks`) multiplies a chunk of queries by a block of the gallery, keeps
-each block's top-k and merges it into a running top-k. Memory: one ``query_chunk × gallery_block``
-float32 tile (plus, in the symmetric leave-one-out case, its transpose and a ``(Q, k)`` running
-result). It runs in float32 on the CPU or on CUDA (``torch.backends.cuda.matmul.allow_tf32`` is
-switched off for the call, so GPU scores are fp32 too).
+each block's top-k set (a group-max pre-selection makes that far cheaper than a top-k over every
+score, see :func:`_block_topk`) and ranks their union once per chunk. Memory: one
+``query_chunk × gallery_block`` float32 tile (two for L2 leave-one-out) plus ``(Q, k)``-sized
+candidate lists. It runs in float32 on the CPU or on CUDA (TF32 is switched off for the call, so
+GPU scores are fp32 too). Leave-one-out on one set uses each tile twice (the score matrix is
+symmetric), halving the products.
 
 Scores are "higher is more similar": the inner product for ``inner_product``, the *negative squared*
 L2 distance for ``l2`` (faiss reports the positive squared distance; we negate it so one ordering
@@ -15,8 +17,10 @@ serves both).
 
 **Ties** are broken deterministically: equal scores are ranked by gallery position, lower first,
 including at the k-th cut (rows whose k-th and (k+1)-th scores are equal inside a block are re-ranked
-with a full stable sort). So results do not depend on the block sizes. The faiss path inherits
-faiss's own order, which is deterministic for a given index but not specified for ties.
+with a full stable sort), so the result does not depend on block sizes. "Equal" means equal as
+computed in fp32: BLAS does not promise that two duplicate gallery vectors get bit-identical dot
+products when they fall at different places in a tile, so near-exact duplicates may come out in
+either order. The faiss path inherits faiss's order, deterministic for a given index.
 
 **Leave-one-out**: ``self_pos[i]`` is the gallery position of query i (or -1 when the query is not in
 the gallery); that one score is set to -inf before the top-k, so the query never retrieves itself,
@@ -73,54 +77,98 @@ def _fp32_matmul() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _scores(q: torch.Tensor, g: torch.Tensor, qn: torch.Tensor | None, gn: torch.Tensor | None) -> torch.Tensor:
-    """(c, D) × (b, D) -> (c, b) scores: inner product, or -squared L2 when norms are given."""
-    s = q @ g.T
-    if qn is not None:
-        # -(|q|² + |g|² - 2 q·g), the same expansion faiss's IndexFlatL2 uses.
-        s.mul_(2).sub_(qn[:, None]).sub_(gn[None, :])
-    return s
+def _scores(q: torch.Tensor, g: torch.Tensor, gh: torch.Tensor | None) -> torch.Tensor:
+    """(c, D) × (b, D) -> (c, b) ranking scores: q·g, or for L2 ``q·g - |g|²/2`` (``gh`` = |g|²/2).
 
-
-def _block_topk(s: torch.Tensor, k: int, col0: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` of each row of a score tile ``s`` (c, b), ranked (score desc, column asc).
-
-    Returns values (c, k') and global positions (c, k') with k' = min(k, b); -inf values are
-    excluded slots (the caller turns them into -1).
+    ``-|q - g|² = 2 (q·g - |g|²/2) - |q|²``: ``|q|²`` is the same along a query's row and the factor
+    2 is exact, so this ranks like -|q - g|²; :func:`_finish` converts the k kept scores. One BLAS
+    call (addmm: -|g|²/2 broadcast, then += q·g) instead of extra passes over the tile.
     """
-    b = s.shape[1]
-    kk = min(k + 1, b)  # one more than needed: tells whether the k-th place is tied
-    vals, idx = s.topk(kk, dim=1, largest=True, sorted=False)
-    # Within the kept candidates: order by column, then stable sort by score -> ties by position.
-    idx, order = idx.sort(dim=1)
-    vals = vals.gather(1, order)
-    vals, order = vals.sort(dim=1, descending=True, stable=True)
-    idx = idx.gather(1, order)
+    if gh is None:
+        return q @ g.T
+    return torch.addmm(gh[None, :].neg().expand(len(q), -1), q, g.T)
+
+
+GROUP = 16  # columns per group for the group-max pre-selection in _block_topk
+
+
+def _block_topk(s: torch.Tensor, k: int, col0: int, along_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``k`` *set* of each row of a score tile ``s`` (c, b) — or, ``along_rows=False``, of
+    each row of ``s.T`` (without copying it) — under the order (score desc, column asc).
+
+    Returns values (n, k') and global positions (n, k'), k' = min(k, L), not yet ordered
+    (:func:`_rank` orders the union of all blocks once). -inf values are excluded slots.
+
+    Pre-selection (exact, and much cheaper than a top-k over every score): split each row into
+    groups of GROUP consecutive columns and take each group's max (one fast reduction pass). If
+    the k-th largest group max is strictly above the (k+1)-th, every one of the row's top k scores
+    lies in those k groups — each of the k groups holds a score >= the k-th group max, so the k-th
+    best score is >= it, while every score outside is <= the (k+1)-th group max — so the top-k is
+    taken among those k × GROUP candidates only. Rows where the cut is tied (group maxima, or
+    candidate scores) are re-ranked over the whole block with a stable sort: lowest column wins.
+    """
+    m = s if along_rows else s.T  # (n, L): what is ranked along dim 1
+    n, length = m.shape
+    kk = min(k + 1, length)  # one more than needed: tells whether the k-th place is tied
+    groups = length // GROUP
+    if length % GROUP or groups <= k + 1:
+        vals, idx = m.topk(kk, dim=1, largest=True, sorted=True)
+        tied = torch.zeros(n, dtype=torch.bool, device=s.device)
+    else:
+        gm = s.view(n, groups, GROUP).amax(2) if along_rows else s.view(groups, GROUP, n).amax(1).T.contiguous()
+        gv, gi = gm.topk(k + 1, dim=1, sorted=True)
+        cols = (gi[:, :k, None] * GROUP + torch.arange(GROUP, device=s.device)).reshape(n, k * GROUP)
+        vals, sel = m.gather(1, cols).topk(kk, dim=1, largest=True, sorted=True)
+        idx = cols.gather(1, sel)
+        tied = ~(gv[:, k - 1] > gv[:, k])
     if kk > k:
-        # A tie across the k-th cut means topk may have kept an arbitrary one of the tied items;
-        # re-rank those (rare) rows over the whole block with a stable sort: lowest column wins.
-        tied = (vals[:, k - 1] == vals[:, k]) & torch.isfinite(vals[:, k])
+        tied |= (vals[:, k - 1] == vals[:, k]) & torch.isfinite(vals[:, k])
         if bool(tied.any()):
             rows = tied.nonzero().squeeze(1)
-            v, i = s[rows].sort(dim=1, descending=True, stable=True)
+            v, i = m[rows].sort(dim=1, descending=True, stable=True)
             vals[rows], idx[rows] = v[:, :kk], i[:, :kk]
         vals, idx = vals[:, :k], idx[:, :k]
     return vals, idx + col0
 
 
-def _merge(best_v, best_i, new_v, new_i, k: int):
-    """Merge two ranked lists whose ties are already by position and where ``best`` holds lower
-    positions than ``new``: a stable sort keeps that order for equal scores."""
-    if best_v is None:
-        return new_v, new_i
-    v = torch.cat([best_v, new_v], dim=1)
-    i = torch.cat([best_i, new_i], dim=1)
-    v, order = v.sort(dim=1, descending=True, stable=True)
+def _rank(vals: list[torch.Tensor], idx: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of per-block top-k sets -> the top ``k`` ranked by (score desc, position asc).
+
+    Positions are unique within a row, so sorting by position and then *stably* by score puts equal
+    scores in position order. Correct because the global top-k under that order is the top-k of
+    the union of every block's top-k set.
+    """
+    v, i = torch.cat(vals, dim=1), torch.cat(idx, dim=1)
+    i, order = i.sort(dim=1)
+    v, order = v.gather(1, order).sort(dim=1, descending=True, stable=True)
     return v[:, :k], i.gather(1, order)[:, :k]
 
 
-def _finish(start: int, v: torch.Tensor, i: torch.Tensor, k: int) -> Chunk:
-    """-> numpy Chunk padded to k columns; -inf (excluded / missing) -> position -1, score NaN."""
+class _Candidates:
+    """Per-block top-k sets of one chunk of queries, ranked once (every ``every`` blocks, to bound
+    memory at ``every × k`` candidates per query)."""
+
+    def __init__(self, k: int, every: int = 16):
+        self.k, self.every, self.vals, self.idx = k, every, [], []
+
+    def add(self, v: torch.Tensor, i: torch.Tensor) -> None:
+        self.vals.append(v)
+        self.idx.append(i)
+        if len(self.vals) > self.every:
+            v, i = _rank(self.vals, self.idx, self.k)
+            self.vals, self.idx = [v], [i]
+
+    def result(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.vals:  # empty gallery
+            return torch.full((rows, 0), -torch.inf, device=device), torch.zeros((rows, 0), dtype=torch.int64, device=device)
+        return _rank(self.vals, self.idx, self.k)
+
+
+def _finish(start: int, v: torch.Tensor, i: torch.Tensor, k: int, qn: torch.Tensor | None = None) -> Chunk:
+    """-> numpy Chunk padded to k columns; -inf (excluded / missing) -> position -1, score NaN.
+    ``qn`` (c,): squared query norms, to turn L2 ranking scores (see :func:`_scores`) into -|q - g|²."""
+    if qn is not None:
+        v = 2 * v - qn[:, None]
     v, i = v.float().cpu().numpy(), i.cpu().numpy().astype(np.int64)
     missing = ~np.isfinite(v)
     i[missing], v[missing] = -1, np.nan
@@ -162,8 +210,7 @@ def exact_chunks(
     device = torch.device(device)
     q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     g_all = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(device)
-    l2 = metric == "l2"
-    gn = (g_all * g_all).sum(1) if l2 else None
+    gn = (g_all * g_all).sum(1) / 2 if metric == "l2" else None  # |g|²/2, see _scores
     sp = None if self_pos is None else torch.from_numpy(np.asarray(self_pos, dtype=np.int64))
     symmetric = (
         sp is not None and len(queries) == len(gallery) and bool((sp == torch.arange(len(sp))).all())
@@ -175,47 +222,43 @@ def exact_chunks(
             return
         for start in range(0, len(q_all), query_chunk):
             q = q_all[start : start + query_chunk].to(device)
-            qn = (q * q).sum(1) if l2 else None
             s_pos = None if sp is None else sp[start : start + len(q)].to(device)
-            best_v = best_i = None
+            cand = _Candidates(k)
             for col0 in range(0, len(g_all), gallery_block):
-                s = _scores(q, g_all[col0 : col0 + gallery_block], qn, None if gn is None else gn[col0 : col0 + gallery_block])
+                s = _scores(q, g_all[col0 : col0 + gallery_block], None if gn is None else gn[col0 : col0 + gallery_block])
                 if s_pos is not None:
                     local = s_pos - col0
-                    inside = (local >= 0) & (local < s.shape[1])
-                    rows = inside.nonzero().squeeze(1)
+                    rows = ((local >= 0) & (local < s.shape[1])).nonzero().squeeze(1)
                     s[rows, local[rows]] = -torch.inf
-                v, i = _block_topk(s, k, col0)
-                best_v, best_i = _merge(best_v, best_i, v, i, k)
-            if best_v is None:  # empty gallery
-                best_v = torch.full((len(q), 0), -torch.inf)
-                best_i = torch.zeros((len(q), 0), dtype=torch.int64)
-            yield _finish(start, best_v, best_i, k)
+                cand.add(*_block_topk(s, k, col0))
+            yield _finish(start, *cand.result(len(q), device), k, None if gn is None else (q * q).sum(1))
 
 
-def _symmetric(x: torch.Tensor, k: int, xn: torch.Tensor | None, device: torch.device, b: int) -> Iterator[Chunk]:
+def _symmetric(x: torch.Tensor, k: int, xh: torch.Tensor | None, device: torch.device, b: int) -> Iterator[Chunk]:
     """Leave-one-out on one set x (N, D): tile (i, j), j >= i, serves rows of block i directly and
-    rows of block j through its transpose. Block j's gallery columns arrive in increasing order
-    (tiles (0, j) .. (j-1, j) transposed, then (j, j) .. (j, n-1)), as :func:`_merge` needs."""
+    rows of block j through its transpose, so each product is computed once. ``xh`` = |x|²/2 (L2).
+
+    For L2 both directions are made from the same product tile P = x_i·x_jᵀ by one pass each
+    (``P - |x_b|²/2`` for block i's rows, ``P - |x_a|²/2`` read column-wise for block j's), so
+    equal distances stay exactly equal whichever side of the tile they come from.
+    """
     n = len(x)
     starts = list(range(0, n, b))
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pending = {bj: _Candidates(k) for bj in range(len(starts))}
     for bi, r0 in enumerate(starts):
         xi = x[r0 : r0 + b]
-        ni = None if xn is None else xn[r0 : r0 + b]
-        best_v, best_i = pending.pop(bi, (None, None))
+        cand = pending.pop(bi)
         for bj in range(bi, len(starts)):
             c0 = starts[bj]
-            s = _scores(xi, x[c0 : c0 + b], ni, None if xn is None else xn[c0 : c0 + b])
+            p = xi @ x[c0 : c0 + b].T
+            s = p if xh is None else torch.sub(p, xh[c0 : c0 + b][None, :])
             if bj == bi:
                 s.fill_diagonal_(-torch.inf)  # the query itself
-            v, i = _block_topk(s, k, c0)
-            best_v, best_i = _merge(best_v, best_i, v, i, k)
-            if bj > bi:  # the same tile, seen from block j's queries: gallery columns of block i
-                pv, pi = pending.get(bj, (None, None))
-                tv, ti = _block_topk(s.T.contiguous(), k, r0)
-                pending[bj] = _merge(pv, pi, tv, ti, k)
-        yield _finish(r0, best_v, best_i, k)
+            cand.add(*_block_topk(s, k, c0))
+            if bj > bi:  # the same tile seen from block j's queries: gallery rows of block i
+                t = p if xh is None else p.sub_(xh[r0 : r0 + b][:, None])
+                pending[bj].add(*_block_topk(t, k, r0, along_rows=False))
+        yield _finish(r0, *cand.result(len(xi), device), k, None if xh is None else 2 * xh[r0 : r0 + b])
 
 
 def index_chunks(

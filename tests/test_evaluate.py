@@ -11,7 +11,8 @@ from conftest import FAST, synthetic_items
 
 def _trained(make_project, overrides: dict):
     """A tmp project with synthetic items, a batch plan and a trained model."""
-    params = load_params(make_project(FAST | overrides))
+    # 2 test classes: 2-way episodes (queries 4 of 12 items per class, so 1- and 5-shot fit).
+    params = load_params(make_project(FAST | {"evaluate.few_shot.ways": 2, "evaluate.few_shot.queries": 4} | overrides))
     synthetic_items(params.paths["items"])
     make_batches.run(params.make_batches, params.paths)
     train.run(params.train, params.paths)
@@ -31,8 +32,10 @@ def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_proj
     written = json.loads(params.paths["metrics"].read_text())
     assert written == result
     assert written["n_queries"] == 24 and written["n_queries_without_relevant"] == 0
-    for key in ("map_at_r", "r_precision", "map_at_100", "precision_at_1", "recall_at_1", "recall_at_5", "recall_at_10"):
+    for key in ("map_at_r", "r_precision", "map_at_100", "precision_at_1", "recall_at_1", "recall_at_5", "recall_at_10",
+                "few_shot_2way_1shot", "few_shot_2way_5shot"):
         assert 0.0 <= written[key] <= 1.0
+    assert written["few_shot_2way_5shot"] > 0.7 and written["few_shot_2way_1shot_ci95"] >= 0
     # Separable classes: retrieval must be near perfect.
     assert written["precision_at_1"] > 0.9
     lines = params.paths["recall_curve"].read_text().splitlines()
@@ -88,7 +91,7 @@ def _embeddings_project(make_project, rows, factory="Flat", metric="inner_produc
     from tasks import contracts as C
     from tasks.tracking import write_run_info
 
-    params = load_params(make_project({"evaluate.grid_queries": 0, "build_index.factory": factory, "build_index.metric": metric}))
+    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.few_shot.ways": 0, "build_index.factory": factory, "build_index.metric": metric}))
     vectors = np.stack([r[4] for r in rows]).astype(np.float32)
     dim = vectors.shape[1]
     table = pa.table(
@@ -134,4 +137,14 @@ def test_no_query_with_a_relevant_item_is_a_named_error(make_project):
     rows = [("g1", "a", False, True, e[0]), ("g2", "b", False, True, e[1]), ("q1", "z", True, False, e[2])]
     params = _embeddings_project(make_project, rows)
     with pytest.raises(DatasetError, match="none of the 1 queries"):
+        evaluate.run(params.evaluate, params.paths)
+
+
+def test_few_shot_with_too_few_classes_names_the_key(make_project):
+    params = _trained(make_project, {"make_batches.epochs": 1, "evaluate.few_shot.ways": 5})
+    export_embeddings.run(params.export_embeddings, params.paths)
+    build_index.run(params.build_index, params.paths)
+    from tasks.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="evaluate.few_shot.*only 2 of 2 classes"):
         evaluate.run(params.evaluate, params.paths)

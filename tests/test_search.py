@@ -120,3 +120,23 @@ def test_bad_inputs_are_refused():
         next(exact_chunks(x, x, 2, "cosine"))
     with pytest.raises(ValueError, match="self_pos"):
         next(exact_chunks(x, x, 2, self_pos=np.arange(4)))
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_group_preselection_with_duplicates_matches_brute_force(metric):
+    # Blocks of 96/160 columns (multiples of GROUP, more than k + 1 groups) take the group-max
+    # path. Small integer vectors make every score exact in fp32 (so "equal" means equal, which
+    # for arbitrary floats BLAS does not promise: a product's last bit can depend on where it
+    # falls in a tile) and give many tied group maxima and tied scores at the cut.
+    rng = np.random.default_rng(8)
+    x = rng.integers(-2, 3, size=(500, 8)).astype(np.float32)
+    x = np.concatenate([x, x[:40], x[100:140]])
+    x[rng.permutation(len(x))[:60]] = x[7]  # 60 more copies of one vector
+    self_pos = np.arange(len(x))
+    want = _reference(x, x, 5, metric, self_pos)
+    for qc, gb in [(96, 160), (160, 96), (4096, 16384)]:
+        pos, _ = _run(exact_chunks(x, x, 5, metric, self_pos=self_pos, query_chunk=qc, gallery_block=gb))
+        np.testing.assert_array_equal(pos, want)
+        q = x[:200] + 1  # separate query set
+        pos, _ = _run(exact_chunks(q, x, 5, metric, query_chunk=qc, gallery_block=gb))
+        np.testing.assert_array_equal(pos, _reference(q, x, 5, metric))

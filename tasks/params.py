@@ -40,6 +40,7 @@ class Paths(_Strict):
     embeddings: str
     index: str
     index_ids: str
+    index_report: str
     metrics: str
     recall_curve: str
     figures: str
@@ -220,8 +221,13 @@ class ExportEmbeddingsParams(_Strict):
 
 
 class BuildIndexParams(_Strict):
-    factory: str = Field(min_length=1)  # any faiss index_factory string: Flat, IVF64,Flat, HNSW32 ...
+    factory: str = Field(min_length=1)  # any faiss index_factory string, or auto (by collection size)
     metric: Literal["inner_product", "l2"]
+    train_sample: int = Field(ge=0)  # IVF/PQ training vectors drawn with seed; 0 = all
+    nprobe: int = Field(gt=0)  # IVF lists searched per query
+    ef_search: int = Field(gt=0)  # HNSW search breadth (faiss efSearch)
+    report_queries: int = Field(ge=0)  # gallery items sampled for the index report's recall@10 and queries/s
+    seed: int
 
 
 class FewShotParams(_Strict):

@@ -42,6 +42,8 @@ def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_proj
     assert lines[0] == "k,recall" and len(lines) == 1 + 10
     recalls = [float(l.split(",")[1]) for l in lines[1:]]
     assert recalls == sorted(recalls)  # Recall@K never decreases with K
+    report = json.loads(params.paths["index_report"].read_text())
+    assert report["factory"] == "Flat" and report["recall_at_10"] == 1.0 and report["index_bytes"] > 0
     for png in ("recall_at_k.png", "retrieval_grid.png"):
         assert (params.paths["figures"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

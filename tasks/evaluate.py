@@ -12,8 +12,10 @@ Search: a ``Flat`` index *is* exact search, so it runs as blocked matmul + top-k
 (IVF, PQ, HNSW) is searched as built — what users deploy — and the exact metrics are computed too,
 as ``exact_<metric>`` keys beside the index's.
 
-Outputs: ``paths.metrics`` (DVC metrics), ``paths.recall_curve`` (CSV, DVC plot), and PNGs in
-``paths.figures``: the Recall@K curve and a retrieval grid; all also logged to the MLflow run.
+Outputs: ``paths.metrics`` (DVC metrics), ``paths.recall_curve`` and ``paths.per_class_ap`` (CSVs,
+DVC plots), and PNGs in ``paths.figures`` (:mod:`tasks.eval_figures`): the Recall@K curve, a random
+and a worst-queries retrieval grid, the per-class AP histogram and a 2-D projection of the query
+embeddings; all also logged to the MLflow run.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks import contracts as C
-from tasks import fewshot, figures, retrieval, search, tracking
+from tasks import eval_figures, fewshot, figures, retrieval, search, tracking
 from tasks.errors import DatasetError
 from tasks.params import EvaluateParams, Paths
 
@@ -87,15 +89,14 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     ks, recall = retrieval.recall_curve(ret, max(params.recall_at))
     C.write_text(paths["recall_curve"], "k,recall\n" + "".join(f"{x},{v:.6f}\n" for x, v in zip(ks, recall)))
     fig_dir = paths["figures"]
-    answered = int((r > 0).sum())
-    figures.recall_curve(ks, recall, fig_dir / "recall_at_k.png", f"Recall@K ({answered} queries)")
-    _grid(params, paths, query_ids, ret.top_pos, ret.top_scores, ret.top_hits, query_labels, ids_table, fig_dir / "retrieval_grid.png")
+    figures.recall_curve(ks, recall, fig_dir / "recall_at_k.png", f"Recall@K ({int((r > 0).sum())} queries)")
+    eval_figures.draw(params, paths, ret, queries, query_ids, query_labels, gallery_ids)
 
     numeric = {k_: float(v) for k_, v in result.items() if isinstance(v, (int, float))}
     with tracking.stage_run(paths, "evaluate", params) as (child, parent):
         child.metrics(numeric)
         parent.metrics(numeric)
-        for path in (paths["metrics"], paths["recall_curve"], fig_dir):
+        for path in (paths["metrics"], paths["recall_curve"], paths["per_class_ap"], fig_dir):
             parent.artifact(path, "evaluation")
     tracking.finish_pipeline_run(Path(paths.root), parent.run_id)
     return result
@@ -111,29 +112,6 @@ def _few_shot(params: EvaluateParams, x: np.ndarray, labels: np.ndarray, metric:
             raise DatasetError(f"evaluate.few_shot: {err} (set evaluate.few_shot.ways: 0 to skip)") from None
         out |= {f"few_shot_{fs.ways}way_{shots}shot": mean, f"few_shot_{fs.ways}way_{shots}shot_ci95": half}
     return out
-
-
-def _grid(params: EvaluateParams, paths: Paths, query_ids, pos, scores, hits, query_labels, ids_table, out: Path) -> None:
-    """Draw ``grid_queries`` random queries (seeded) with their top ``grid_top_k`` results."""
-    n = min(params.grid_queries, len(query_ids))
-    if n == 0:
-        return
-    pick = np.sort(np.random.default_rng(params.seed).choice(len(query_ids), size=n, replace=False))
-    k = min(params.grid_top_k, pos.shape[1])
-    nb_pos = pos[pick, :k]
-    nb_ids = np.asarray(ids_table[C.ITEM_ID].to_pylist(), dtype=object)[np.maximum(nb_pos, 0)]
-    wanted = set(query_ids[pick]) | set(nb_ids.ravel())
-    items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.PIXELS])
-    items = items.filter(pc.is_in(items[C.ITEM_ID], pa.array(sorted(wanted), pa.string())))
-    shape = (meta["height"], meta["width"], meta["channels"])
-    flat = items[C.PIXELS].combine_chunks().flatten().to_numpy().reshape(-1, *shape)
-    row = {item: i for i, item in enumerate(items[C.ITEM_ID].to_pylist())}
-    blank = np.zeros(shape, np.uint8)
-    fetch = np.vectorize(lambda i: row.get(i, -1), otypes=[np.int64])
-    q_img = flat[fetch(query_ids[pick])]
-    nb_rows = np.where(nb_pos >= 0, fetch(nb_ids), -1)  # -1: no result, or an id not in items
-    nb_img = np.where((nb_rows >= 0)[..., None, None, None], flat[np.maximum(nb_rows, 0)], blank)
-    figures.retrieval_grid(q_img, nb_img, hits[pick, :k], scores[pick, :k], list(query_labels[pick]), out)
 
 
 def main(argv: list[str] | None = None) -> None:

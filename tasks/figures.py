@@ -1,4 +1,5 @@
-"""Pictures for people: the Recall@K curve and a retrieval grid (query, top-k, right/wrong)."""
+"""Pictures for people: the Recall@K curve, retrieval grids (query, top-k, right/wrong), a per-class
+AP histogram and a 2-D projection of embeddings coloured by class."""
 
 from __future__ import annotations
 
@@ -64,4 +65,30 @@ def retrieval_grid(
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
+    _save(fig, path)
+
+
+def ap_histogram(per_class: np.ndarray, path: Path, title: str) -> None:
+    """Histogram of per-class mean AP (values in [0, 1]), with the mean marked."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(per_class, bins=np.linspace(0, 1, 21), color=(0.25, 0.45, 0.75), edgecolor="white")
+    if len(per_class):
+        ax.axvline(float(np.mean(per_class)), color=RED, ls="--", label=f"mean {np.mean(per_class):.3f}")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="MAP@R of the class", ylabel="classes", xlim=(0, 1), title=title)
+    _save(fig, path)
+
+
+def projection(xy: np.ndarray, labels: np.ndarray, path: Path, title: str) -> None:
+    """Scatter of 2-D points (m, 2) coloured by label; a legend when there are at most 20 labels."""
+    classes, inverse = np.unique(labels, return_inverse=True)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")  # tab20 pairs similar hues
+    colours = cmap(inverse % cmap.N)
+    ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=6, alpha=0.8, linewidths=0)
+    if len(classes) <= 20:
+        for i, c in enumerate(classes):
+            ax.scatter([], [], color=cmap(i % cmap.N), label=str(c)[-14:], s=12)
+        ax.legend(fontsize=6, markerscale=1.5, loc="best")
+    ax.set(title=f"{title}, {len(classes)} classes", xticks=[], yticks=[])
     _save(fig, path)

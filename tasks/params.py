@@ -43,6 +43,7 @@ class Paths(_Strict):
     index_report: str
     metrics: str
     recall_curve: str
+    per_class_ap: str
     figures: str
 
     def __getitem__(self, name: str) -> Path:
@@ -244,6 +245,9 @@ class EvaluateParams(_Strict):
     map_at: int = Field(gt=0)  # mAP@k, Google Landmark Retrieval definition (k=100)
     grid_queries: int = Field(ge=0)
     grid_top_k: int = Field(gt=0)
+    worst_queries: int = Field(ge=0)  # rows of the worst-queries grid (lowest AP@R)
+    projection: Literal["pca", "tsne"]  # 2-D picture of the query embeddings
+    projection_sample: int = Field(ge=0)  # points in it (seeded sample)
     # Exact search (tasks.search): one query_chunk × gallery_block float32 tile at a time bounds
     # memory (4096 × 16384 × 4 B = 256 MiB) whatever the collection size.
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")

@@ -44,7 +44,10 @@ def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_proj
     assert recalls == sorted(recalls)  # Recall@K never decreases with K
     report = json.loads(params.paths["index_report"].read_text())
     assert report["factory"] == "Flat" and report["recall_at_10"] == 1.0 and report["index_bytes"] > 0
-    for png in ("recall_at_k.png", "retrieval_grid.png"):
+    per_class = params.paths["per_class_ap"].read_text().splitlines()
+    assert per_class[0] == "label,map_at_r,n_queries" and len(per_class) == 1 + 2
+    assert sum(int(line.split(",")[2]) for line in per_class[1:]) == 24
+    for png in ("recall_at_k.png", "retrieval_grid.png", "worst_queries.png", "per_class_ap.png", "projection.png"):
         assert (params.paths["figures"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,7 +96,7 @@ def _embeddings_project(make_project, rows, factory="Flat", metric="inner_produc
     from tasks import contracts as C
     from tasks.tracking import write_run_info
 
-    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.few_shot.ways": 0, "build_index.factory": factory, "build_index.metric": metric}))
+    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.worst_queries": 0, "evaluate.few_shot.ways": 0, "build_index.factory": factory, "build_index.metric": metric}))
     vectors = np.stack([r[4] for r in rows]).astype(np.float32)
     dim = vectors.shape[1]
     table = pa.table(

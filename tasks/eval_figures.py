@@ -22,6 +22,19 @@ from tasks.params import EvaluateParams, Paths
 from tasks.retrieval import Retrieval
 
 
+def pixels_of(paths: Paths, item_ids: np.ndarray) -> np.ndarray:
+    """uint8 (*item_ids.shape, H, W, C) pixels of items from ``paths.items``; black where an id is
+    not there (or is None)."""
+    wanted = sorted({i for i in item_ids.ravel() if isinstance(i, str)})
+    items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.PIXELS])
+    items = items.filter(pc.is_in(items[C.ITEM_ID], pa.array(wanted, pa.string())))
+    shape = (meta["height"], meta["width"], meta["channels"])
+    flat = np.concatenate([items[C.PIXELS].combine_chunks().flatten().to_numpy().reshape(-1, *shape), np.zeros((1, *shape), np.uint8)])
+    row = {item: i for i, item in enumerate(items[C.ITEM_ID].to_pylist())}
+    rows = np.vectorize(lambda i: row.get(i, -1), otypes=[np.int64])(item_ids) if item_ids.size else np.zeros(item_ids.shape, np.int64)
+    return flat[rows]  # -1 picks the black image appended last
+
+
 def _grid(paths: Paths, pick: np.ndarray, ret: Retrieval, query_ids, query_labels, gallery_ids, k: int, out: Path, ap=None) -> None:
     """Draw queries ``pick`` with their top ``k`` results (pixels read from ``paths.items``);
     ``ap`` (len(pick),): AP@R to print under each query label."""
@@ -29,22 +42,12 @@ def _grid(paths: Paths, pick: np.ndarray, ret: Retrieval, query_ids, query_label
         return
     k = min(k, ret.top_pos.shape[1])
     nb_pos = ret.top_pos[pick, :k]
-    nb_ids = gallery_ids[np.maximum(nb_pos, 0)]
-    wanted = set(query_ids[pick]) | set(nb_ids.ravel())
-    items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.PIXELS])
-    items = items.filter(pc.is_in(items[C.ITEM_ID], pa.array(sorted(wanted), pa.string())))
-    shape = (meta["height"], meta["width"], meta["channels"])
-    flat = items[C.PIXELS].combine_chunks().flatten().to_numpy().reshape(-1, *shape)
-    row = {item: i for i, item in enumerate(items[C.ITEM_ID].to_pylist())}
-    blank = np.zeros(shape, np.uint8)
-    fetch = np.vectorize(lambda i: row.get(i, -1), otypes=[np.int64])
-    q_img = flat[fetch(query_ids[pick])] if len(flat) else np.zeros((len(pick), *shape), np.uint8)
-    nb_rows = np.where(nb_pos >= 0, fetch(nb_ids), -1)  # -1: no result, or an id not in items
-    nb_img = np.where((nb_rows >= 0)[..., None, None, None], flat[np.maximum(nb_rows, 0)] if len(flat) else blank, blank)
+    nb_ids = np.where(nb_pos >= 0, gallery_ids[np.maximum(nb_pos, 0)], None)  # None: no result
     labels = [str(lab) for lab in query_labels[pick]]
     if ap is not None:
         labels = [f"{lab} AP@R {a:.2f}" for lab, a in zip(labels, ap)]
-    figures.retrieval_grid(q_img, nb_img, ret.top_hits[pick, :k], ret.top_scores[pick, :k], labels, out)
+    q_img = pixels_of(paths, np.asarray(query_ids[pick], dtype=object))
+    figures.retrieval_grid(q_img, pixels_of(paths, nb_ids), ret.top_hits[pick, :k], ret.top_scores[pick, :k], labels, out)
 
 
 def draw(params: EvaluateParams, paths: Paths, ret: Retrieval, queries: np.ndarray, query_ids, query_labels, gallery_ids) -> None:

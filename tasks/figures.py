@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 
 from tasks.contracts import atomic_path  # noqa: E402
 
-GREEN, RED = (0.1, 0.7, 0.2), (0.85, 0.1, 0.1)
+GREEN, RED, GREY = (0.1, 0.7, 0.2), (0.85, 0.1, 0.1), (0.5, 0.5, 0.5)
 
 
 def _save(fig, path: Path) -> None:
@@ -39,16 +39,19 @@ def recall_curve(ks: np.ndarray, recall: np.ndarray, path: Path, title: str) -> 
 def retrieval_grid(
     queries: np.ndarray,
     neighbors: np.ndarray,
-    correct: np.ndarray,
+    correct: np.ndarray | None,
     scores: np.ndarray,
     query_labels: list[str],
     path: Path,
+    neighbor_labels: np.ndarray | None = None,
 ) -> None:
-    """One row per query: the query image, then its top-k results framed green (same label) or red.
+    """One row per query: the query image, then its top-k results framed green (same label) or red
+    (grey when ``correct`` is None: a query of unknown label). ``neighbor_labels`` (Q, k), optional,
+    are printed under each result.
 
     queries (Q, H, W, C) uint8, neighbors (Q, k, H, W, C) uint8, correct (Q, k) bool, scores (Q, k).
     """
-    q, k = correct.shape
+    q, k = scores.shape
     fig, axes = plt.subplots(q, k + 1, figsize=(1.3 * (k + 1), 1.45 * q), squeeze=False)
     gray = queries.shape[-1] == 1
     show = (lambda ax, img: ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=255))
@@ -58,10 +61,12 @@ def retrieval_grid(
         for j in range(k):
             ax = axes[i, j + 1]
             show(ax, neighbors[i, j])
+            colour = GREY if correct is None else GREEN if correct[i, j] else RED
             for spine in ax.spines.values():
-                spine.set_edgecolor(GREEN if correct[i, j] else RED)
+                spine.set_edgecolor(colour)
                 spine.set_linewidth(3)
-            ax.set_title(f"#{j + 1} {scores[i, j]:.3f}", fontsize=7, color=GREEN if correct[i, j] else RED)
+            extra = "" if neighbor_labels is None else f"\n{str(neighbor_labels[i, j])[-12:]}"
+            ax.set_title(f"#{j + 1} {scores[i, j]:.3f}{extra}", fontsize=7, color=colour)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

@@ -140,3 +140,14 @@ def test_group_preselection_with_duplicates_matches_brute_force(metric):
         q = x[:200] + 1  # separate query set
         pos, _ = _run(exact_chunks(q, x, 5, metric, query_chunk=qc, gallery_block=gb))
         np.testing.assert_array_equal(pos, _reference(q, x, 5, metric))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_cuda_gives_the_cpu_answer(metric):
+    x = _unit(3000, 32, 11)
+    for self_pos in (np.arange(3000), None):
+        cpu = _run(exact_chunks(x, x, 10, metric, self_pos, "cpu", 512, 1024))
+        gpu = _run(exact_chunks(x, x, 10, metric, self_pos, "cuda", 512, 1024))
+        assert (cpu[0] == gpu[0]).mean() > 0.999  # fp32 on both; summation order may flip near-ties
+        np.testing.assert_allclose(cpu[1], gpu[1], atol=1e-5)

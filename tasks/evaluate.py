@@ -64,7 +64,10 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     qc, gc = retrieval.label_codes(query_labels, gallery_labels)
     r = retrieval.n_relevant(qc, gc, self_pos)
     k = retrieval.needed_k(r, len(gallery_ids), params.map_at, max(params.recall_at), params.grid_top_k)
-    queries, g_vectors = vectors[is_query], vectors[gallery]
+    g_vectors = vectors[gallery]
+    # Leave-one-out on one set: one array for both (no copy; exact search sees it is symmetric).
+    queries = g_vectors if np.array_equal(is_query, gallery) else vectors[is_query]
+    del vectors
     metric = ids_meta["metric"]
 
     def exact():
@@ -73,6 +76,7 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
 
     is_exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
     if is_exact:
+        del index  # its vectors are g_vectors: free the copy (512 MB at 1M × 128)
         ret = exact()
     else:
         chunks = search.index_chunks(index, queries, k, self_pos, params.query_chunk, negate=metric == "l2")

@@ -21,13 +21,13 @@ def _top(chunks) -> np.ndarray:
 
 
 def index_report(index, gallery: np.ndarray, metric: str, n_queries: int, seed: int, k: int = 10) -> dict:
-    """gallery float32 (G, D) as indexed; -> {recall_at_10, queries_per_second, exact_queries_per_second, n_report_queries}."""
+    """gallery float32 (G, D) as indexed; -> {index_recall_at_10, queries_per_second, exact_queries_per_second, n_report_queries}."""
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(gallery), size=min(n_queries, len(gallery)), replace=False))
     queries, self_pos = gallery[pick], pick.astype(np.int64)
     k = min(k, len(gallery) - 1)
     if k < 1 or len(pick) == 0:
-        return {"recall_at_10": 1.0, "queries_per_second": 0.0, "exact_queries_per_second": 0.0, "n_report_queries": 0}
+        return {"index_recall_at_10": 1.0, "queries_per_second": 0.0, "exact_queries_per_second": 0.0, "n_report_queries": 0}
     start = time.perf_counter()
     approx = _top(search.index_chunks(index, queries, k, self_pos, negate=metric == "l2"))
     t_index = time.perf_counter() - start
@@ -36,7 +36,7 @@ def index_report(index, gallery: np.ndarray, metric: str, n_queries: int, seed: 
     t_exact = time.perf_counter() - start
     found = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / max((e >= 0).sum(), 1) for a, e in zip(approx, exact)]
     return {
-        "recall_at_10": float(np.mean(found)),  # k = 10, or G - 1 for a smaller gallery
+        "index_recall_at_10": float(np.mean(found)),  # k = 10, or G - 1 for a smaller gallery
         "queries_per_second": len(pick) / max(t_index, 1e-9),
         "exact_queries_per_second": len(pick) / max(t_exact, 1e-9),
         "n_report_queries": int(len(pick)),

@@ -43,7 +43,7 @@ def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_proj
     recalls = [float(l.split(",")[1]) for l in lines[1:]]
     assert recalls == sorted(recalls)  # Recall@K never decreases with K
     report = json.loads(params.paths["index_report"].read_text())
-    assert report["factory"] == "Flat" and report["recall_at_10"] == 1.0 and report["index_bytes"] > 0
+    assert report["factory"] == "Flat" and report["index_recall_at_10"] == 1.0 and report["index_bytes"] > 0
     per_class = params.paths["per_class_ap"].read_text().splitlines()
     assert per_class[0] == "label,map_at_r,n_queries" and len(per_class) == 1 + 2
     assert sum(int(line.split(",")[2]) for line in per_class[1:]) == 24

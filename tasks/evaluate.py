@@ -1,12 +1,21 @@
-"""Stage 6 — evaluate: search the built index with the queries and score the retrieval.
+"""Stage 6 — evaluate: score retrieval of the queries against the gallery, exactly and as deployed.
 
-Metrics (definitions in :mod:`tasks.metrics`): mAP@R, R-precision, mAP@k (Google Landmark
-Retrieval), Recall@K, Precision@1 — computed from the index the pipeline built, so users measure
-what they deploy. Leave-one-out: a query that is also in the gallery never retrieves itself, and
-does not count itself as relevant. Queries with no relevant gallery item are counted, not averaged.
+Metrics (definitions and papers in :mod:`tasks.metrics`): mAP@R, R-precision, mAP@k (Google
+Landmark Retrieval), Recall@K, Precision@1. Protocols (:mod:`tasks.retrieval`): leave-one-out when
+a query is also in the gallery (it never retrieves itself nor counts itself as relevant), separate
+query / gallery sets, and queries whose class is absent from the gallery (counted as
+``n_queries_without_relevant``, never averaged, never NaN). k reaches the largest class, so MAP@R
+and R-precision are exact.
 
-Outputs: ``paths.metrics`` (DVC metrics), ``paths.recall_curve`` (CSV, DVC plot), and PNGs in
-``paths.figures``: the Recall@K curve and a retrieval grid; all also logged to the MLflow run.
+Search: a ``Flat`` index *is* exact search, so it runs as blocked matmul + top-k
+(:mod:`tasks.search`; CUDA when present) with memory bounded by one tile. An approximate index
+(IVF, PQ, HNSW) is searched as built — what users deploy — and the exact metrics are computed too,
+as ``exact_<metric>`` keys beside the index's.
+
+Outputs: ``paths.metrics`` (DVC metrics), ``paths.recall_curve`` and ``paths.per_class_ap`` (CSVs,
+DVC plots), and PNGs in ``paths.figures`` (:mod:`tasks.eval_figures`): the Recall@K curve, a random
+and a worst-queries retrieval grid, the per-class AP histogram and a 2-D projection of the query
+embeddings; all also logged to the MLflow run.
 """
 
 from __future__ import annotations
@@ -19,82 +28,79 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks import contracts as C
-from tasks import figures, metrics, registry, tracking
+from tasks import eval_figures, fewshot, figures, registry, retrieval, search, tracking
+from tasks.errors import DatasetError
 from tasks.params import EvaluateParams, Paths
 
-
-def search_excluding_self(
-    index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, gallery_ids: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` gallery positions (Q, k) and scores (Q, k), the query itself removed.
-
-    Searches k+1 and drops the query's own item where found (else the last column), so every
-    query gets exactly k candidates. Missing results (approximate indexes) are position -1.
-    """
-    k_search = min(k + 1, index.ntotal)
-    scores, pos = index.search(queries, k_search)
-    is_self = (pos >= 0) & (gallery_ids[np.maximum(pos, 0)] == query_ids[:, None])
-    # Stable sort on the self flag moves the self match to the end without reordering the rest.
-    order = np.argsort(is_self, axis=1, kind="stable")
-    pos, scores = np.take_along_axis(pos, order, 1), np.take_along_axis(scores, order, 1)
-    # When the whole gallery fits in k, the self match is still in the row: blank it out.
-    moved_self = np.take_along_axis(is_self, order, 1)
-    pos[moved_self], scores[moved_self] = -1, np.nan
-    pos, scores = pos[:, :k], scores[:, :k]
-    if pos.shape[1] < k:  # gallery smaller than k: pad with "no result"
-        pad = k - pos.shape[1]
-        pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
-    return pos, scores
-
-
-def run(params: EvaluateParams, paths: Paths) -> dict:
-    """Score retrieval through ``paths.index``; write metrics, the Recall@K curve and figures."""
+def _read(paths: Paths):
+    """-> embeddings table, vectors (N, D), gallery mask (N,), index, index id-map table; checked
+    against each other (a stale index would score queries against another model's space)."""
     table, vectors, emb_meta = C.read_embeddings(paths["embeddings"])
     ids_table, ids_meta = C.read_table(paths["index_ids"], C.INDEX_IDS)
     index = faiss.read_index(str(paths["index"]))
     if index.ntotal != ids_table.num_rows:
         raise C.ContractError(f"{paths['index']} holds {index.ntotal} vectors but {paths['index_ids']} maps {ids_table.num_rows}")
-    # A stale index (built from another model's embeddings) would score queries against the wrong space.
     if ids_meta["model_sha256"] != emb_meta["model_sha256"] or index.d != emb_meta["dim"]:
         raise C.ContractError(
             f"{paths['index']} was built from model {ids_meta['model_sha256'][:12]} (dim {index.d}) but "
             f"{paths['embeddings']} comes from model {emb_meta['model_sha256'][:12]} (dim {emb_meta['dim']}): rebuild the index"
         )
-    gallery_ids = np.asarray(ids_table[C.ITEM_ID].to_pylist(), dtype=object)
-    gallery_labels = np.asarray(ids_table[C.LABEL].to_pylist(), dtype=object)
-    is_query = pc.equal(table[C.IS_QUERY], True).to_numpy(zero_copy_only=False)
-    query_ids = np.asarray(table[C.ITEM_ID].to_pylist(), dtype=object)[is_query]
-    query_labels = np.asarray(table[C.LABEL].to_pylist(), dtype=object)[is_query]
+    gallery = pc.equal(table[C.IS_GALLERY], True).to_numpy(zero_copy_only=False)
+    if not table[C.ITEM_ID].filter(pa.array(gallery)).equals(ids_table[C.ITEM_ID]):
+        raise C.ContractError(f"{paths['index_ids']} does not list the gallery of {paths['embeddings']} in order: rebuild the index")
+    return table, vectors, gallery, index, ids_table, ids_meta
 
-    # R per query: same-label gallery items, minus the query itself when it is in the gallery.
-    labels, counts = np.unique(gallery_labels, return_counts=True)
-    per_label = dict(zip(labels, counts))
-    in_gallery = np.isin(query_ids, gallery_ids)
-    n_relevant = np.array([per_label.get(l, 0) for l in query_labels]) - in_gallery
-    k = int(max(n_relevant.max(initial=1), params.map_at, max(params.recall_at), params.grid_top_k))
-    k = min(k, index.ntotal - (1 if in_gallery.any() else 0))
-    pos, scores = search_excluding_self(index, vectors[is_query], query_ids, gallery_ids, k)
-    valid = pos >= 0
-    hits = metrics.relevance(query_labels, gallery_labels[np.maximum(pos, 0)], valid=valid)
-    result = metrics.summarize(hits, n_relevant, params.recall_at, params.map_at)
-    result["index_factory"] = ids_meta["factory"]
+
+def run(params: EvaluateParams, paths: Paths) -> dict:
+    """Score retrieval; write metrics, the Recall@K curve and figures."""
+    table, vectors, gallery, index, ids_table, ids_meta = _read(paths)
+    gallery_ids = ids_table[C.ITEM_ID].to_numpy(zero_copy_only=False)
+    gallery_labels = ids_table[C.LABEL].to_numpy(zero_copy_only=False)
+    is_query = pc.equal(table[C.IS_QUERY], True).to_numpy(zero_copy_only=False)
+    query_ids = table[C.ITEM_ID].to_numpy(zero_copy_only=False)[is_query]
+    query_labels = table[C.LABEL].to_numpy(zero_copy_only=False)[is_query]
+    position = {item: i for i, item in enumerate(gallery_ids)}
+    self_pos = np.array([position.get(i, -1) for i in query_ids], dtype=np.int64)
+    qc, gc = retrieval.label_codes(query_labels, gallery_labels)
+    r = retrieval.n_relevant(qc, gc, self_pos)
+    k = retrieval.needed_k(r, len(gallery_ids), params.map_at, max(params.recall_at), params.grid_top_k)
+    g_vectors = vectors[gallery]
+    # Leave-one-out on one set: one array for both (no copy; exact search sees it is symmetric).
+    queries = g_vectors if np.array_equal(is_query, gallery) else vectors[is_query]
+    del vectors
+    metric = ids_meta["metric"]
+
+    def exact():
+        chunks = search.exact_chunks(queries, g_vectors, k, metric, self_pos, search.pick_device(params.device), params.query_chunk, params.gallery_block)
+        return retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k)
+
+    is_exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+    if is_exact:
+        del index  # its vectors are g_vectors: free the copy (512 MB at 1M × 128)
+        ret = exact()
+    else:
+        chunks = search.index_chunks(index, queries, k, self_pos, params.query_chunk, negate=metric == "l2")
+        ret = retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k)
+    try:
+        result = retrieval.summary(ret, params.recall_at, params.map_at)
+        if not is_exact:
+            result |= {f"exact_{key}": v for key, v in retrieval.summary(exact(), params.recall_at, params.map_at).items() if not key.startswith("n_")}
+    except ValueError as err:
+        raise DatasetError(f"{paths['embeddings']}: {err}") from None
+    result |= _few_shot(params, queries, query_labels, metric) | {"index_factory": ids_meta["factory"], "search": "exact" if is_exact else "index"}
     C.write_json(paths["metrics"], result)
 
-    answered = n_relevant > 0
-    ks = np.arange(1, max(params.recall_at) + 1)
-    curve = metrics.recall_at_k(hits[answered], list(ks))
-    recall = np.array([curve[int(x)].mean() for x in ks])
-    C.write_text(paths["recall_curve"], "k,recall\n" + "".join(f"{x},{r:.6f}\n" for x, r in zip(ks, recall)))
+    ks, recall = retrieval.recall_curve(ret, max(params.recall_at))
+    C.write_text(paths["recall_curve"], "k,recall\n" + "".join(f"{x},{v:.6f}\n" for x, v in zip(ks, recall)))
     fig_dir = paths["figures"]
-    figures.recall_curve(ks, recall, fig_dir / "recall_at_k.png", f"Recall@K ({int(answered.sum())} queries)")
-    _grid(params, paths, query_ids, pos, scores, hits, query_labels, ids_table, fig_dir / "retrieval_grid.png")
+    figures.recall_curve(ks, recall, fig_dir / "recall_at_k.png", f"Recall@K ({int((r > 0).sum())} queries)")
+    eval_figures.draw(params, paths, ret, queries, query_ids, query_labels, gallery_ids)
 
     numeric = {k_: float(v) for k_, v in result.items() if isinstance(v, (int, float))}
     with tracking.stage_run(paths, "evaluate", params) as (child, parent):
         child.metrics(numeric)
         parent.metrics(numeric)
-        for path in (paths["metrics"], paths["recall_curve"], fig_dir):
+        for path in (paths["metrics"], paths["recall_curve"], paths["per_class_ap"], fig_dir):
             parent.artifact(path, "evaluation")
         registered = {}
         if params.registered_model:
@@ -104,27 +110,16 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     return result | registered
 
 
-def _grid(params: EvaluateParams, paths: Paths, query_ids, pos, scores, hits, query_labels, ids_table, out: Path) -> None:
-    """Draw ``grid_queries`` random queries (seeded) with their top ``grid_top_k`` results."""
-    n = min(params.grid_queries, len(query_ids))
-    if n == 0:
-        return
-    pick = np.sort(np.random.default_rng(params.seed).choice(len(query_ids), size=n, replace=False))
-    k = min(params.grid_top_k, pos.shape[1])
-    nb_pos = pos[pick, :k]
-    nb_ids = np.asarray(ids_table[C.ITEM_ID].to_pylist(), dtype=object)[np.maximum(nb_pos, 0)]
-    wanted = set(query_ids[pick]) | set(nb_ids.ravel())
-    items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.PIXELS])
-    items = items.filter(pc.is_in(items[C.ITEM_ID], pa.array(sorted(wanted), pa.string())))
-    shape = (meta["height"], meta["width"], meta["channels"])
-    flat = items[C.PIXELS].combine_chunks().flatten().to_numpy().reshape(-1, *shape)
-    row = {item: i for i, item in enumerate(items[C.ITEM_ID].to_pylist())}
-    blank = np.zeros(shape, np.uint8)
-    fetch = np.vectorize(lambda i: row.get(i, -1), otypes=[np.int64])
-    q_img = flat[fetch(query_ids[pick])]
-    nb_rows = np.where(nb_pos >= 0, fetch(nb_ids), -1)  # -1: no result, or an id not in items
-    nb_img = np.where((nb_rows >= 0)[..., None, None, None], flat[np.maximum(nb_rows, 0)], blank)
-    figures.retrieval_grid(q_img, nb_img, hits[pick, :k], scores[pick, :k], list(query_labels[pick]), out)
+def _few_shot(params: EvaluateParams, x: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float]:
+    """``few_shot_{N}way_{K}shot`` accuracy and its ``_ci95`` half-width for each K (tasks.fewshot)."""
+    fs, out = params.few_shot, {}
+    for shots in fs.shots if fs.ways else []:
+        try:
+            mean, half = fewshot.episodes_accuracy(x, labels, fs.ways, shots, fs.queries, fs.episodes, params.seed, metric)
+        except ValueError as err:
+            raise DatasetError(f"evaluate.few_shot: {err} (set evaluate.few_shot.ways: 0 to skip)") from None
+        out |= {f"few_shot_{fs.ways}way_{shots}shot": mean, f"few_shot_{fs.ways}way_{shots}shot_ci95": half}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

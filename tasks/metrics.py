@@ -13,7 +13,9 @@ Everything here works on two arrays the caller builds from its k-NN search:
 
 Per-query functions return float64 ``(Q,)`` arrays, NaN where a metric is undefined (R == 0);
 :func:`summarize` averages over the queries that have at least one relevant item and reports how
-many did not. Only ``(Q, k)`` arrays are ever built — never ``(Q, N)`` over the gallery — so memory
+many did not. For large query sets, :func:`per_query` reduces one chunk of queries to ``(c,)``
+arrays, :func:`concat` joins the chunks and :func:`summarize_per_query` averages them — the same
+numbers as :func:`summarize` on the whole ``(Q, k)`` at once. Only ``(Q, k)`` arrays are ever built — never ``(Q, N)`` over the gallery — so memory
 follows the k-NN result, not the gallery size. Numpy only: importing this module does not load
 torch.
 """
@@ -212,6 +214,60 @@ def precision_at_1(hits: np.ndarray) -> np.ndarray:
     return h[:, 0].astype(np.float64)
 
 
+def per_query(hits: np.ndarray, n_relevant: np.ndarray, map_k: int) -> dict[str, np.ndarray]:
+    """Every per-query value the summary needs, for one chunk of queries (so Q never has to fit).
+
+    ``hits`` bool ``(c, k)`` with ``k >= max(R)`` of the chunk, ``n_relevant`` int ``(c,)``. Returns
+    ``(c,)`` arrays: ``map_at_r``, ``r_precision``, ``map_at_{map_k}`` (NaN where R == 0),
+    ``first_hit`` (0-based rank of the first relevant neighbour, -1 if none in the k: Recall@K and
+    Precision@1 for any K <= k follow from it) and ``n_relevant``. Concatenate chunks along axis 0
+    and pass the result to :func:`summarize_per_query`.
+    """
+    h = _check_hits(hits)
+    r = _check_n_relevant(n_relevant, h)
+    found = h.any(axis=1)
+    return {
+        "map_at_r": map_at_r(h, r),
+        "r_precision": r_precision(h, r),
+        f"map_at_{map_k}": map_at_k(h, r, map_k),
+        "first_hit": np.where(found, h.argmax(axis=1), -1).astype(np.int64),
+        "n_relevant": r,
+    }
+
+
+def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Chunks of :func:`per_query` -> one dict of ``(Q,)`` arrays, in chunk order."""
+    if not parts:
+        raise ValueError("no query chunks to concatenate")
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
+def summarize_per_query(values: dict[str, np.ndarray], recall_ks: Sequence[int], map_k: int) -> dict[str, float | int]:
+    """Means over the queries with at least one relevant gallery item; see :func:`summarize`."""
+    r = values["n_relevant"]
+    keep = r > 0
+    if not keep.any():
+        raise ValueError(
+            f"none of the {r.shape[0]} queries has a relevant item in the gallery; "
+            "no retrieval metric is defined"
+        )
+    for kk in recall_ks:
+        if isinstance(kk, bool) or not isinstance(kk, (int, np.integer)) or kk < 1:
+            raise ValueError(f"every K in recall_ks must be a positive integer, got {kk!r}")
+    first = values["first_hit"][keep]
+    out: dict[str, float | int] = {
+        "map_at_r": float(values["map_at_r"][keep].mean()),
+        "r_precision": float(values["r_precision"][keep].mean()),
+        f"map_at_{map_k}": float(values[f"map_at_{map_k}"][keep].mean()),
+        "precision_at_1": float((first == 0).mean()),
+    }
+    for kk in recall_ks:
+        out[f"recall_at_{int(kk)}"] = float(((first >= 0) & (first < kk)).mean())
+    out["n_queries"] = int(keep.shape[0])
+    out["n_queries_without_relevant"] = int((~keep).sum())
+    return out
+
+
 def summarize(
     hits: np.ndarray, n_relevant: np.ndarray, recall_ks: Sequence[int], map_k: int
 ) -> dict[str, float | int]:
@@ -219,29 +275,15 @@ def summarize(
 
     Returns ``{"map_at_r", "r_precision", f"map_at_{map_k}", "precision_at_1",
     f"recall_at_{K}" for K in recall_ks, "n_queries", "n_queries_without_relevant"}``.
-    ``n_queries`` is Q (all queries); ``n_queries_without_relevant`` those with R == 0, which are
-    left out of every average — they have no right answer, so scoring them 0 would penalise the
-    model for the data split (this matches pytorch-metric-learning's AccuracyCalculator, which drops
-    such "lone" queries from all its k-NN metrics). Raises ValueError if no query has a relevant
-    item.
+    ``n_queries`` is Q (all queries); ``n_queries_without_relevant`` those with R == 0 (a singleton
+    class under leave-one-out, or a query class absent from the gallery), which are left out of
+    every average — they have no right answer, so scoring them 0 would penalise the model for the
+    data split (this matches pytorch-metric-learning's AccuracyCalculator, which drops such "lone"
+    queries from all its k-NN metrics). Never NaN: raises ValueError if no query has a relevant
+    item. Recall@K with K > k uses all k columns.
     """
     h = _check_hits(hits)
     r = _check_n_relevant(n_relevant, h)
-    keep = r > 0
-    if not keep.any():
-        raise ValueError(
-            f"none of the {r.shape[0]} queries has a relevant item in the gallery; "
-            "no retrieval metric is defined"
-        )
-    h, r = h[keep], r[keep]
-    out: dict[str, float | int] = {
-        "map_at_r": float(map_at_r(h, r).mean()),
-        "r_precision": float(r_precision(h, r).mean()),
-        f"map_at_{map_k}": float(map_at_k(h, r, map_k).mean()),
-        "precision_at_1": float(precision_at_1(h).mean()),
-    }
-    for kk, per_query in recall_at_k(h, recall_ks).items():
-        out[f"recall_at_{kk}"] = float(per_query.mean())
-    out["n_queries"] = int(keep.shape[0])
-    out["n_queries_without_relevant"] = int((~keep).sum())
-    return out
+    if (r > 0).any():
+        return summarize_per_query(per_query(h, r, map_k), recall_ks, map_k)
+    return summarize_per_query({"n_relevant": r}, recall_ks, map_k)  # raises: nothing to average

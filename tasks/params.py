@@ -41,8 +41,10 @@ class Paths(_Strict):
     embeddings: str
     index: str
     index_ids: str
+    index_report: str
     metrics: str
     recall_curve: str
+    per_class_ap: str
     figures: str
 
     def __getitem__(self, name: str) -> Path:
@@ -252,8 +254,22 @@ class ExportEmbeddingsParams(_Strict):
 
 
 class BuildIndexParams(_Strict):
-    factory: str = Field(min_length=1)  # any faiss index_factory string: Flat, IVF64,Flat, HNSW32 ...
+    factory: str = Field(min_length=1)  # any faiss index_factory string, or auto (by collection size)
     metric: Literal["inner_product", "l2"]
+    train_sample: int = Field(ge=0)  # IVF/PQ training vectors drawn with seed; 0 = all
+    nprobe: int = Field(gt=0)  # IVF lists searched per query
+    ef_search: int = Field(gt=0)  # HNSW search breadth (faiss efSearch)
+    report_queries: int = Field(ge=0)  # gallery items sampled for the index report's recall@10 and queries/s
+    seed: int
+
+
+class FewShotParams(_Strict):
+    """N-way K-shot episodes over the query classes (tasks.fewshot); ways 0 = off."""
+
+    ways: int = Field(ge=0)
+    shots: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    queries: int = Field(gt=0)  # per class and episode
+    episodes: int = Field(gt=0)
 
 
 class EvaluateParams(_Strict):
@@ -261,10 +277,19 @@ class EvaluateParams(_Strict):
     map_at: int = Field(gt=0)  # mAP@k, Google Landmark Retrieval definition (k=100)
     grid_queries: int = Field(ge=0)
     grid_top_k: int = Field(gt=0)
+    worst_queries: int = Field(ge=0)  # rows of the worst-queries grid (lowest AP@R)
+    projection: Literal["pca", "tsne"]  # 2-D picture of the query embeddings
+    projection_sample: int = Field(ge=0)  # points in it (seeded sample)
+    # Exact search (tasks.search): one query_chunk × gallery_block float32 tile at a time bounds
+    # memory (4096 × 16384 × 4 B = 256 MiB) whatever the collection size.
+    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    query_chunk: int = Field(gt=0)
+    gallery_block: int = Field(gt=0)
+    few_shot: FewShotParams
     # MLflow registered model that each evaluated model becomes a version of (champion/challenger
     # by mAP@R, see tasks.registry); null = do not log or register the model.
     registered_model: str | None = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    seed: int
+    seed: int  # grid queries and few-shot episodes
 
 
 class Params(_Strict):

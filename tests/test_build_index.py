@@ -36,3 +36,34 @@ def test_bad_factory_string_is_a_clear_error():
 def test_too_few_vectors_to_train_is_a_clear_error():
     with pytest.raises(ValueError, match="training"):
         build(_unit(10, 8), "IVF64,Flat", "inner_product")
+
+
+def test_auto_factory_rule_by_collection_size():
+    from tasks.build_index import auto_factory
+
+    assert auto_factory(1_797, 64) == "Flat"
+    assert auto_factory(200_000, 64) == "Flat"
+    assert auto_factory(1_000_000, 128) == "IVF4096,Flat"  # 4·√1e6 = 4000 -> 2^12
+    assert auto_factory(300_000, 128) == "IVF2048,Flat"  # 4·√3e5 ≈ 2191 -> 2^11
+    assert auto_factory(10_000_000, 128) == "IVF16384,PQ32"
+
+
+def test_train_sample_and_search_params_are_saved_with_the_index(tmp_path):
+    import faiss
+
+    from tasks.build_index import set_search_params
+
+    x = _unit(2000, 16)
+    ivf = build(x, "IVF16,Flat", "inner_product", train_sample=500, seed=1)
+    assert ivf.ntotal == 2000
+    set_search_params(ivf, nprobe=5, ef_search=7)
+    faiss.write_index(ivf, str(tmp_path / "ivf.faiss"))
+    assert faiss.extract_index_ivf(faiss.read_index(str(tmp_path / "ivf.faiss"))).nprobe == 5
+    hnsw = build(x, "HNSW8", "inner_product")
+    set_search_params(hnsw, nprobe=5, ef_search=7)
+    faiss.write_index(hnsw, str(tmp_path / "hnsw.faiss"))
+    assert faiss.downcast_index(faiss.read_index(str(tmp_path / "hnsw.faiss"))).hnsw.efSearch == 7
+    set_search_params(build(x, "Flat", "l2"), nprobe=5, ef_search=7)  # neither: left alone
+    # Too small a training sample for 16 lists is the same clear error as too few vectors.
+    with pytest.raises(ValueError, match="training"):
+        build(x, "IVF16,Flat", "inner_product", train_sample=8)

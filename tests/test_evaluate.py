@@ -5,35 +5,14 @@ import numpy as np
 import pytest
 
 from tasks import build_index, evaluate, export_embeddings, make_batches, train
-from tasks.evaluate import search_excluding_self
 from tasks.params import load_params
 from conftest import FAST, synthetic_items
 
 
-def test_search_never_returns_the_query_itself():
-    x = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 3]]  # items 0 and 1 are identical
-    index = faiss.IndexFlatIP(4)
-    index.add(x)
-    ids = np.array(["a", "b", "c", "d", "e"], dtype=object)
-    pos, scores = search_excluding_self(index, x[:2], ids[:2], ids, k=3)
-    assert pos.shape == (2, 3)
-    assert pos[0, 0] == 1 and pos[1, 0] == 0  # each finds its twin, never itself
-    assert 0 not in pos[0] and 1 not in pos[1]
-    assert scores[0, 0] == pytest.approx(1.0)
-
-
-def test_search_pads_when_the_gallery_is_smaller_than_k():
-    x = np.eye(3, dtype=np.float32)
-    index = faiss.IndexFlatIP(3)
-    index.add(x)
-    ids = np.array(["a", "b", "c"], dtype=object)
-    pos, scores = search_excluding_self(index, x[:1], ids[:1], ids, k=4)
-    assert pos.shape == (1, 4) and (pos[0, 2:] == -1).all() and np.isnan(scores[0, 2:]).all()
-
-
 def _trained(make_project, overrides: dict):
     """A tmp project with synthetic items, a batch plan and a trained model."""
-    params = load_params(make_project(FAST | overrides))
+    # 2 test classes: 2-way episodes (queries 4 of 12 items per class, so 1- and 5-shot fit).
+    params = load_params(make_project(FAST | {"evaluate.few_shot.ways": 2, "evaluate.few_shot.queries": 4} | overrides))
     synthetic_items(params.paths["items"])
     make_batches.run(params.make_batches, params.paths)
     train.run(params.train, params.paths)
@@ -53,15 +32,22 @@ def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_proj
     written = json.loads(params.paths["metrics"].read_text())
     assert written == result
     assert written["n_queries"] == 24 and written["n_queries_without_relevant"] == 0
-    for key in ("map_at_r", "r_precision", "map_at_100", "precision_at_1", "recall_at_1", "recall_at_5", "recall_at_10"):
+    for key in ("map_at_r", "r_precision", "map_at_100", "precision_at_1", "recall_at_1", "recall_at_5", "recall_at_10",
+                "few_shot_2way_1shot", "few_shot_2way_5shot"):
         assert 0.0 <= written[key] <= 1.0
+    assert written["few_shot_2way_5shot"] > 0.7 and written["few_shot_2way_1shot_ci95"] >= 0
     # Separable classes: retrieval must be near perfect.
     assert written["precision_at_1"] > 0.9
     lines = params.paths["recall_curve"].read_text().splitlines()
     assert lines[0] == "k,recall" and len(lines) == 1 + 10
     recalls = [float(l.split(",")[1]) for l in lines[1:]]
     assert recalls == sorted(recalls)  # Recall@K never decreases with K
-    for png in ("recall_at_k.png", "retrieval_grid.png"):
+    report = json.loads(params.paths["index_report"].read_text())
+    assert report["factory"] == "Flat" and report["index_recall_at_10"] == 1.0 and report["index_bytes"] > 0
+    per_class = params.paths["per_class_ap"].read_text().splitlines()
+    assert per_class[0] == "label,map_at_r,n_queries" and len(per_class) == 1 + 2
+    assert sum(int(line.split(",")[2]) for line in per_class[1:]) == 24
+    for png in ("recall_at_k.png", "retrieval_grid.png", "worst_queries.png", "per_class_ap.png", "projection.png"):
         assert (params.paths["figures"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -69,6 +55,10 @@ def test_evaluate_through_an_approximate_index(make_project):
     params = _trained(make_project, {"make_batches.epochs": 1, "build_index.factory": "HNSW8"})
     result = _pipeline_after_train(params)
     assert result["index_factory"] == "HNSW8" and result["n_queries"] == 24
+    assert result["search"] == "index"
+    # Exact metrics beside the index's, for comparison; HNSW on 24 items finds the exact answer.
+    for key in ("map_at_r", "r_precision", "map_at_100", "precision_at_1", "recall_at_1"):
+        assert result[f"exact_{key}"] == pytest.approx(result[key])
 
 
 def test_index_and_id_map_must_agree(make_project):
@@ -95,4 +85,71 @@ def test_an_index_from_another_model_is_refused(make_project):
     train.run(retrained.train, retrained.paths)
     export_embeddings.run(retrained.export_embeddings, retrained.paths)
     with pytest.raises(ContractError, match="rebuild the index"):
+        evaluate.run(params.evaluate, params.paths)
+
+
+def _embeddings_project(make_project, rows, factory="Flat", metric="inner_product"):
+    """A project whose embeddings table is ``rows`` = [(item_id, label, is_query, is_gallery, vector)]
+    (no model, no items: the index is built and evaluated from it directly)."""
+    import pyarrow as pa
+
+    from tasks import contracts as C
+    from tasks.tracking import write_run_info
+
+    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.worst_queries": 0, "evaluate.few_shot.ways": 0, "build_index.factory": factory, "build_index.metric": metric}))
+    vectors = np.stack([r[4] for r in rows]).astype(np.float32)
+    dim = vectors.shape[1]
+    table = pa.table(
+        {
+            C.ITEM_ID: [r[0] for r in rows], C.LABEL: [r[1] for r in rows], C.SPLIT: [C.TEST] * len(rows),
+            C.IS_QUERY: [r[2] for r in rows], C.IS_GALLERY: [r[3] for r in rows],
+            C.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        },
+        schema=C.EMBEDDINGS.schema({C.EMBEDDING: pa.list_(pa.float32(), dim)}),
+    )
+    C.write_table(table, params.paths["embeddings"], C.EMBEDDINGS, {"dim": dim, "model_sha256": "0" * 64, "normalized": True})
+    write_run_info(params.paths["run_info"], "no-such-run", "tripletflow")
+    build_index.run(params.build_index, params.paths)
+    return params
+
+
+def test_separate_query_and_gallery_sets_with_an_absent_class(make_project):
+    e = np.eye(4, dtype=np.float32)
+    rows = [
+        # gallery: two "a" near e0, two "b" near e1, one "c" near e2
+        ("g1", "a", False, True, e[0]), ("g2", "a", False, True, e[0] + 0.1 * e[3]),
+        ("g3", "b", False, True, e[1]), ("g4", "b", False, True, e[1] + 0.1 * e[3]),
+        ("g5", "c", False, True, e[2]),
+        # queries: "a" (perfect), "b" whose nearest is the "c" item, and "z" absent from the gallery
+        ("q1", "a", True, False, e[0]), ("q2", "b", True, False, e[2] + 0.9 * e[1]),
+        ("q3", "z", True, False, e[3]),
+    ]
+    params = _embeddings_project(make_project, rows)
+    result = evaluate.run(params.evaluate, params.paths)
+    assert result["n_queries"] == 3 and result["n_queries_without_relevant"] == 1
+    assert result["search"] == "exact"
+    # q1: AP@R = 1, P@1 = 1. q2: ranks c, b, b -> AP@R (R=2) = (1/2) * (1/2) = 0.25, P@1 = 0.
+    assert result["map_at_r"] == pytest.approx((1 + 0.25) / 2)
+    assert result["precision_at_1"] == pytest.approx(0.5)
+    assert result["recall_at_5"] == pytest.approx(1.0)
+    assert json.loads(params.paths["metrics"].read_text()) == result
+
+
+def test_no_query_with_a_relevant_item_is_a_named_error(make_project):
+    from tasks.errors import DatasetError
+
+    e = np.eye(3, dtype=np.float32)
+    rows = [("g1", "a", False, True, e[0]), ("g2", "b", False, True, e[1]), ("q1", "z", True, False, e[2])]
+    params = _embeddings_project(make_project, rows)
+    with pytest.raises(DatasetError, match="none of the 1 queries"):
+        evaluate.run(params.evaluate, params.paths)
+
+
+def test_few_shot_with_too_few_classes_names_the_key(make_project):
+    params = _trained(make_project, {"make_batches.epochs": 1, "evaluate.few_shot.ways": 5})
+    export_embeddings.run(params.export_embeddings, params.paths)
+    build_index.run(params.build_index, params.paths)
+    from tasks.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="evaluate.few_shot.*only 2 of 2 classes"):
         evaluate.run(params.evaluate, params.paths)

@@ -94,7 +94,7 @@ def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
 
 
 def test_dvc_plots_show_renders_offline(repo: Path, tmp_path):
-    """The page inlines vega (no CDN script), has the three curves, and — where Chromium is
+    """The page inlines vega (no CDN script), has the four charts, and — where Chromium is
     installed — draws them with no network."""
     import re
     import shutil
@@ -104,7 +104,7 @@ def test_dvc_plots_show_renders_offline(repo: Path, tmp_path):
     page = (out / "index.html").read_text()
     assert not re.search(r"<script[^>]*\bsrc=", page), "a script loaded from elsewhere: blank offline"
     assert "vega-embed" in page
-    for title in ("training curve", "mining distances", "Recall@K"):
+    for title in ("training curve", "mining distances", "Recall@K", "MAP@R per class"):
         assert title in page
     chromium = shutil.which("chromium")
     if chromium:
@@ -114,7 +114,7 @@ def test_dvc_plots_show_renders_offline(repo: Path, tmp_path):
              "--virtual-time-budget=10000", "--dump-dom", (out / "index.html").as_uri()],
             capture_output=True, text=True, timeout=120,
         ).stdout
-        assert dom.count("<canvas") == 3  # one chart per curve, drawn
+        assert dom.count("<canvas") == 4  # one per chart, drawn
 
 
 def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Path):

@@ -13,11 +13,17 @@ def _paths(tmp_path):
     return parse_params(default_params(), tmp_path).paths
 
 
-def test_stage_runs_are_children_of_the_pipeline_run(tmp_path):
+def _index_params():
+    """build_index params: the defaults with metric l2."""
     from tasks.params import BuildIndexParams
+    from conftest import default_params
 
+    return BuildIndexParams(**(default_params()["build_index"] | {"factory": "Flat", "metric": "l2"}))
+
+
+def test_stage_runs_are_children_of_the_pipeline_run(tmp_path):
     parent_id = tracking.start_pipeline_run(tmp_path, "exp")
-    stage_params = BuildIndexParams(factory="Flat", metric="l2")
+    stage_params = _index_params()
     with tracking.stage_run(_paths(tmp_path), "build_index", stage_params, parent_id) as (child, parent):
         child.params({"extra.sizes": [1, 2]})
         parent.metrics({"loss": 1.5}, step=0)
@@ -26,7 +32,8 @@ def test_stage_runs_are_children_of_the_pipeline_run(tmp_path):
     child_run = client.get_run(child.run_id)
     assert child_run.data.tags[tracking.PARENT_TAG] == parent_id
     assert child_run.info.status == "FINISHED"
-    expected = {"build_index.factory": "Flat", "build_index.metric": "l2"}
+    expected = {f"build_index.{k}": str(v) for k, v in stage_params.model_dump().items()}
+    assert expected["build_index.metric"] == "l2"
     assert child_run.data.params == expected | {"extra.sizes": "[1, 2]"}
     assert client.get_run(parent_id).data.params == expected
     assert [m.value for m in client.get_metric_history(parent_id, "loss")] == [1.5, 0.5]
@@ -37,13 +44,11 @@ def test_stage_runs_are_children_of_the_pipeline_run(tmp_path):
 
 
 def test_a_failing_stage_marks_its_run_failed(tmp_path):
-    from tasks.params import BuildIndexParams
-
     paths = _paths(tmp_path)
     # The later stages find their parent run through paths.run_info, as under `dvc repro`.
     tracking.write_run_info(paths["run_info"], tracking.start_pipeline_run(tmp_path, "exp"), "exp")
     try:
-        with tracking.stage_run(paths, "build_index", BuildIndexParams(factory="Flat", metric="l2")) as (child, _):
+        with tracking.stage_run(paths, "build_index", _index_params()) as (child, _):
             raise RuntimeError("boom")
     except RuntimeError:
         pass

@@ -1,0 +1,33 @@
+"""tasks.index_report: recall@10 of an index against exact search, and speed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tasks.build_index import build
+from tasks.index_report import index_report
+
+
+def _unit(n, d, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_flat_index_has_recall_one_and_ivf_with_one_probe_less():
+    x = _unit(3000, 16)
+    flat = index_report(build(x, "Flat", "inner_product"), x, "inner_product", 200, seed=0)
+    assert flat["index_recall_at_10"] == 1.0 and flat["n_report_queries"] == 200
+    assert flat["queries_per_second"] > 0 and flat["exact_queries_per_second"] > 0
+    ivf = build(x, "IVF64,Flat", "inner_product")
+    ivf.nprobe = 1
+    one = index_report(ivf, x, "inner_product", 200, seed=0)["index_recall_at_10"]
+    ivf.nprobe = 64  # every list: exhaustive again
+    assert one < index_report(ivf, x, "inner_product", 200, seed=0)["index_recall_at_10"] == 1.0
+    l2 = index_report(build(x, "Flat", "l2"), x, "l2", 100, seed=0)
+    assert l2["index_recall_at_10"] == 1.0
+
+
+def test_tiny_gallery():
+    x = _unit(3, 4)
+    out = index_report(build(x, "Flat", "inner_product"), x, "inner_product", 10, seed=0)
+    assert out["index_recall_at_10"] == 1.0 and out["n_report_queries"] == 3

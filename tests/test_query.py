@@ -1,0 +1,53 @@
+"""tasks.query on the outputs of a pipeline run in this test: image files in, nearest items out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks import build_index, export_embeddings, query
+from tasks import contracts as C
+
+from test_evaluate import _trained
+
+
+@pytest.fixture
+def pipeline(make_project):
+    params = _trained(make_project, {"make_batches.epochs": 1})
+    export_embeddings.run(params.export_embeddings, params.paths)
+    build_index.run(params.build_index, params.paths)
+    return params
+
+
+def test_query_finds_the_item_an_image_came_from(pipeline, tmp_path, capsys):
+    items, meta = C.read_table(pipeline.paths["items"], C.ITEMS)
+    test = items.filter(items[C.SPLIT].to_numpy(zero_copy_only=False) == C.TEST)
+    files, ids = [], []
+    for i in (0, 13):  # one item of each test class
+        px = np.asarray(test[C.PIXELS][i].as_py(), np.uint8).reshape(meta["height"], meta["width"])
+        files.append(tmp_path / f"q{i}.png")
+        Image.fromarray(px, mode="L").save(files[-1])
+        ids.append(test[C.ITEM_ID][i].as_py())
+    out = tmp_path / "grid.png"
+    query.main([*map(str, files), "--params", str(pipeline.paths.root + "/params.yaml"), "--k", "3", "--out", str(out)])
+    answer = json.loads(capsys.readouterr().out)["query"]
+    assert [a["image"] for a in answer] == [str(f) for f in files]
+    for a, item_id in zip(answer, ids):
+        assert [r["rank"] for r in a["results"]] == [1, 2, 3]
+        top = a["results"][0]
+        assert top["item_id"] == item_id and top["score"] == pytest.approx(1.0, abs=1e-4)  # itself
+        assert top["label"] == test.filter(test[C.ITEM_ID].to_numpy(zero_copy_only=False) == item_id)[C.LABEL][0].as_py()
+        assert a["results"][0]["score"] >= a["results"][1]["score"] >= a["results"][2]["score"]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_file_that_is_not_an_image_is_a_clear_error(pipeline, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(SystemExit) as exit_:
+        query.main([str(bad), "--params", str(pipeline.paths.root + "/params.yaml")])
+    assert exit_.value.code == 2
+    assert "notes.png" in capsys.readouterr().err

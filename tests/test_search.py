@@ -1,0 +1,153 @@
+"""tasks.search: exact chunked k-NN against a brute-force reference (ties by position), the
+symmetric leave-one-out path, padding, and the faiss-index path."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from tasks.search import exact_chunks, index_chunks
+
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference(q, g, k, metric, self_pos=None):
+    """Brute force in float64: rank by (score desc, position asc), the query itself removed."""
+    q64, g64 = q.astype(np.float64), g.astype(np.float64)
+    s = q64 @ g64.T
+    if metric == "l2":
+        s = -((q64 ** 2).sum(1)[:, None] + (g64 ** 2).sum(1)[None, :] - 2 * s)
+    if self_pos is not None:
+        rows = np.flatnonzero(self_pos >= 0)
+        s[rows, self_pos[rows]] = -np.inf
+    pos = np.stack([np.lexsort((np.arange(len(g)), -row))[:k] for row in s])
+    sc = np.take_along_axis(s, pos, 1)
+    pos[~np.isfinite(sc)] = -1
+    return pos
+
+
+def _run(chunks):
+    chunks = list(chunks)
+    assert [c.start for c in chunks] == sorted(c.start for c in chunks)
+    return np.concatenate([c.pos for c in chunks]), np.concatenate([c.scores for c in chunks])
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+@pytest.mark.parametrize("blocks", [(4096, 16384), (7, 5), (3, 64)])
+def test_exact_matches_brute_force_separate_sets(metric, blocks):
+    q, g = _unit(23, 8, 0), _unit(57, 8, 1) * 1.5  # non-unit gallery: L2 and IP rank differently
+    pos, scores = _run(exact_chunks(q, g, 6, metric, query_chunk=blocks[0], gallery_block=blocks[1]))
+    np.testing.assert_array_equal(pos, _reference(q, g, 6, metric))
+    expect = q @ g.T if metric == "inner_product" else -((q[:, None] - g[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(scores, np.take_along_axis(expect, pos, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+@pytest.mark.parametrize("chunk", [4096, 5, 8])
+def test_leave_one_out_symmetric_path_matches_brute_force(metric, chunk):
+    x = _unit(41, 8, 2)
+    self_pos = np.arange(41)
+    pos, _ = _run(exact_chunks(x, x, 7, metric, self_pos=self_pos, query_chunk=chunk, gallery_block=chunk))
+    np.testing.assert_array_equal(pos, _reference(x, x, 7, metric, self_pos))
+    assert not (pos == self_pos[:, None]).any()
+
+
+def test_leave_one_out_with_a_query_subset():
+    g = _unit(30, 8, 3)
+    self_pos = np.array([4, -1, 29, 0])  # three queries are gallery items, one is not
+    q = np.stack([g[4], _unit(1, 8, 9)[0], g[29], g[0]])
+    pos, _ = _run(exact_chunks(q, g, 5, self_pos=self_pos, query_chunk=3, gallery_block=7))
+    np.testing.assert_array_equal(pos, _reference(q, g, 5, "inner_product", self_pos))
+
+
+def test_ties_are_broken_by_gallery_position_whatever_the_blocks():
+    # 12 copies of one vector and 12 of another: every score is tied with many others.
+    base = np.eye(4, dtype=np.float32)
+    g = base[[0, 1] * 12]
+    q = base[[0, 1, 0]]
+    want = [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9], [0, 2, 4, 6, 8]]
+    for qc, gb in [(4096, 16384), (1, 3), (2, 5), (3, 1)]:
+        pos, _ = _run(exact_chunks(q, g, 5, query_chunk=qc, gallery_block=gb))
+        np.testing.assert_array_equal(pos, want)
+    # Leave-one-out on the gallery itself: a twin with the same score is found, never self.
+    pos, scores = _run(exact_chunks(g, g, 3, self_pos=np.arange(24), query_chunk=5, gallery_block=5))
+    np.testing.assert_array_equal(pos[:3], [[2, 4, 6], [3, 5, 7], [0, 4, 6]])
+    assert (scores == 1.0).all()
+
+
+def test_gallery_smaller_than_k_is_padded():
+    g = _unit(3, 4, 4)
+    pos, scores = _run(exact_chunks(g, g, 5, self_pos=np.arange(3)))
+    assert pos.shape == (3, 5)
+    assert (pos[:, 2:] == -1).all() and np.isnan(scores[:, 2:]).all()
+    assert (pos[:, :2] >= 0).all() and not (pos[:, :2] == np.arange(3)[:, None]).any()
+
+
+def test_faiss_index_path_agrees_with_exact_and_drops_self():
+    x = _unit(60, 8, 5)
+    index = faiss.IndexFlatIP(8)
+    index.add(x)
+    self_pos = np.arange(60)
+    pos_f, sc_f = _run(index_chunks(index, x, 6, self_pos, query_chunk=16))
+    pos_e, sc_e = _run(exact_chunks(x, x, 6, self_pos=self_pos))
+    np.testing.assert_array_equal(pos_f, pos_e)
+    np.testing.assert_allclose(sc_f, sc_e, atol=1e-6)
+    l2 = faiss.IndexFlatL2(8)
+    l2.add(x)
+    pos_l, sc_l = _run(index_chunks(l2, x, 6, self_pos, negate=True))
+    np.testing.assert_array_equal(pos_l, _run(exact_chunks(x, x, 6, "l2", self_pos=self_pos))[0])
+    assert (sc_l <= 0).all()
+
+
+def test_faiss_index_path_pads_a_small_gallery():
+    x = np.eye(3, dtype=np.float32)
+    index = faiss.IndexFlatIP(3)
+    index.add(x)
+    pos, scores = _run(index_chunks(index, x[:1], 4, np.array([0])))
+    assert pos.shape == (1, 4) and (pos[0, 2:] == -1).all() and np.isnan(scores[0, 2:]).all()
+    assert 0 not in pos[0]
+
+
+def test_bad_inputs_are_refused():
+    x = _unit(5, 4, 6)
+    with pytest.raises(ValueError, match="share D"):
+        next(exact_chunks(x, _unit(5, 3, 6), 2))
+    with pytest.raises(ValueError, match="metric"):
+        next(exact_chunks(x, x, 2, "cosine"))
+    with pytest.raises(ValueError, match="self_pos"):
+        next(exact_chunks(x, x, 2, self_pos=np.arange(4)))
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_group_preselection_with_duplicates_matches_brute_force(metric):
+    # Blocks of 96/160 columns (multiples of GROUP, more than k + 1 groups) take the group-max
+    # path. Small integer vectors make every score exact in fp32 (so "equal" means equal, which
+    # for arbitrary floats BLAS does not promise: a product's last bit can depend on where it
+    # falls in a tile) and give many tied group maxima and tied scores at the cut.
+    rng = np.random.default_rng(8)
+    x = rng.integers(-2, 3, size=(500, 8)).astype(np.float32)
+    x = np.concatenate([x, x[:40], x[100:140]])
+    x[rng.permutation(len(x))[:60]] = x[7]  # 60 more copies of one vector
+    self_pos = np.arange(len(x))
+    want = _reference(x, x, 5, metric, self_pos)
+    for qc, gb in [(96, 160), (160, 96), (4096, 16384)]:
+        pos, _ = _run(exact_chunks(x, x, 5, metric, self_pos=self_pos, query_chunk=qc, gallery_block=gb))
+        np.testing.assert_array_equal(pos, want)
+        q = x[:200] + 1  # separate query set
+        pos, _ = _run(exact_chunks(q, x, 5, metric, query_chunk=qc, gallery_block=gb))
+        np.testing.assert_array_equal(pos, _reference(q, x, 5, metric))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_cuda_gives_the_cpu_answer(metric):
+    x = _unit(3000, 32, 11)
+    for self_pos in (np.arange(3000), None):
+        cpu = _run(exact_chunks(x, x, 10, metric, self_pos, "cpu", 512, 1024))
+        gpu = _run(exact_chunks(x, x, 10, metric, self_pos, "cuda", 512, 1024))
+        assert (cpu[0] == gpu[0]).mean() > 0.999  # fp32 on both; summation order may flip near-ties
+        np.testing.assert_allclose(cpu[1], gpu[1], atol=1e-5)

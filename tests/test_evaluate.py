@@ -96,7 +96,9 @@ def _embeddings_project(make_project, rows, factory="Flat", metric="inner_produc
     from tasks import contracts as C
     from tasks.tracking import write_run_info
 
-    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.worst_queries": 0, "evaluate.few_shot.ways": 0, "build_index.factory": factory, "build_index.metric": metric}))
+    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.worst_queries": 0, "evaluate.few_shot.ways": 0,
+                                       "evaluate.registered_model": None,  # no model to register
+                                       "build_index.factory": factory, "build_index.metric": metric}))
     vectors = np.stack([r[4] for r in rows]).astype(np.float32)
     dim = vectors.shape[1]
     table = pa.table(

@@ -17,6 +17,13 @@ USER_ERRORS: tuple[type[Exception], ...] = (UserInputError, FileNotFoundError)
 
 
 def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--job"]:  # one of the torchrun processes that tasks.distributed.launch started
+        from tasks.distributed import run_job
+        from tasks.params import Params
+
+        run_job(argv[1], run, Params.model_fields[name].annotation, Paths)
+        return
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     args = parser.parse_args(argv)

@@ -81,7 +81,8 @@ def launch(module: str, params, paths, parent_run_id: str | None) -> dict:
     result. The stage's params and paths travel as JSON (the flow's overrides included)."""
     if params.device.startswith("cuda") or (params.device == "auto" and torch.cuda.is_available()):
         if params.processes > torch.cuda.device_count():
-            raise ParamsError(f"train.processes: {params.processes} processes but {torch.cuda.device_count()} GPUs here")
+            stage = module.rsplit(".", 1)[-1]
+            raise ParamsError(f"{stage}.processes: {params.processes} processes but {torch.cuda.device_count()} GPUs here")
     with tempfile.TemporaryDirectory(prefix="tripletflow-launch-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({
@@ -101,9 +102,26 @@ def run_job(job_file: str, run: Callable[..., dict], params_type, paths_type) ->
     job = json.loads(Path(job_file).read_text())
     params = params_type.model_validate_json(json.dumps(job["params"]))
     paths = paths_type.model_validate_json(json.dumps(job["paths"]))
-    result = run(params, paths, job["parent_run_id"])
+    result = run(params, paths) if job["parent_run_id"] is None else run(params, paths, job["parent_run_id"])
     if os.environ.get("RANK", "0") == "0":
         Path(job["result"]).write_text(json.dumps(result, default=str))
+
+
+def gather_rows(part: np.ndarray, beside: Path, world: World) -> np.ndarray:
+    """Rank 0 gets every rank's rows (N_r, D) stacked in rank order; the others get ``part``.
+    Through files beside ``beside`` rather than the process group: arrays of any size, any backend."""
+    if world.size == 1:
+        return part
+    mine = beside.with_name(f".{beside.name}.rank{world.rank}.npy")
+    np.save(mine, part)
+    dist.barrier()
+    if not world.main:
+        return part
+    files = [beside.with_name(f".{beside.name}.rank{r}.npy") for r in range(world.size)]
+    rows = np.concatenate([np.load(f) for f in files])
+    for f in files:
+        f.unlink()
+    return rows
 
 
 def shutdown(world: World) -> None:

@@ -3,6 +3,9 @@
 Output ``paths.embeddings`` (contract ``EMBEDDINGS``): item_id, label, split, is_query, is_gallery
 and ``embedding`` as fixed-size list<float32>[dim]; its metadata records dim, the model file's
 SHA-256 (so an index can be traced to the exact weights) and that vectors are L2-normalised.
+
+``export_embeddings.processes`` > 1 shards the rows over that many processes (one per GPU, launched
+with torchrun like training): each embeds a contiguous slice, rank 0 writes the one table.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import tracking
-from tasks.models import file_sha256, load_checkpoint, pick_device, pixels_to_tensor
+from tasks import distributed, tracking
+from tasks.models import file_sha256, load_checkpoint, pixels_to_tensor
 from tasks.params import ExportEmbeddingsParams, Paths
 
 
@@ -34,12 +37,20 @@ def embed(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device:
 
 def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     """Embed query ∪ gallery items of ``paths.items`` with ``paths.model``; write ``paths.embeddings``."""
-    items, meta = C.read_table(paths["items"], C.ITEMS)
-    items = items.filter(pc.or_(items[C.IS_QUERY], items[C.IS_GALLERY]))
-    device = pick_device(params.device)
-    model = load_checkpoint(paths["model"], device)
-    pixels = pixels_to_tensor(items[C.PIXELS], meta["height"], meta["width"], meta["channels"])
-    vectors = embed(model, pixels, params.batch_size, device)
+    if params.processes > 1 and not distributed.under_torchrun():
+        return distributed.launch("tasks.export_embeddings", params, paths, None)
+    world, device = distributed.init(params.device)
+    try:
+        items, meta = C.read_table(paths["items"], C.ITEMS)
+        items = items.filter(pc.or_(items[C.IS_QUERY], items[C.IS_GALLERY]))
+        model = load_checkpoint(paths["model"], device)
+        lo, hi = (items.num_rows * world.rank // world.size, items.num_rows * (world.rank + 1) // world.size)
+        pixels = pixels_to_tensor(items[C.PIXELS].slice(lo, hi - lo), meta["height"], meta["width"], meta["channels"])
+        vectors = distributed.gather_rows(embed(model, pixels, params.batch_size, device), paths["embeddings"], world)
+    finally:
+        distributed.shutdown(world)
+    if not world.main:
+        return {"rank": world.rank}
     dim = model.config["embedding_dim"]
     sha = file_sha256(paths["model"])
     table = pa.table(

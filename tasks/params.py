@@ -251,6 +251,7 @@ class TrainParams(_Strict):
 class ExportEmbeddingsParams(_Strict):
     batch_size: int = Field(gt=0)
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    processes: int = Field(ge=1)  # shard the rows over N processes (one per GPU; >1 launches torchrun)
 
 
 class BuildIndexParams(_Strict):

@@ -79,6 +79,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         parent.params(flatten(upstream))
         data = {"items": paths["items"], "batches": paths["batches"]}
         parent.tags(tracking.provenance(Path(paths.root), data, upstream | {"train": params.model_dump()}))
+        _log_ingest(parent, items_meta.get("summary", {}), paths["quarantine"])
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         done = len(curve)
         bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",
@@ -118,6 +119,16 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     return {"run_id": run_id, "epochs": len(plan), "steps": steps, "device": str(device), "model_sha256": sha, **last}
 
 
+def _log_ingest(parent, summary: dict, quarantine: Path) -> None:
+    """Ingest runs before any MLflow run exists: its counts and quarantine report go to the
+    pipeline run here, the first stage that has one."""
+    counts = {f"ingest.{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+    counts |= {f"ingest.skipped.{k}": v for k, v in summary.get("skipped_by_reason", {}).items()}
+    parent.metrics(counts)
+    if quarantine.exists():
+        parent.artifact(quarantine, "ingest")
+
+
 def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
     cols = ["epoch", "loss", "mined", "frac_active", "pos_distance", "neg_distance", "val_recall_at_1", "lr", "img_per_s"]
     lines = [",".join(cols)] + [",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) for row in curve]
@@ -127,10 +138,6 @@ def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     from tasks.cli import stage_main
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--job"]:  # a torchrun process started by distributed.launch
-        distributed.run_job(argv[1], run, TrainParams, Paths)
-        return
     stage_main("train", run, argv)
 
 

@@ -79,6 +79,10 @@ def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
     evaluation = {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "evaluation")}
     assert {"metrics.json", "recall_at_k.csv", "recall_at_k.png", "retrieval_grid.png"} <= evaluation
 
+    # Ingest's counts and quarantine report, on the pipeline run (ingest runs before it exists).
+    assert latest.data.metrics["ingest.ingested"] == 1797 and latest.data.metrics["ingest.skipped"] == 0
+    assert {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "ingest")} == {"ingest_quarantine.parquet"}
+
     # Provenance: the commit, and the data as DVC knows it (dvc.lock's hash of each file).
     tags = latest.data.tags
     head = _run(["git", "rev-parse", "HEAD"], repo).strip()

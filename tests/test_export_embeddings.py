@@ -1,0 +1,26 @@
+"""export_embeddings: one table of every query/gallery embedding, also when sharded over processes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import FAST, run_stages
+from tasks import contracts as C
+from tasks import export_embeddings
+from tasks.params import load_params
+
+
+def test_sharded_over_two_processes_the_table_equals_one_process(make_project):
+    params_file = make_project(FAST)
+    params = load_params(params_file)
+    run_stages(params, last="train")
+    export_embeddings.run(params.export_embeddings, params.paths)
+    one, v1, meta1 = C.read_embeddings(params.paths["embeddings"])
+
+    two = load_params(params_file, {"export_embeddings.processes": 2})
+    result = export_embeddings.run(two.export_embeddings, two.paths)  # torchrun, 2 CPU processes
+    assert result["n_embedded"] == one.num_rows
+    sharded, v2, meta2 = C.read_embeddings(two.paths["embeddings"])
+    assert sharded.equals(one) and meta2 == meta1
+    np.testing.assert_allclose(v2, v1, rtol=1e-5, atol=1e-6)
+    assert not list(params.paths["embeddings"].parent.glob(".*.npy"))  # the shards are cleaned up

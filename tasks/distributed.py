@@ -216,6 +216,8 @@ class AllReduceBatchNorm(nn.BatchNorm2d):
         # torch.distributed.nn.functional one is deprecated in its favour.
         from torch.distributed._functional_collectives import all_reduce
 
+        out_dtype = x.dtype
+        x = x.float()  # statistics in float32, as BatchNorm keeps them (bf16 autocast would lose E[x²] − mean²)
         dims = [0] + list(range(2, x.dim()))
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         total = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), "sum", dist.group.WORLD)
@@ -229,4 +231,5 @@ class AllReduceBatchNorm(nn.BatchNorm2d):
             self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)  # unbiased, as BatchNorm keeps
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return y.to(out_dtype)

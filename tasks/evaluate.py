@@ -54,6 +54,9 @@ def _read(paths: Paths):
 def run(params: EvaluateParams, paths: Paths) -> dict:
     """Score retrieval; write metrics, the Recall@K curve and figures."""
     table, vectors, gallery, index, ids_table, ids_meta = _read(paths)
+    if not gallery.any() or not pc.any(table[C.IS_QUERY]).as_py():
+        raise DatasetError(f"{paths['embeddings']}: {int(gallery.sum())} gallery items and "
+                           f"{pc.sum(table[C.IS_QUERY]).as_py() or 0} queries: evaluation needs both")
     gallery_ids = ids_table[C.ITEM_ID].to_numpy(zero_copy_only=False)
     gallery_labels = ids_table[C.LABEL].to_numpy(zero_copy_only=False)
     is_query = pc.equal(table[C.IS_QUERY], True).to_numpy(zero_copy_only=False)

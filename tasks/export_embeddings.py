@@ -30,8 +30,8 @@ def embed(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device:
     out = []
     for i in tqdm(range(0, len(pixels), batch_size), desc="export: embed", unit="batch", file=sys.stderr, disable=None):
         out.append(model(pixels[i : i + batch_size].to(device, non_blocking=True)).float().cpu())
-    if not out:
-        return np.empty((0, 0), np.float32)
+    if not out:  # an empty slice (a rank with no rows): still (0, D), so shards concatenate
+        return np.empty((0, model.config["embedding_dim"]), np.float32)
     return torch.cat(out).numpy()
 
 

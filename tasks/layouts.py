@@ -193,6 +193,8 @@ def _idx(root: Path, stem: str, magic: int) -> tuple[np.ndarray, str]:
     else:
         raise DatasetError(f"{root}: neither {stem} nor {stem}.gz")
     dims = magic & 0xFF
+    if len(raw) < 4 + 4 * dims:
+        raise DatasetError(f"{path}: not an IDX file of {dims} dims (only {len(raw)} bytes: the header is cut)")
     head = np.frombuffer(raw[: 4 + 4 * dims], ">u4")
     shape = tuple(int(d) for d in head[1:])
     if int(head[0]) != magic or len(raw) != 4 + 4 * dims + int(np.prod(shape)):

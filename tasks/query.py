@@ -50,7 +50,9 @@ def query(params: Params, images: list[Path], k: int, out: Path | None = None, d
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(next(model.parameters()).device)
         emb = model(x).float().cpu().numpy()
     index = faiss.read_index(str(paths["index"]))
-    chunk = next(search.index_chunks(index, emb, min(k, index.ntotal), negate=ids_meta["metric"] == "l2"))
+    # One chunk for all images (index_chunks splits every 4096 queries by default).
+    chunk = next(search.index_chunks(index, emb, min(k, index.ntotal), query_chunk=max(len(emb), 1),
+                                     negate=ids_meta["metric"] == "l2"))
     item_ids = ids_table[C.ITEM_ID].to_numpy(zero_copy_only=False)
     labels = ids_table[C.LABEL].to_numpy(zero_copy_only=False)
     found_ids = np.where(chunk.pos >= 0, item_ids[np.maximum(chunk.pos, 0)], None)

@@ -117,3 +117,24 @@ def test_two_gloo_processes_train_like_one_process_with_the_global_batch(make_pr
     for name in w1:  # BatchNorm running statistics accumulate the differences of every step
         atol = 5e-2 if "running" in name else 1e-2
         torch.testing.assert_close(w2[name].float(), w1[name].float(), rtol=0.05, atol=atol, msg=name)
+
+
+def test_all_reduce_batchnorm_under_bf16_autocast_keeps_float32_statistics(tmp_path):
+    """CPU + bf16 autocast + processes > 1: statistics in float32 like BatchNorm's (a world of one
+    process, so it must equal plain BatchNorm), output in the input's dtype."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = torch.nn.BatchNorm2d(3)
+        synced = distributed.AllReduceBatchNorm.replacing(plain)
+        x = torch.randn(8, 3, 5, 5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = synced(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and synced.running_mean.dtype == torch.float32
+        want = plain(x)  # float32 reference, same momentum update
+        torch.testing.assert_close(y.float(), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(synced.running_mean, plain.running_mean, atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(synced.running_var, plain.running_var, atol=1e-2, rtol=1e-2)
+    finally:
+        dist.destroy_process_group()

@@ -137,6 +137,16 @@ def test_separate_query_and_gallery_sets_with_an_absent_class(make_project):
     assert json.loads(params.paths["metrics"].read_text()) == result
 
 
+def test_queries_without_a_gallery_is_a_named_error(make_project):
+    from tasks.errors import DatasetError
+
+    e = np.eye(3, dtype=np.float32)
+    rows = [("q1", "a", True, False, e[0]), ("q2", "b", True, False, e[1])]
+    with pytest.raises(DatasetError, match="0 gallery items and 2 queries"):
+        params = _embeddings_project(make_project, rows)
+        evaluate.run(params.evaluate, params.paths)
+
+
 def test_no_query_with_a_relevant_item_is_a_named_error(make_project):
     from tasks.errors import DatasetError
 

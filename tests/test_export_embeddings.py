@@ -24,3 +24,13 @@ def test_sharded_over_two_processes_the_table_equals_one_process(make_project):
     assert sharded.equals(one) and meta2 == meta1
     np.testing.assert_allclose(v2, v1, rtol=1e-5, atol=1e-6)
     assert not list(params.paths["embeddings"].parent.glob(".*.npy"))  # the shards are cleaned up
+
+
+def test_an_empty_slice_embeds_to_zero_rows_of_the_model_width():
+    import torch
+
+    from tasks.models import EmbeddingNet
+
+    model = EmbeddingNet({"backbone": "small_cnn", "width": 8, "embedding_dim": 12, "in_channels": 1, "image_size": 8})
+    out = export_embeddings.embed(model.eval(), torch.zeros((0, 1, 8, 8), dtype=torch.uint8), 4, torch.device("cpu"))
+    assert out.shape == (0, 12) and out.dtype == np.float32  # so rank shards concatenate

@@ -285,6 +285,9 @@ def test_fashion_mnist_bad_idx(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x01")
     with pytest.raises(DatasetError, match="not an IDX file"):
         list(layouts.fashion_mnist(tmp_path))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00")  # cut inside the header
+    with pytest.raises(DatasetError, match="header is cut"):
+        list(layouts.fashion_mnist(tmp_path))
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DatasetError, match="neither"):
         list(layouts.fashion_mnist(tmp_path))

@@ -35,21 +35,26 @@ def _rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise DatasetError(f"manifest {path}: not a readable Parquet file: {err}") from None
         return pf.schema_arrow.names, (r for b in pf.iter_batches(_BATCH_ROWS) for r in b.to_pylist())
-    handle = open(path, newline="", encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
-    reader = csv.DictReader(handle)
-    try:
-        columns = [c.strip() for c in reader.fieldnames or []]
-    except (UnicodeDecodeError, csv.Error) as err:
-        handle.close()
-        raise DatasetError(f"manifest {path}: not a readable CSV file: {err}") from None
-    reader.fieldnames = columns
+    def reader(handle) -> csv.DictReader:
+        rd = csv.DictReader(handle)
+        try:
+            rd.fieldnames = [c.strip() for c in rd.fieldnames or []]
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DatasetError(f"manifest {path}: not a readable CSV file: {err}") from None
+        return rd
+
+    # -sig: spreadsheets write a BOM. The header is read here and the file closed; rows() opens it
+    # again, so a caller that stops at the header (a missing column) leaves no file open.
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        columns = list(reader(handle).fieldnames)
 
     def rows() -> Iterator[dict[str, Any]]:
-        with handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rd = reader(handle)
             try:
-                yield from reader
+                yield from rd
             except (UnicodeDecodeError, csv.Error) as err:
-                raise DatasetError(f"manifest {path}: line {reader.line_num}: {err}") from None
+                raise DatasetError(f"manifest {path}: line {rd.line_num}: {err}") from None
 
     return columns, rows()
 

@@ -216,7 +216,7 @@ def exact_chunks(
         sp is not None and len(queries) == len(gallery) and bool((sp == torch.arange(len(sp))).all())
         and (queries is gallery or np.array_equal(queries, gallery))
     )
-    with _fp32_matmul(), torch.inference_mode():
+    def steps() -> Iterator[Chunk]:
         if symmetric:
             yield from _symmetric(g_all, k, gn, device, query_chunk)
             return
@@ -232,6 +232,20 @@ def exact_chunks(
                     s[rows, local[rows]] = -torch.inf
                 cand.add(*_block_topk(s, k, col0))
             yield _finish(start, *cand.result(len(q), device), k, None if gn is None else (q * q).sum(1))
+
+    yield from _scoped(steps())
+
+
+def _scoped(gen: Iterator[Chunk]) -> Iterator[Chunk]:
+    """Each step of ``gen`` under exact fp32 matmuls and inference mode — but not the caller's code
+    between steps (a context held across ``yield`` would leak both into it)."""
+    while True:
+        with _fp32_matmul(), torch.inference_mode():
+            try:
+                chunk = next(gen)
+            except StopIteration:
+                return
+        yield chunk
 
 
 def _symmetric(x: torch.Tensor, k: int, xh: torch.Tensor | None, device: torch.device, b: int) -> Iterator[Chunk]:

@@ -151,3 +151,22 @@ def test_cuda_gives_the_cpu_answer(metric):
         gpu = _run(exact_chunks(x, x, 10, metric, self_pos, "cuda", 512, 1024))
         assert (cpu[0] == gpu[0]).mean() > 0.999  # fp32 on both; summation order may flip near-ties
         np.testing.assert_allclose(cpu[1], gpu[1], atol=1e-5)
+
+
+def test_the_caller_runs_outside_inference_mode_and_with_its_own_tf32_setting():
+    import numpy as np
+    import torch
+
+    from tasks import search
+
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # a caller that wants TF32 for its own work
+    try:
+        chunks = search.exact_chunks(x, x, 3, query_chunk=16)
+        next(chunks)
+        assert not torch.is_inference_mode_enabled()  # between chunks: the caller's own mode
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert len(list(chunks)) == 3  # and the generator carries on
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

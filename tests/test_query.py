@@ -51,3 +51,17 @@ def test_a_file_that_is_not_an_image_is_a_clear_error(pipeline, tmp_path, capsys
         query.main([str(bad), "--params", str(pipeline.paths.root + "/params.yaml")])
     assert exit_.value.code == 2
     assert "notes.png" in capsys.readouterr().err
+
+
+def test_more_images_than_one_search_chunk_all_get_answers(pipeline, tmp_path):
+    """Search runs in chunks of 4,096 queries; the command answers every image, not the first chunk."""
+    items, meta = C.read_table(pipeline.paths["items"], C.ITEMS)
+    items = items.filter(items[C.SPLIT].to_numpy(zero_copy_only=False) == C.TEST)  # the gallery
+    px = np.asarray(items[C.PIXELS][0].as_py(), np.uint8).reshape(meta["height"], meta["width"])
+    files = []
+    for i in range(4100):
+        files.append(tmp_path / f"q{i}.png")
+        Image.fromarray(px, mode="L").save(files[-1])
+    answer = query.query(pipeline, files, 2)
+    assert len(answer) == 4100
+    assert answer[-1]["results"][0]["item_id"] == items[C.ITEM_ID][0].as_py()

@@ -39,7 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks import retrieval  # noqa: E402
-from tasks.search import exact_chunks, pick_device  # noqa: E402
+from tasks.models import pick_device  # noqa: E402
+from tasks.search import exact_chunks  # noqa: E402
 
 METRICS = ("map_at_r", "r_precision", "precision_at_1")
 PML_NAMES = {"map_at_r": "mean_average_precision_at_r", "r_precision": "r_precision", "precision_at_1": "precision_at_1"}

@@ -10,6 +10,7 @@ interrupted stage never leaves a half-written file for DVC to cache.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -175,6 +176,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in blocks. ``sha256`` names models and downloads; ``md5``
+    is the hash DVC keys its cache by (provenance tags name DVC's copy of a data file)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:

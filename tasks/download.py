@@ -6,32 +6,23 @@ downloads otherwise (and these machines have no network: tests use ``file://`` U
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tarfile
 import urllib.request
 import zipfile
 from pathlib import Path
 
-from tasks.contracts import atomic_path
+from tasks.contracts import atomic_path, file_digest
 from tasks.errors import DatasetError
 
 _BLOCK = 1 << 20
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
     """``dest`` if it exists with the right sha256; otherwise download ``url`` there (atomically:
     a broken transfer never leaves a file that looks complete) and check it. A mismatch is a
     DatasetError and leaves no file behind."""
-    if dest.is_file() and sha256_of(dest) == sha256:
+    if dest.is_file() and file_digest(dest) == sha256:
         return dest
     if dest.exists():
         raise DatasetError(f"{dest} exists but its sha256 is not {sha256}: remove it to download again")
@@ -41,7 +32,7 @@ def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
                 shutil.copyfileobj(response, out, _BLOCK)
         except OSError as err:  # URLError is an OSError
             raise DatasetError(f"download of {url} failed: {err}") from None
-        got = sha256_of(tmp)
+        got = file_digest(tmp)
         if got != sha256:
             raise DatasetError(f"download of {url}: sha256 {got}, expected {sha256}")
     return dest
@@ -65,7 +56,7 @@ def extract(archive: Path, into: Path) -> None:
                 raise DatasetError(f"{archive}: unsafe member refused: {err}") from None
     else:
         raise DatasetError(f"{archive}: extract is set but it is neither a zip nor a tar archive")
-    marker.write_text(sha256_of(archive) + "\n")
+    marker.write_text(file_digest(archive) + "\n")
 
 
 def ensure(downloads: list, root: Path) -> None:

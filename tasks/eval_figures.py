@@ -46,8 +46,10 @@ def _grid(paths: Paths, pick: np.ndarray, ret: Retrieval, query_ids, query_label
     labels = [str(lab) for lab in query_labels[pick]]
     if ap is not None:
         labels = [f"{lab} AP@R {a:.2f}" for lab, a in zip(labels, ap)]
-    q_img = pixels_of(paths, np.asarray(query_ids[pick], dtype=object))
-    figures.retrieval_grid(q_img, pixels_of(paths, nb_ids), ret.top_hits[pick, :k], ret.top_scores[pick, :k], labels, out)
+    # Queries and their neighbours in one read of the items' pixels (a full column scan).
+    ids = np.concatenate([np.asarray(query_ids[pick], dtype=object)[:, None], nb_ids.astype(object)], axis=1)
+    px = pixels_of(paths, ids)  # (n, 1 + k, H, W, C)
+    figures.retrieval_grid(px[:, 0], px[:, 1:], ret.top_hits[pick, :k], ret.top_scores[pick, :k], labels, out)
 
 
 def draw(params: EvaluateParams, paths: Paths, ret: Retrieval, queries: np.ndarray, query_ids, query_labels, gallery_ids) -> None:

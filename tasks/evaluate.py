@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from tasks import contracts as C
 from tasks import eval_figures, fewshot, figures, registry, retrieval, search, tracking
 from tasks.errors import DatasetError
+from tasks.models import pick_device
 from tasks.params import EvaluateParams, Paths
 
 def _read(paths: Paths):
@@ -74,7 +75,7 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     metric = ids_meta["metric"]
 
     def exact():
-        chunks = search.exact_chunks(queries, g_vectors, k, metric, self_pos, search.pick_device(params.device), params.query_chunk, params.gallery_block)
+        chunks = search.exact_chunks(queries, g_vectors, k, metric, self_pos, pick_device(params.device), params.query_chunk, params.gallery_block)
         return retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k)
 
     is_exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)

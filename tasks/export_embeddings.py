@@ -20,15 +20,18 @@ from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import distributed, tracking
-from tasks.models import file_sha256, load_checkpoint, pixels_to_tensor
+from tasks.models import load_checkpoint, pixels_to_tensor
 from tasks.params import ExportEmbeddingsParams, Paths
 
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
-    """uint8 (N, C, H, W) on the CPU -> float32 (N, D), in batches, with a progress bar."""
+def embed(
+    model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device: torch.device, desc: str = "export: embed"
+) -> np.ndarray:
+    """uint8 (N, C, H, W) on the CPU -> float32 (N, D), in batches, with a progress bar (``desc``).
+    Also what the query and oneshot commands embed their images with."""
     out = []
-    for i in tqdm(range(0, len(pixels), batch_size), desc="export: embed", unit="batch", file=sys.stderr, disable=None):
+    for i in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", file=sys.stderr, disable=None):
         out.append(model(pixels[i : i + batch_size].to(device, non_blocking=True)).float().cpu())
     if not out:  # an empty slice (a rank with no rows): still (0, D), so shards concatenate
         return np.empty((0, model.config["embedding_dim"]), np.float32)
@@ -52,7 +55,7 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     if not world.main:
         return {"rank": world.rank}
     dim = model.config["embedding_dim"]
-    sha = file_sha256(paths["model"])
+    sha = C.file_digest(paths["model"])
     table = pa.table(
         {
             **{c: items[c] for c in (C.ITEM_ID, C.LABEL, C.SPLIT, C.IS_QUERY, C.IS_GALLERY)},

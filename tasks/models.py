@@ -6,7 +6,6 @@ weights, so a checkpoint loads with ``torch.load(weights_only=True)`` and export
 
 from __future__ import annotations
 
-import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.backbones import build_trunk
-from tasks.contracts import atomic_path
+from tasks.contracts import atomic_path, file_digest
 from tasks.errors import ParamsError
 
 
@@ -48,7 +47,7 @@ def save_checkpoint(model: EmbeddingNet, path: Path, extra: dict[str, Any] | Non
     torch.save(state, buf)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
-    return file_sha256(path)
+    return file_digest(path)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> EmbeddingNet:
@@ -58,14 +57,6 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Embedding
     model = EmbeddingNet(state["config"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pick_device(name: str) -> torch.device:

@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from tasks.errors import DatasetError, UserInputError
+from tasks.cli import USER_ERRORS
+from tasks.errors import DatasetError
 from tasks.sources import decode
 
 
@@ -105,15 +106,15 @@ def model_embedder(model_path: Path, device: str = "cpu") -> tuple[Callable[[np.
     """A saved model as an ``embed`` function -> (embed, image_size, channels)."""
     import torch
 
+    from tasks.export_embeddings import embed as embed_batches
     from tasks.models import load_checkpoint, pick_device
 
     dev = pick_device(device)
     model = load_checkpoint(model_path, dev)
 
-    @torch.inference_mode()
     def embed(pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous().to(dev)
-        return model(x).float().cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        return embed_batches(model, x, 512, dev, "oneshot: embed")
 
     return embed, int(model.config["image_size"]), int(model.config["in_channels"])
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         embed, size, channels = model_embedder(args.model, args.device)
         result = score_runs(read_runs(args.runs), embed, size, channels, args.metric)
-    except (UserInputError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"tripletflow oneshot: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps({"oneshot": result | {"model": str(args.model), "image_size": size}}))

@@ -24,9 +24,12 @@ from tasks import contracts as C
 from tasks import figures, search
 from tasks.errors import ContractError, DatasetError
 from tasks.eval_figures import pixels_of
-from tasks.models import file_sha256, load_checkpoint
+from tasks.export_embeddings import embed
+from tasks.models import load_checkpoint, pick_device
 from tasks.params import Params, load_params
 from tasks.sources import decode
+
+BATCH = 512  # images per forward pass
 
 
 def query(params: Params, images: list[Path], k: int, out: Path | None = None, device: str = "cpu") -> list[dict]:
@@ -34,9 +37,9 @@ def query(params: Params, images: list[Path], k: int, out: Path | None = None, d
     paths, size, channels = params.paths, params.ingest.image_size, params.ingest.channels
     ids_table, ids_meta = C.read_table(paths["index_ids"], C.INDEX_IDS)
     # The index must come from this model's embeddings, or the scores mean nothing.
-    if ids_meta["model_sha256"] != file_sha256(paths["model"]):
+    if ids_meta["model_sha256"] != C.file_digest(paths["model"]):
         raise ContractError(f"{paths['index']} was built from another model than {paths['model']}: re-run export_embeddings and build_index")
-    model = load_checkpoint(paths["model"], search.pick_device(device))
+    model = load_checkpoint(paths["model"], pick_device(device))
     if (model.config["image_size"], model.config["in_channels"]) != (size, channels):
         raise ContractError(f"{paths['model']} takes {model.config['image_size']}px × {model.config['in_channels']} channels, params.yaml ingest says {size}px × {channels}")
     pixels = []
@@ -46,9 +49,8 @@ def query(params: Params, images: list[Path], k: int, out: Path | None = None, d
         except (OSError, ValueError) as err:
             raise DatasetError(f"{image}: {err}") from None
     batch = np.stack(pixels)  # (n, H, W, C) uint8
-    with torch.inference_mode():
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().to(next(model.parameters()).device)
-        emb = model(x).float().cpu().numpy()
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+    emb = embed(model, x, BATCH, next(model.parameters()).device, "query: embed")
     index = faiss.read_index(str(paths["index"]))
     # One chunk for all images (index_chunks splits every 4096 queries by default).
     chunk = next(search.index_chunks(index, emb, min(k, index.ntotal), query_chunk=max(len(emb), 1),

@@ -18,16 +18,24 @@ from typing import Any
 
 import torch
 
-from tasks.contracts import atomic_path
-from tasks.models import file_sha256
+from tasks.contracts import atomic_path, file_digest
 from tasks.params import Paths, TrainParams
 
+INPUTS = ("items", "batches")
 
-def fingerprint(params: TrainParams, paths: Paths) -> str:
-    """What must be unchanged for a saved state to be continued: our params and input files."""
+
+def input_digests(paths: Paths) -> dict[str, str]:
+    """MD5 of each input file — DVC's hash, so the same digests also serve as provenance tags
+    (train reads each file once for both, not once per use)."""
+    return {name: file_digest(paths[name], "md5") for name in INPUTS}
+
+
+def fingerprint(params: TrainParams, digests: dict[str, str]) -> str:
+    """What must be unchanged for a saved state to be continued: our params and input files
+    (``digests`` from :func:`input_digests`)."""
     h = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True, default=str).encode())
-    for name in ("items", "batches"):
-        h.update(file_sha256(paths[name]).encode())
+    for name in INPUTS:
+        h.update(digests[name].encode())
     return h.hexdigest()
 
 

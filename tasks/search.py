@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.errors import ParamsError
 
 METRICS = ("inner_product", "l2")
 
@@ -55,15 +54,6 @@ class Chunk:
     start: int
     pos: np.ndarray
     scores: np.ndarray
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else the CPU; ``cuda`` without CUDA is a ParamsError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParamsError(f"device {name!r} asked for, but CUDA is not available here")
-    return torch.device(name)
 
 
 @contextmanager

@@ -154,11 +154,11 @@ def mark_killed(root: Path, run_id: str) -> None:
         pass  # not in this store (e.g. a fresh mlflow.db): nothing to end
 
 
-def provenance(root: Path, data_files: dict[str, Path], params: dict[str, Any]) -> dict[str, str]:
+def provenance(root: Path, md5: dict[str, str], params: dict[str, Any]) -> dict[str, str]:
     """Tags that make a run reproducible: the git commit of the project (``mlflow.source.git.commit``,
-    plus whether the tree had uncommitted changes), the MD5 of each data file — the hash DVC keys its
-    cache by, so ``dvc.md5.items`` names the exact dataset in the DVC cache/remote — and a SHA-256 of
-    the flattened params that produced the model."""
+    plus whether the tree had uncommitted changes), ``md5`` — each data file's MD5, the hash DVC keys
+    its cache by, so ``dvc.md5.items`` names the exact dataset in the DVC cache/remote — and a
+    SHA-256 of the flattened params that produced the model."""
     import hashlib
     import subprocess
 
@@ -172,12 +172,7 @@ def provenance(root: Path, data_files: dict[str, Path], params: dict[str, Any]) 
             tags["tripletflow.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
     except (OSError, subprocess.TimeoutExpired):
         pass  # no git here: the data hashes and params still identify the run
-    for name, path in data_files.items():
-        h = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        tags[f"dvc.md5.{name}"] = h.hexdigest()
+    tags |= {f"dvc.md5.{name}": digest for name, digest in md5.items()}
     canonical = json.dumps(flatten(params), sort_keys=True, default=str)
     tags["tripletflow.params_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
     return tags

@@ -58,7 +58,8 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     if params.early_stopping_patience and not len(val_idx):
         raise ParamsError("train.early_stopping_patience needs validation classes: set make_batches.val_fraction > 0")
     stopper = stateful["early_stopping"] = EarlyStopping(params.early_stopping_patience)
-    fp = resume.fingerprint(params, paths)
+    digests = resume.input_digests(paths)
+    fp = resume.fingerprint(params, digests)
     state = resume.load(paths["train_state"], fp, device)
     curve: list[dict[str, float]] = state["curve"] if state else []
     if state:
@@ -77,8 +78,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         plan_params = {k: v for k, v in plan_meta.items() if k in MakeBatchesParams.model_fields}
         upstream = {"ingest": items_meta["params"], "make_batches": plan_params}
         parent.params(flatten(upstream))
-        data = {"items": paths["items"], "batches": paths["batches"]}
-        parent.tags(tracking.provenance(Path(paths.root), data, upstream | {"train": params.model_dump()}))
+        parent.tags(tracking.provenance(Path(paths.root), digests, upstream | {"train": params.model_dump()}))
         _log_ingest(parent, items_meta.get("summary", {}), paths["quarantine"])
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         done = len(curve)

@@ -9,6 +9,7 @@ import zipfile
 
 import pytest
 
+from tasks.contracts import file_digest
 from tasks import download
 from tasks.errors import DatasetError
 
@@ -54,7 +55,7 @@ def test_ensure_fetches_and_extracts_zip_and_tar(tmp_path):
         info.size = 1
         tf.addfile(info, io.BytesIO(b"B"))
     downloads = [
-        Download(url=(remote / n).as_uri(), sha256=download.sha256_of(remote / n), file=n, extract=True)
+        Download(url=(remote / n).as_uri(), sha256=file_digest(remote / n), file=n, extract=True)
         for n in ("a.zip", "b.tgz")
     ]
     root = tmp_path / "root"

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tasks import contracts as C
-from tasks import download, ingest, layouts
+from tasks import ingest, layouts
 from tasks.errors import DatasetError
 from tasks.params import load_params
 from tasks.sources import Record, Rejected, load
@@ -69,7 +69,7 @@ def test_omniglot_replica_zips_and_download(make_project, tmp_path):
     _omniglot_zip(remote / "images_background.zip", "images_background", {"Greek": 2, "Latin": 1}, 0)
     _omniglot_zip(remote / "images_evaluation.zip", "images_evaluation", {"Atemayar": 2}, 5000)
     downloads = [
-        {"url": (remote / n).as_uri(), "sha256": download.sha256_of(remote / n), "file": n}
+        {"url": (remote / n).as_uri(), "sha256": C.file_digest(remote / n), "file": n}
         for n in ("images_background.zip", "images_evaluation.zip")
     ]
     summary, items, quarantine = run(project(make_project, "omniglot", **{"ingest.source.downloads": downloads}))

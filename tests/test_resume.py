@@ -79,10 +79,10 @@ def test_sigkill_mid_epoch_then_restart_matches_an_uninterrupted_run(make_projec
 def test_a_state_from_other_params_is_not_resumed(make_project, capsys):
     params = _project(make_project, "p")
     other = params.train.model_copy(update={"seed": 123})
-    fp_other = resume.fingerprint(other, params.paths)
-    assert fp_other != resume.fingerprint(params.train, params.paths)
+    fp_other = resume.fingerprint(other, resume.input_digests(params.paths))
+    assert fp_other != resume.fingerprint(params.train, resume.input_digests(params.paths))
     meta = {"channels": 1, "height": 48, "n_train_classes": 6}
     stateful = build(params.train, meta, torch.device("cpu")).stateful
     resume.save(params.paths["train_state"], fp_other, 0, stateful, [{"epoch": 0}], {"parent": "x", "child": "y"})
-    assert resume.load(params.paths["train_state"], resume.fingerprint(params.train, params.paths), torch.device("cpu")) is None
+    assert resume.load(params.paths["train_state"], resume.fingerprint(params.train, resume.input_digests(params.paths)), torch.device("cpu")) is None
     assert "starting afresh" in capsys.readouterr().out

@@ -76,15 +76,20 @@ def report(metrics: dict[str, Any], run_id: str, root: Path) -> str:
 
 
 @flow(name="tripletflow", log_prints=True)
-def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def pipeline(
+    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, preset: str | None = None
+) -> dict[str, Any]:
     """ingest → make_batches → train → export_embeddings → build_index → evaluate; returns the
-    metrics and the MLflow run id."""
-    params = load_params(params_file, overrides)  # invalid params: fail before any output
+    metrics and the MLflow run id. ``preset``: a params preset file (``params/omniglot.yaml``;
+    relative to the params file's folder) applied before ``overrides``."""
+    preset_file = _preset_path(params_file, preset)
+    params = load_params(params_file, overrides, preset_file)  # invalid params: fail before any output
     paths = params.paths
     root = Path(paths.root)
     logger = get_run_logger()
     run_id = tracking.start_pipeline_run(
         root, params.train.experiment, {"prefect.flow_run_id": str(flow_run.id or ""), "tripletflow.runner": "prefect"}
+        | ({"tripletflow.preset": preset} if preset else {})
     )
     tracking.Tracker(root, run_id).params(flatten(params.model_dump(exclude={"paths"})))
     logger.info("MLflow run %s (%s)", run_id, tracking.tracking_uri(root))
@@ -107,6 +112,12 @@ def pipeline(params_file: str = "params.yaml", overrides: dict[str, Any] | None 
     return {"run_id": run_id, "metrics": metrics}
 
 
+def _preset_path(params_file: str, preset: str | None) -> Path | None:
+    if preset is None:
+        return None
+    return Path(params_file).parent / preset  # an absolute preset stays absolute
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
@@ -120,14 +131,17 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--preset", default=None, help="a params preset file (params/omniglot.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     from tasks.cli import USER_ERRORS
 
     try:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
-        load_params(args.params, parse_set(args.overrides))
-        result = pipeline(params_file=str(Path(args.params).resolve()), overrides=parse_set(args.overrides) or None)
+        params_file = str(Path(args.params).resolve())
+        preset = str(Path(args.preset).resolve()) if args.preset else None
+        load_params(params_file, parse_set(args.overrides), preset)
+        result = pipeline(params_file=params_file, overrides=parse_set(args.overrides) or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
     print(json.dumps(result, default=str))

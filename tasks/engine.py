@@ -27,21 +27,31 @@ LossOf = Objective
 
 
 def loss_of(
-    model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool = False, world: World = SINGLE
+    model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool = False, world: World = SINGLE,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LossOf:
     """``(uint8 images (B/W, C, H, W), labels (B,)) -> (loss, stats)``: the network, under bfloat16
     autocast if ``bf16``, then the objective in float32 (distances between near-identical
     embeddings need the precision). ``compile``: through torch.compile, network and objective
     together (a sync-free objective then becomes one graph). With ``world`` of W > 1 processes the
     images are this rank's slice of the batch and the labels the whole batch's: embeddings are
-    gathered, so the objective mines the global batch (see tasks.distributed)."""
+    gathered, so the objective mines the global batch (see tasks.distributed). ``augment``: uint8
+    (B, C, H, W) -> float (B, C, H, W) in 0..255 applied to the images first (tasks.augment)."""
 
     def compute(x: torch.Tensor, y: torch.Tensor):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = model(x)
         return objective(gather(emb.float(), world), y)
 
-    return torch.compile(compute) if compile else compute
+    network = torch.compile(compute) if compile else compute
+    if augment is None:
+        return network
+
+    def augmented(x: torch.Tensor, y: torch.Tensor):
+        # Outside torch.compile: the draws come from the augmenter's own seeded generator.
+        return network(augment(x), y)
+
+    return augmented
 
 
 def self_supervised_loss_of(

@@ -115,14 +115,15 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
 
 
 def _few_shot(params: EvaluateParams, x: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float]:
-    """``few_shot_{N}way_{K}shot`` accuracy and its ``_ci95`` half-width for each K (tasks.fewshot)."""
+    """``few_shot_{N}way_{K}shot`` accuracy and its ``_ci95`` half-width for each N and K (tasks.fewshot)."""
     fs, out = params.few_shot, {}
-    for shots in fs.shots if fs.ways else []:
-        try:
-            mean, half = fewshot.episodes_accuracy(x, labels, fs.ways, shots, fs.queries, fs.episodes, params.seed, metric)
-        except ValueError as err:
-            raise DatasetError(f"evaluate.few_shot: {err} (set evaluate.few_shot.ways: 0 to skip)") from None
-        out |= {f"few_shot_{fs.ways}way_{shots}shot": mean, f"few_shot_{fs.ways}way_{shots}shot_ci95": half}
+    for ways in fs.ways:
+        for shots in fs.shots:
+            try:
+                mean, half = fewshot.episodes_accuracy(x, labels, ways, shots, fs.queries, fs.episodes, params.seed, metric)
+            except ValueError as err:
+                raise DatasetError(f"evaluate.few_shot: {err} (set evaluate.few_shot.ways: [] to skip)") from None
+            out |= {f"few_shot_{ways}way_{shots}shot": mean, f"few_shot_{ways}way_{shots}shot_ci95": half}
     return out
 
 

@@ -203,8 +203,10 @@ def _defaults(cls: type) -> dict[str, Any]:
 
 
 class AugmentParams(_Strict):
-    """Batch augmentation on the device (tasks.augment), used by self-supervised training."""
+    """Batch augmentation on the device (tasks.augment): always used by self-supervised training,
+    by supervised training when ``supervised`` is true."""
 
+    supervised: bool  # also warp the images of supervised training (a fresh draw per image and step)
     crop_scale: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=2, max_length=2)  # area kept
     rotate: float = Field(ge=0, le=180)  # degrees, ±
     translate: float = Field(ge=0, le=1)  # fraction of the image, ±
@@ -265,9 +267,10 @@ class BuildIndexParams(_Strict):
 
 
 class FewShotParams(_Strict):
-    """N-way K-shot episodes over the query classes (tasks.fewshot); ways 0 = off."""
+    """N-way K-shot episodes over the query classes (tasks.fewshot), for every N in ``ways`` and K in
+    ``shots``; ``ways: []`` = off."""
 
-    ways: int = Field(ge=0)
+    ways: list[Annotated[int, Field(ge=2)]]
     shots: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
     queries: int = Field(gt=0)  # per class and episode
     episodes: int = Field(gt=0)
@@ -363,9 +366,14 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
     return params
 
 
-def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
-    """Read, override and validate params.yaml. Relative paths resolve against its directory."""
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None, preset: str | Path | None = None) -> Params:
+    """Read, override and validate params.yaml. Relative paths resolve against its directory.
+    ``preset``: a params preset file (tasks.params_preset), applied before ``overrides``."""
     path = Path(path)
+    if preset is not None:
+        from tasks.params_preset import read_preset
+
+        overrides = read_preset(preset) | (overrides or {})
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:

@@ -63,7 +63,10 @@ def build(
             num_classes=items_meta["n_train_classes"], embedding_size=params.embedding_dim,
             memory_size=params.cross_batch_memory, per_class=per_class,
         )
-        compute = loss_of(model, objective, bf16, params.compile, world)
+        augmenter = Augmenter(params.augment, params.seed + world.rank, device) if params.augment.supervised else None
+        compute = loss_of(model, objective, bf16, params.compile, world, augmenter)
+        if augmenter is not None:
+            stateful["augment"] = augmenter
     distributed.broadcast([model, loss_fn], world)
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())

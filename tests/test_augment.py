@@ -4,7 +4,7 @@ import torch
 from tasks.augment import Augmenter
 from tasks.params import AugmentParams
 
-NONE = AugmentParams(crop_scale=[1.0, 1.0], rotate=0.0, translate=0.0, hflip=False, brightness=0.0, contrast=0.0)
+NONE = AugmentParams(supervised=False, crop_scale=[1.0, 1.0], rotate=0.0, translate=0.0, hflip=False, brightness=0.0, contrast=0.0)
 
 
 def _images(n=6, size=12):
@@ -25,7 +25,7 @@ def test_flip_only_mirrors_some_images_exactly():
 
 
 def test_augmentation_is_seeded_and_resumable():
-    params = AugmentParams(crop_scale=[0.5, 1.0], rotate=20.0, translate=0.1, hflip=True, brightness=0.3, contrast=0.3)
+    params = AugmentParams(supervised=False, crop_scale=[0.5, 1.0], rotate=20.0, translate=0.1, hflip=True, brightness=0.3, contrast=0.3)
     x = _images()
     a = Augmenter(params, 7, torch.device("cpu"))
     b = Augmenter(params, 7, torch.device("cpu"))

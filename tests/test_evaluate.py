@@ -12,7 +12,7 @@ from conftest import FAST, synthetic_items
 def _trained(make_project, overrides: dict):
     """A tmp project with synthetic items, a batch plan and a trained model."""
     # 2 test classes: 2-way episodes (queries 4 of 12 items per class, so 1- and 5-shot fit).
-    params = load_params(make_project(FAST | {"evaluate.few_shot.ways": 2, "evaluate.few_shot.queries": 4} | overrides))
+    params = load_params(make_project(FAST | {"evaluate.few_shot.ways": [2], "evaluate.few_shot.queries": 4} | overrides))
     synthetic_items(params.paths["items"])
     make_batches.run(params.make_batches, params.paths)
     train.run(params.train, params.paths)
@@ -96,7 +96,7 @@ def _embeddings_project(make_project, rows, factory="Flat", metric="inner_produc
     from tasks import contracts as C
     from tasks.tracking import write_run_info
 
-    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.worst_queries": 0, "evaluate.few_shot.ways": 0,
+    params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.worst_queries": 0, "evaluate.few_shot.ways": [],
                                        "evaluate.registered_model": None,  # no model to register
                                        "build_index.factory": factory, "build_index.metric": metric}))
     vectors = np.stack([r[4] for r in rows]).astype(np.float32)
@@ -158,7 +158,7 @@ def test_no_query_with_a_relevant_item_is_a_named_error(make_project):
 
 
 def test_few_shot_with_too_few_classes_names_the_key(make_project):
-    params = _trained(make_project, {"make_batches.epochs": 1, "evaluate.few_shot.ways": 5})
+    params = _trained(make_project, {"make_batches.epochs": 1, "evaluate.few_shot.ways": [5]})
     export_embeddings.run(params.export_embeddings, params.paths)
     build_index.run(params.build_index, params.paths)
     from tasks.errors import DatasetError

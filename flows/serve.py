@@ -1,6 +1,6 @@
 """Serve the pipeline on one machine: a scheduled deployment without a work pool or worker.
 
-    python -m flows.serve [--name nightly-retrain] [--cron "0 3 * * *"] [--params params.yaml] [--set key=value ...]
+    python -m flows.serve [--name nightly-retrain] [--cron "0 3 * * *"] [--params params.yaml] [--preset params/omniglot.yaml] [--set key=value ...]
 
 Needs a Prefect server (``prefect server start``, ``PREFECT_API_URL``) for its schedule to fire;
 runs until stopped, executing scheduled and API-triggered runs in this process's machine. For
@@ -23,18 +23,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="nightly-retrain", help="deployment name")
     parser.add_argument("--cron", default="0 3 * * *", help="schedule (cron, UTC)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--preset", default=None, help="a params preset file (params/omniglot.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     overrides = parse_set(args.overrides)
     params_file = Path(args.params).resolve()
+    preset = str(Path(args.preset).resolve()) if args.preset else None
     try:
-        load_params(params_file, overrides)
+        load_params(params_file, overrides, preset)
     except USER_ERRORS as err:  # a typo must not become a deployment that fails every night
         raise SystemExit(f"tripletflow: error: {err}") from None
     pipeline.serve(
         name=args.name,
         cron=args.cron,
-        parameters={"params_file": str(params_file), "overrides": overrides},
+        parameters={"params_file": str(params_file), "overrides": overrides, "preset": preset},
         description="tripletflow retrain (flow.serve)",
     )
 

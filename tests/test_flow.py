@@ -25,8 +25,11 @@ def harness():
 
 def test_flow_runs_every_stage_and_logs_one_mlflow_run(make_project):
     params_file = make_project(FAST)
-    result = pipeline(params_file=str(params_file), overrides={"evaluate.grid_queries": 3})
     root = params_file.parent
+    # A preset (relative to the params file's folder) on top of params.yaml; overrides on top of both.
+    (root / "presets").mkdir()
+    (root / "presets" / "small.yaml").write_text("evaluate:\n  grid_queries: 3\ntrain:\n  embedding_dim: 12\n")
+    result = pipeline(params_file=str(params_file), overrides={"train.embedding_dim": 8}, preset="presets/small.yaml")
     assert 0 < result["metrics"]["map_at_r"] <= 1
     for out in ("data/items.parquet", "data/batches.parquet", "models/model.pt", "models/index.faiss", "metrics.json"):
         assert (root / out).exists(), out
@@ -36,7 +39,8 @@ def test_flow_runs_every_stage_and_logs_one_mlflow_run(make_project):
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"]
     # Every section of params.yaml, flattened; overrides win over the file.
-    assert run.data.params["evaluate.grid_queries"] == "3"
+    assert run.data.params["evaluate.grid_queries"] == "3" and run.data.params["train.embedding_dim"] == "8"
+    assert run.data.tags["tripletflow.preset"] == "presets/small.yaml"
     assert run.data.params["make_batches.epochs"] == str(FAST["make_batches.epochs"])
     assert run.data.params["train.loss.name"] == "TripletMarginLoss"
     assert run.data.metrics["map_at_r"] == pytest.approx(result["metrics"]["map_at_r"])

@@ -3,7 +3,7 @@
 A preset (``params/omniglot.yaml``) has params.yaml's shape but only the keys it changes; each
 ``section: {key: value}`` it gives *replaces* that key's value in params.yaml (a whole
 ``train.loss`` mapping, not a merge into the default's kwargs), so params.yaml stays the one
-source of every other default. The same preset reaches both runners:
+source of every other default. ``extends: omniglot.yaml`` builds a preset on another one. The same preset reaches both runners:
 
 - the Prefect flow: ``python -m flows.pipeline --preset params/omniglot.yaml`` (dotted
   ``--set`` overrides then apply on top);
@@ -27,10 +27,11 @@ import yaml
 from tasks.errors import ParamsError
 
 
-def read_preset(path: str | Path) -> dict[str, Any]:
+def read_preset(path: str | Path, _chain: frozenset[Path] = frozenset()) -> dict[str, Any]:
     """``{"section.key": value}`` from a preset file; raises ParamsError naming the file and key
     for anything but ``section: {key: value}`` mappings (sections and keys are checked against the
-    schema when the merged params are validated)."""
+    schema when the merged params are validated). ``extends: other.yaml`` starts from another
+    preset's keys."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -41,6 +42,11 @@ def read_preset(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or not raw:
         raise ParamsError(f"{path}: a preset is a mapping of params sections")
     out: dict[str, Any] = {}
+    base = raw.pop("extends", None)  # another preset (relative to this one) that this one changes
+    if base is not None:
+        if not isinstance(base, str) or (path.parent / base).resolve() in _chain:
+            raise ParamsError(f"{path}: extends must name another preset file, without a cycle (got {base!r})")
+        out = read_preset(path.parent / base, _chain | {path.resolve()})
     for section, keys in raw.items():
         if section == "paths" or not isinstance(keys, dict) or not keys:
             raise ParamsError(f"{path}: {section!r} must be a params section with the keys it changes (not paths)")

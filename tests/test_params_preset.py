@@ -35,6 +35,15 @@ def test_bad_presets_name_the_file(tmp_path, bad):
         read_preset(_write(tmp_path / "p.yaml", bad))
 
 
+def test_extends_starts_from_another_preset_and_refuses_cycles(tmp_path):
+    _write(tmp_path / "base.yaml", {"train": {"width": 8, "embedding_dim": 4}})
+    child = _write(tmp_path / "child.yaml", {"extends": "base.yaml", "train": {"width": 16}})
+    assert read_preset(child) == {"train.width": 16, "train.embedding_dim": 4}
+    _write(tmp_path / "base.yaml", {"extends": "child.yaml", "train": {"width": 8}})
+    with pytest.raises(ParamsError, match="cycle"):
+        read_preset(child)
+
+
 def test_missing_preset_is_a_params_error(tmp_path):
     with pytest.raises(ParamsError, match="no such preset"):
         load_params(ROOT / "params.yaml", preset=tmp_path / "nope.yaml")

@@ -92,7 +92,8 @@ def _make_runs(root: Path, alphabets: list[str], chars: dict[str, list[str]], rn
         run = root / "runs" / f"run{r:02d}"
         (run / "training").mkdir(parents=True)
         (run / "test").mkdir()
-        order = rng.sample(range(20), 20)
+        order = list(range(20))
+        rng.shuffle(order)
         by_drawer = [{int(p.stem.split("_")[1]): p for p in (root / "images_background" / alphabet / c).glob("*.png")}
                      for c in picked]
         lines = []
@@ -108,8 +109,7 @@ def reference_train(params, images_root: Path) -> dict:
     """pml's recipe on the preset's network, batch, optimizer, epochs and augmentation; writes the
     checkpoint where the train stage would, and the MLflow run the later stages log into."""
     import torch
-    import torchvision
-    from pytorch_metric_learning import losses, miners, samplers
+    from pytorch_metric_learning import samplers
     from torchvision import transforms as T
 
     from tasks.models import EmbeddingNet, save_checkpoint
@@ -120,12 +120,7 @@ def reference_train(params, images_root: Path) -> dict:
     if aug.supervised:  # the same warp as tasks.augment: zoom-in crop, rotation, shift; white fill
         zoom = 1 / min(aug.crop_scale) ** 0.5
         steps.append(T.RandomAffine(aug.rotate, (aug.translate / 2, aug.translate / 2), (1.0, zoom), fill=255))
-    data = torchvision.datasets.ImageFolder(str(images_root), transform=T.Compose([*steps, T.PILToTensor()]))
-    # ImageFolder labels by the first folder level (the alphabet); the class is the character.
-    chars = sorted({str(Path(p).parent) for p, _ in data.samples})
-    index = {c: i for i, c in enumerate(chars)}
-    data.samples = [(p, index[str(Path(p).parent)]) for p, _ in data.samples]
-    data.targets = [t for _, t in data.samples]
+    data = omniglot_recipe.character_folder(images_root, T.Compose([*steps, T.PILToTensor()]))
     torch.manual_seed(tp.seed)
     batch = mb.classes_per_batch * mb.images_per_class
     sampler = samplers.MPerClassSampler(data.targets, m=mb.images_per_class, batch_size=batch, length_before_new_iter=len(data))
@@ -133,17 +128,12 @@ def reference_train(params, images_root: Path) -> dict:
                                          persistent_workers=True)
     model = EmbeddingNet({"backbone": tp.backbone, "width": tp.width, "embedding_dim": tp.embedding_dim,
                           "in_channels": params.ingest.channels, "image_size": size, "pooling": tp.pooling}).train()
-    loss_fn = losses.TripletMarginLoss(margin=0.2)
-    miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    objective = omniglot_recipe.reference_objective()
     opt = getattr(torch.optim, tp.optimizer.name)(model.parameters(), **tp.optimizer.kwargs)
     seen, start = 0, time.perf_counter()
     for _ in range(mb.epochs):
         for x, y in loader:
-            emb = model(x)
-            loss = loss_fn(emb, y, miner(emb, y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            omniglot_recipe.reference_step(model, objective, opt, x, y)
             seen += len(y)
     seconds = time.perf_counter() - start
     paths = params.paths

@@ -30,3 +30,33 @@ def overrides(data: Path, image_size: int, epochs: int, p: int = 32, k: int = 4)
         "train.optimizer": {"name": "AdamW", "lr": 0.001, "weight_decay": 0.0001},
         "evaluate.recall_at": [1, 2, 4, 8],
     }
+
+
+def character_folder(root: Path, transform):
+    """torchvision ImageFolder over extracted Omniglot PNGs (``root/<alphabet>/<character>/``),
+    labelled by character — ImageFolder alone would label by the first level, the alphabet."""
+    import torchvision
+
+    data = torchvision.datasets.ImageFolder(str(root), transform=transform)
+    chars = sorted({str(Path(p).parent) for p, _ in data.samples})
+    index = {c: i for i, c in enumerate(chars)}
+    data.samples = [(p, index[str(Path(p).parent)]) for p, _ in data.samples]
+    data.targets = [t for _, t in data.samples]
+    return data
+
+
+def reference_objective():
+    """pytorch-metric-learning's own recipe: (TripletMarginLoss, semi-hard TripletMarginMiner), margin 0.2."""
+    from pytorch_metric_learning import losses, miners
+
+    return losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+
+
+def reference_step(model, objective, optimizer, x, y) -> None:
+    """One fp32 step of the reference loop: embed, mine, loss, update."""
+    loss_fn, miner = objective
+    emb = model(x)
+    loss = loss_fn(emb, y, miner(emb, y))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()

@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from pytorch_metric_learning import losses, miners, samplers  # the reference loop's recipe
+from pytorch_metric_learning import samplers  # the reference loop's sampler
 
 import omniglot_recipe
 from tasks import ingest, make_batches, train_data
@@ -49,33 +49,21 @@ def sync(device: torch.device) -> None:
 
 def reference_loop(root: Path, size: int, channels: int, p: int, k: int, steps: int, device, model_cfg, workers: int) -> float:
     """img/s of the pml-examples recipe: ImageFolder + PIL + DataLoader(MPerClassSampler), fp32."""
-    import torchvision
     from torchvision import transforms as T
 
-    tf = T.Compose([T.Grayscale(channels), T.Resize((size, size)), T.PILToTensor()])
-    data = torchvision.datasets.ImageFolder(str(root), transform=tf)
-    # ImageFolder labels by the first folder level (the alphabet); the class is the character.
-    chars = sorted({str(Path(path).parent) for path, _ in data.samples})
-    index = {c: i for i, c in enumerate(chars)}
-    data.samples = [(path, index[str(Path(path).parent)]) for path, _ in data.samples]
-    data.targets = [t for _, t in data.samples]
+    data = omniglot_recipe.character_folder(root, T.Compose([T.Grayscale(channels), T.Resize((size, size)), T.PILToTensor()]))
     sampler = samplers.MPerClassSampler(data.targets, m=k, batch_size=p * k, length_before_new_iter=len(data))
     loader = torch.utils.data.DataLoader(data, batch_size=p * k, sampler=sampler, num_workers=workers, drop_last=True)
     torch.manual_seed(0)
     model = EmbeddingNet(model_cfg).to(device).train()
-    loss_fn, miner = losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
+    objective = omniglot_recipe.reference_objective()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     seen, start = 0, None
     for step, (x, y) in enumerate(loader):
         if step == 2:  # after warm-up (workers started, kernels chosen)
             sync(device)
             start, seen = time.perf_counter(), 0
-        x, y = x.to(device), y.to(device)
-        emb = model(x)
-        loss = loss_fn(emb, y, miner(emb, y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        omniglot_recipe.reference_step(model, objective, opt, x.to(device), y.to(device))
         seen += len(y)
         if step >= steps + 2:
             break

@@ -366,6 +366,17 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
     return params
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a missing or malformed file is a ParamsError naming it (``what``: the
+    kind of file, for the message)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such {what} file") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_params(path: str | Path, overrides: dict[str, Any] | None = None, preset: str | Path | None = None) -> Params:
     """Read, override and validate params.yaml. Relative paths resolve against its directory.
     ``preset``: a params preset file (tasks.params_preset), applied before ``overrides``."""
@@ -374,12 +385,7 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None, prese
         from tasks.params_preset import read_preset
 
         overrides = read_preset(preset) | (overrides or {})
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such params file") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path, "params")
     if overrides:
         raw = apply_overrides(raw, overrides)
     return parse_params(raw, path.parent, origin=str(path))

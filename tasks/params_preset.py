@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tasks.errors import ParamsError
+from tasks.params import read_yaml
 
 
 def read_preset(path: str | Path, _chain: frozenset[Path] = frozenset()) -> dict[str, Any]:
@@ -33,12 +32,7 @@ def read_preset(path: str | Path, _chain: frozenset[Path] = frozenset()) -> dict
     schema when the merged params are validated). ``extends: other.yaml`` starts from another
     preset's keys."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: no such preset file") from None
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path, "preset")
     if not isinstance(raw, dict) or not raw:
         raise ParamsError(f"{path}: a preset is a mapping of params sections")
     out: dict[str, Any] = {}
@@ -77,7 +71,7 @@ def dvc_set_params(preset: dict[str, Any], params_yaml: Path) -> list[str]:
     """``--set-param`` values that give params.yaml the preset's keys. Hydra *merges* a mapping
     into an existing one, so a mapping that params.yaml already holds is deleted first (``~key``)
     and added whole (``+key=``); anything else is set or added (``++key=``)."""
-    current = yaml.safe_load(params_yaml.read_text())
+    current = read_yaml(params_yaml, "params")
     out = []
     for dotted, value in preset.items():
         section, key = dotted.split(".", 1)

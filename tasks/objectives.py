@@ -140,8 +140,51 @@ def _only(spec: Component, allowed: dict[str, object]) -> bool:
     return all(k in allowed and (allowed[k] is None or v == allowed[k]) for k, v in spec.kwargs.items())
 
 
-def fused_equivalent(loss: Component, miner: Component | None, per_class: int | None = None) -> FusedTriplet | None:
+class FusedSupervisedNTXent:
+    """NTXentLoss(temperature) on labelled embeddings with no miner, as pml computes it — every
+    same-label pair (a, p) a positive, every other-label pair (a, n) a negative:
+
+        loss(a, p) = -log( e^{s_ap/τ} / (e^{s_ap/τ} + Σ_n e^{s_an/τ}) ) = softplus(lse_n(s_an/τ) - s_ap/τ)
+
+    (s = cosine similarity), averaged over the positive pairs — in one (B, B) pass. pml gathers
+    the pairs and builds a (positive pairs × negative pairs) mask (~0.2 s a step at B = 128 on a
+    CPU, a third of the step). Value and gradient equal pml's (tested). Statistics: the pairs'
+    count and mean positive / negative similarity (pml's pair statistics)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """emb (B, D), labels (B,) -> (scalar loss, stats)."""
+        z = F.normalize(emb, dim=1)
+        sim = z @ z.T
+        same = labels[:, None] == labels[None, :]
+        pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=emb.device)
+        logits = sim / self.temperature
+        # An anchor with no negative (a one-class batch) gets -inf, but through a finite row: the
+        # logsumexp of an all -inf row has a NaN gradient.
+        has_neg = (~same).any(dim=1)
+        lse = torch.logsumexp(logits.masked_fill(same & has_neg[:, None], float("-inf")), dim=1)
+        neg_lse = torch.where(has_neg, lse, float("-inf"))
+        per_pair = F.softplus(neg_lse[:, None] - logits)  # (B, B), used where pos
+        n_pos, n_neg = pos.sum(), (~same).sum()
+        loss = torch.where(pos, per_pair, 0.0).sum() / n_pos.clamp(min=1)
+        with torch.no_grad():
+            d = sim.detach()
+            stats = {
+                "mined": (n_pos + n_neg).to(d.dtype),
+                "pos_distance": torch.where(pos, d, 0.0).sum() / n_pos.clamp(min=1),
+                "neg_distance": torch.where(~same, d, 0.0).sum() / n_neg.clamp(min=1),
+            }
+        return loss, stats
+
+
+def fused_equivalent(
+    loss: Component, miner: Component | None, per_class: int | None = None
+) -> FusedTriplet | FusedSupervisedNTXent | None:
     """The fused objective when it computes exactly what (loss, miner) would, else None."""
+    if loss.name == "NTXentLoss" and miner is None and _only(loss, {"temperature": None}):
+        return FusedSupervisedNTXent(float(loss.kwargs.get("temperature", 0.07)))
     loss_ok = loss.name == "TripletMarginLoss" and _only(
         loss, {"margin": None, "swap": False, "smooth_loss": False, "triplets_per_anchor": "all"}
     )

@@ -236,7 +236,7 @@ class TrainParams(_Strict):
     loss: Component
     miner: Component | None
     optimizer: Component
-    # TripletMarginLoss (+ TripletMarginMiner or no miner) computed in one fused pass, equal to
+    # TripletMarginLoss (+ TripletMarginMiner or no miner) and NTXentLoss (no miner) computed in one fused pass, equal to
     # pml's; other losses and miners always run as pml's.
     fused_mining: bool
     cross_batch_memory: int = Field(ge=0)  # >0: miner + loss also see the last N embeddings (XBM)

@@ -137,3 +137,31 @@ def test_self_supervised_objective_fuses_only_plain_nt_xent():
     assert isinstance(self_supervised_objective(Component(name="NTXentLoss"), False, cpu)[0], losses.SelfSupervisedLoss)
     other = self_supervised_objective(Component(name="TripletMarginLoss", margin=0.2), True, cpu)[0]
     assert isinstance(other, losses.SelfSupervisedLoss)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+@pytest.mark.parametrize("kind", ["pk", "random", "one_class"])
+def test_fused_supervised_ntxent_equals_pml(kind, temperature):
+    """NTXentLoss with labels and no miner: every same-label pair a positive. Value and gradient
+    equal pml's, on P×K batches, random labels (singletons: anchors with no positive) and a
+    one-class batch (anchors with no negative: loss 0, finite gradient)."""
+    from tasks.objectives import FusedSupervisedNTXent
+
+    emb, labels = _batch(3, p=6, k=4, pk=kind == "pk")
+    if kind == "one_class":
+        labels = torch.zeros_like(labels)
+    spec = Component(name="NTXentLoss", temperature=temperature)
+    fused = fused_equivalent(spec, None)
+    assert isinstance(fused, FusedSupervisedNTXent)
+    ref_loss, ref_grad, _ = _loss_and_grad(PmlObjective(losses.NTXentLoss(temperature=temperature), None), emb, labels)
+    loss, grad, stats = _loss_and_grad(fused, emb, labels)
+    assert torch.isfinite(grad).all()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9, abs=1e-12)
+    assert torch.allclose(grad, ref_grad, rtol=1e-7, atol=1e-10)
+    same = labels[:, None] == labels[None, :]
+    assert stats["mined"].item() == same.sum().item() - len(labels) + (~same).sum().item()
+
+
+def test_ntxent_with_other_arguments_or_a_miner_stays_pmls():
+    assert fused_equivalent(Component(name="NTXentLoss", temperature=0.1), Component(name="MultiSimilarityMiner")) is None
+    assert fused_equivalent(Component(name="NTXentLoss", temperature=0.1, reducer=None), None) is None

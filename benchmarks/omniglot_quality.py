@@ -37,6 +37,7 @@ from pathlib import Path
 import omniglot_recipe
 from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, oneshot, train, tracking
 from tasks.params import flatten, load_params
+from tasks.params_preset import with_preset
 from tasks.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def reference_train(params, images_root: Path) -> dict:
 
 
 def run_one(work: Path, overrides: dict, runs: Path, reference_images: Path | None) -> dict:
-    params = load_params(work / "params.yaml", overrides, REPO / "params" / "omniglot.yaml")
+    params = load_params(work / "params.yaml", with_preset(REPO / "params" / "omniglot.yaml", overrides))
     times, result = {}, {}
     for module in STAGES:
         name = module.__name__.rsplit(".", 1)[-1]

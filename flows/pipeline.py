@@ -33,6 +33,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, tracking, train  # noqa: E402
 from tasks.errors import UserInputError  # noqa: E402
 from tasks.params import flatten, load_params  # noqa: E402
+from tasks.params_preset import with_preset  # noqa: E402
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -83,7 +84,7 @@ def pipeline(
     metrics and the MLflow run id. ``preset``: a params preset file (``params/omniglot.yaml``;
     relative to the params file's folder) applied before ``overrides``."""
     preset_file = _preset_path(params_file, preset)
-    params = load_params(params_file, overrides, preset_file)  # invalid params: fail before any output
+    params = load_params(params_file, with_preset(preset_file, overrides))  # invalid params: fail before any output
     paths = params.paths
     root = Path(paths.root)
     logger = get_run_logger()
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
         params_file = str(Path(args.params).resolve())
         preset = str(Path(args.preset).resolve()) if args.preset else None
-        load_params(params_file, parse_set(args.overrides), preset)
+        load_params(params_file, with_preset(preset, parse_set(args.overrides)))
         result = pipeline(params_file=params_file, overrides=parse_set(args.overrides) or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None

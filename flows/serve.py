@@ -16,6 +16,7 @@ from pathlib import Path
 from flows.pipeline import parse_set, pipeline
 from tasks.cli import USER_ERRORS
 from tasks.params import load_params
+from tasks.params_preset import with_preset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,13 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     params_file = Path(args.params).resolve()
     preset = str(Path(args.preset).resolve()) if args.preset else None
     try:
-        load_params(params_file, overrides, preset)
+        load_params(params_file, with_preset(preset, overrides))
     except USER_ERRORS as err:  # a typo must not become a deployment that fails every night
         raise SystemExit(f"tripletflow: error: {err}") from None
     pipeline.serve(
         name=args.name,
         cron=args.cron,
-        parameters={"params_file": str(params_file), "overrides": overrides, "preset": preset},
+        parameters={"params_file": str(params_file), "overrides": overrides} | ({"preset": preset} if preset else {}),
         description="tripletflow retrain (flow.serve)",
     )
 

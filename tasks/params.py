@@ -377,14 +377,10 @@ def read_yaml(path: Path, what: str) -> Any:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
 
 
-def load_params(path: str | Path, overrides: dict[str, Any] | None = None, preset: str | Path | None = None) -> Params:
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
     """Read, override and validate params.yaml. Relative paths resolve against its directory.
-    ``preset``: a params preset file (tasks.params_preset), applied before ``overrides``."""
+    (A params preset reaches here as overrides: tasks.params_preset.with_preset.)"""
     path = Path(path)
-    if preset is not None:
-        from tasks.params_preset import read_preset
-
-        overrides = read_preset(preset) | (overrides or {})
     raw = read_yaml(path, "params")
     if overrides:
         raw = apply_overrides(raw, overrides)

@@ -6,7 +6,7 @@ A preset (``params/omniglot.yaml``) has params.yaml's shape but only the keys it
 source of every other default. ``extends: omniglot.yaml`` builds a preset on another one. The same preset reaches both runners:
 
 - the Prefect flow: ``python -m flows.pipeline --preset params/omniglot.yaml`` (dotted
-  ``--set`` overrides then apply on top);
+  ``--set`` overrides then apply on top; :func:`with_preset`);
 - DVC: ``python -m tasks.params_preset params/omniglot.yaml [-- dvc exp run args]`` runs
   ``dvc exp run`` with one ``--set-param`` per key, so the experiment's params.yaml — what DVC
   versions and ``dvc exp show`` lists — holds the preset's values.
@@ -46,6 +46,11 @@ def read_preset(path: str | Path, _chain: frozenset[Path] = frozenset()) -> dict
             raise ParamsError(f"{path}: {section!r} must be a params section with the keys it changes (not paths)")
         out |= {f"{section}.{key}": value for key, value in keys.items()}
     return out
+
+
+def with_preset(preset: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The overrides for ``load_params``: the preset's keys (if any), then ``overrides`` on top."""
+    return (read_preset(preset) if preset is not None else {}) | (overrides or {})
 
 
 def _hydra(value: Any) -> str:

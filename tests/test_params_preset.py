@@ -14,7 +14,7 @@ from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 from conftest import ROOT
 from tasks.errors import ParamsError
 from tasks.params import load_params
-from tasks.params_preset import dvc_set_params, main, read_preset
+from tasks.params_preset import dvc_set_params, main, read_preset, with_preset
 
 SHIPPED = sorted((ROOT / "params").glob("*.yaml"))
 
@@ -46,12 +46,12 @@ def test_extends_starts_from_another_preset_and_refuses_cycles(tmp_path):
 
 def test_missing_preset_is_a_params_error(tmp_path):
     with pytest.raises(ParamsError, match="no such preset"):
-        load_params(ROOT / "params.yaml", preset=tmp_path / "nope.yaml")
+        load_params(ROOT / "params.yaml", with_preset(tmp_path / "nope.yaml"))
 
 
 def test_preset_replaces_whole_keys_and_overrides_win(tmp_path):
     preset = _write(tmp_path / "p.yaml", {"train": {"loss": {"name": "MultiSimilarityLoss"}, "miner": None, "width": 8}})
-    p = load_params(ROOT / "params.yaml", {"train.width": 4}, preset)
+    p = load_params(ROOT / "params.yaml", with_preset(preset, {"train.width": 4}))
     # The default loss's margin is not merged into the preset's loss (MultiSimilarityLoss has none).
     assert p.train.loss.name == "MultiSimilarityLoss" and p.train.loss.kwargs == {}
     assert p.train.miner is None and p.train.width == 4
@@ -61,7 +61,7 @@ def test_preset_replaces_whole_keys_and_overrides_win(tmp_path):
 def test_unknown_key_in_a_preset_is_named(tmp_path):
     preset = _write(tmp_path / "p.yaml", {"train": {"widht": 8}})
     with pytest.raises(ParamsError, match="widht"):
-        load_params(ROOT / "params.yaml", preset=preset)
+        load_params(ROOT / "params.yaml", with_preset(preset))
 
 
 def test_shipped_presets_exist():
@@ -85,7 +85,7 @@ def test_dvc_set_params_give_the_same_params_as_the_flow(tmp_path, preset):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     dvc_apply_overrides(str(tmp_path / "params.yaml"), dvc_set_params(read_preset(preset), tmp_path / "params.yaml"))
     via_dvc = load_params(tmp_path / "params.yaml").model_dump(exclude={"paths"})
-    via_flow = load_params(ROOT / "params.yaml", preset=preset).model_dump(exclude={"paths"})
+    via_flow = load_params(ROOT / "params.yaml", with_preset(preset)).model_dump(exclude={"paths"})
     assert via_dvc == via_flow
     assert via_flow != load_params(ROOT / "params.yaml").model_dump(exclude={"paths"})
 

@@ -180,7 +180,9 @@ def summarize(row: str, runs: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], commit: str, protocol: str) -> str:
-    pm = (lambda r, k, f=100, d=1: f"{r[k] * f:.{d}f} ± {r[k + '_std'] * f:.{d}f}")
+    def pm(r: dict, k: str, f: float = 100, d: int = 1) -> str:  # mean ± std, or the one value
+        return f"{r[k] * f:.{d}f}" + (f" ± {r[k + '_std'] * f:.{d}f}" if r["seeds"] > 1 else "")
+
     head = ("| recipe | mAP@R (%) | Recall@1 (%) | 20-way 1-shot, official runs (%) | 20-way 1-shot, 1,000 episodes (%) "
             "| 5-way 1-shot (%) | train time (s) | img/s | seeds |\n|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(

@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
         params_file = str(Path(args.params).resolve())
         preset = str(Path(args.preset).resolve()) if args.preset else None
-        load_params(params_file, with_preset(preset, parse_set(args.overrides)))
-        result = pipeline(params_file=params_file, overrides=parse_set(args.overrides) or None, preset=preset)
+        overrides = parse_set(args.overrides)
+        load_params(params_file, with_preset(preset, overrides))
+        result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
     print(json.dumps(result, default=str))

@@ -51,22 +51,20 @@ def build(
         model = model.to(memory_format=torch.channels_last)
     bf16 = use_bf16(params, device)
     stateful: dict = {"model": model}
+    augmenter = None
+    if params.mode == "self_supervised" or params.augment.supervised:
+        # Each rank draws its own augmentations (the same draws would correlate their slices).
+        augmenter = stateful["augment"] = Augmenter(params.augment, params.seed + world.rank, device)
     if params.mode == "self_supervised":
         ssl_loss, loss_fn = self_supervised_objective(params.loss, params.fused_mining, device)
-        # Each rank draws its own augmentations (the same draws would correlate their slices).
-        augmenter = Augmenter(params.augment, params.seed + world.rank, device)
         compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16, world)
-        stateful["augment"] = augmenter
     else:
         objective, loss_fn = build_objective(
             params.loss, params.miner, params.fused_mining, device,
             num_classes=items_meta["n_train_classes"], embedding_size=params.embedding_dim,
             memory_size=params.cross_batch_memory, per_class=per_class,
         )
-        augmenter = Augmenter(params.augment, params.seed + world.rank, device) if params.augment.supervised else None
         compute = loss_of(model, objective, bf16, params.compile, world, augmenter)
-        if augmenter is not None:
-            stateful["augment"] = augmenter
     distributed.broadcast([model, loss_fn], world)
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())

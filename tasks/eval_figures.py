@@ -29,7 +29,7 @@ def pixels_of(paths: Paths, item_ids: np.ndarray) -> np.ndarray:
     items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.PIXELS])
     items = items.filter(pc.is_in(items[C.ITEM_ID], pa.array(wanted, pa.string())))
     shape = (meta["height"], meta["width"], meta["channels"])
-    flat = np.concatenate([items[C.PIXELS].combine_chunks().flatten().to_numpy().reshape(-1, *shape), np.zeros((1, *shape), np.uint8)])
+    flat = np.concatenate([C.pixels_numpy(items[C.PIXELS]).reshape(-1, *shape), np.zeros((1, *shape), np.uint8)])
     row = {item: i for i, item in enumerate(items[C.ITEM_ID].to_pylist())}
     rows = np.vectorize(lambda i: row.get(i, -1), otypes=[np.int64])(item_ids) if item_ids.size else np.zeros(item_ids.shape, np.int64)
     return flat[rows]  # -1 picks the black image appended last

@@ -7,11 +7,12 @@ protocol, else leave-one-out on the test split), source, and pixels decoded once
 that cannot be used are skipped and listed with their reason in ``paths.quarantine`` — never a
 crash mid-stage, never a silently lost file.
 
-Two passes keep memory bounded whatever the dataset's size. Pass 1 (tasks/scan.py) streams the
-source and keeps only metadata — where each image is, its label, split and content hash — from
-which duplicates, the class split and the final row order are decided. Pass 2 (tasks/decoding.py)
-decodes in that order, in chunks across cores (workers read the files themselves), and this
-module writes the table row group by row group.
+Two passes keep memory bounded whatever the dataset's size. Pass 1 (tasks/scan.py) lists the
+source, reading no image, and keeps only metadata — where each image is, its label and split —
+from which the class split and the row order are decided. Pass 2 (tasks/decoding.py) reads each
+file once, in that order, in chunks across cores: workers hash (the content id) and decode the
+same bytes; this module drops duplicates (a content id already written) and writes the table
+row group by row group.
 """
 
 from __future__ import annotations
@@ -75,24 +76,32 @@ def _summary(counts: Counter, rejected: list[sources.Rejected]) -> dict:
 
 
 def _tables(
-    kept: list[sources.Record], ids: list[str], splits: list[str], order: list[int], p: IngestParams,
+    kept: list[sources.Record], ids: list[str | None], splits: list[str], order: list[int], p: IngestParams,
     rejected: list[sources.Rejected],
 ) -> Iterator[pa.Table]:
-    """ITEMS tables of about ROW_GROUP_BYTES each, rows in ``order``; decode failures -> ``rejected``."""
+    """ITEMS tables of about ROW_GROUP_BYTES each, rows in ``order``; decode failures and
+    duplicates (same content id as a row before them) -> ``rejected``."""
     chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
-    jobs = ([(kept[i].origin, kept[i].member, kept[i].data or None, ids[i]) for i in c] for c in chunks)
+    jobs = ([(kept[i].origin, kept[i].member, kept[i].data, ids[i]) for i in c] for c in chunks)
     workers = 1 if len(order) < PARALLEL_MIN_IMAGES else min(p.workers or os.cpu_count() or 1, len(chunks))
     bar = tqdm(total=len(order), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
+    first: dict[str, int] = {}  # content id -> index in kept of the copy written
     buffered: list[pa.Table] = []
-    for rows, (pixels, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers)):
-        good = [j for j, e in enumerate(errors) if e is None]
-        for j, e in enumerate(errors):
-            if e is not None:
-                rejected.append(sources.Rejected(kept[rows[j]].source, e, _category(e)))
+    for rows, (pixels, got, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers, CHUNK)):
+        good = []
+        for j, (item_id, error) in enumerate(zip(got, errors)):
+            rec = kept[rows[j]]
+            if error is not None:
+                rejected.append(sources.Rejected(rec.source, error, _category(error)))
+            elif item_id in first:
+                rejected.append(sources.Rejected(rec.source, f"duplicate of {kept[first[item_id]].source}", "duplicate"))
+            else:
+                first[item_id] = rows[j]
+                good.append(j)
         recs = [kept[rows[j]] for j in good]
         split = [splits[rows[j]] for j in good]
         buffered.append(C.items_table(
-            [ids[rows[j]] for j in good], [r.label for r in recs], split, [r.source for r in recs], pixels[good],
+            [got[j] for j in good], [r.label for r in recs], split, [r.source for r in recs], pixels[good],
             # A source's own query/gallery protocol wins; otherwise test items are both (leave-one-out).
             [r.query if r.query is not None else s == C.TEST for r, s in zip(recs, split)],
             [r.gallery if r.gallery is not None else s == C.TEST for r, s in zip(recs, split)],
@@ -108,7 +117,7 @@ def _tables(
 
 def _category(reason: str) -> str:
     """The summary's word for a decode failure (sources.decode and decoding.decode_chunk reasons)."""
-    for start in ("too large", "unreadable", "changed"):
+    for start in ("too large", "unreadable", "missing", "empty"):
         if reason.startswith(start):
             return start
     return "corrupt"
@@ -116,18 +125,20 @@ def _category(reason: str) -> str:
 
 def run(params: IngestParams, paths: Paths) -> dict:
     """Read the source, split by class, decode, write ``paths.items`` and ``paths.quarantine``."""
-    kept, ids, rejected = scan.first_pass(params, Path(paths.root), PARALLEL_MIN_IMAGES, CHUNK)
+    kept, ids, rejected = scan.first_pass(params, Path(paths.root))
     for name in scan.outside_raw(params, paths):
         print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
     if not kept:
         raise DatasetError(f"no usable image in source {params.source.model_dump()}")
     splits = _split_by_class([r.label for r in kept], [r.split for r in kept], params)
     _check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
-    # Deterministic row order whatever the file-system order: by split, label, then content id.
-    order = sorted(range(len(kept)), key=lambda i: (splits[i], kept[i].label, ids[i]))
+    # Deterministic row order whatever the file-system order: by split, label, then source path.
+    # Known before decoding (content ids are not: workers hash what they decode), so rows stream
+    # out as they are decoded; of duplicate files, the first in this order is kept.
+    order = sorted(range(len(kept)), key=lambda i: (splits[i], kept[i].label, kept[i].source))
     width = params.image_size * params.image_size * params.channels
     counts: Counter = Counter()  # (split, label) -> images written
-    with C.stream_table(paths["items"], C.ITEMS, C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), width)})) as w:
+    with C.stream_table(paths["items"], C.ITEMS, C.ITEMS.schema({C.PIXELS: C.pixels_type(width)})) as w:
         for table in _tables(kept, ids, splits, order, params, rejected):
             counts.update(zip(table[C.SPLIT].to_pylist(), table[C.LABEL].to_pylist()))
             w.write(table)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.backbones import build_trunk
-from tasks.contracts import atomic_path, file_digest
+from tasks.contracts import atomic_path, file_digest, pixels_numpy
 from tasks.errors import ParamsError
 
 
@@ -69,9 +69,6 @@ def pick_device(name: str) -> torch.device:
 
 
 def pixels_to_tensor(flat, height: int, width: int, channels: int) -> torch.Tensor:
-    """Arrow fixed-size-list<uint8> column (N × H·W·C, HWC order) -> uint8 tensor (N, C, H, W)."""
-    import numpy as np
-
-    values = flat.combine_chunks() if hasattr(flat, "combine_chunks") else flat
-    arr = np.asarray(values.flatten().to_numpy(zero_copy_only=False)).reshape(-1, height, width, channels)
+    """ITEMS pixel column (N values of H·W·C bytes, HWC order) -> uint8 tensor (N, C, H, W)."""
+    arr = pixels_numpy(flat).reshape(-1, height, width, channels)
     return torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).contiguous()

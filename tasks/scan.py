@@ -1,25 +1,21 @@
-"""Ingest's first pass: what the source holds, without keeping the images' bytes.
+"""Ingest's first pass: what the source holds, without reading or keeping the images' bytes.
 
 :func:`records` picks the reader for ``ingest.source``; :func:`first_pass` streams it and keeps,
-per image, only where it is (so a decode worker can read it again), its label, split, protocol
-flags and content hash — the bytes of a million files are never in memory together. Duplicates
-(same content hash) are decided here, in source order: the first copy is kept.
+per image, only where it is (so a decode worker can read it), its label, split and protocol
+flags — enough to decide the class split and the row order before any decoding starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
-from collections import deque
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import decoding, download, layouts, manifest, sources
+from tasks import download, layouts, manifest, sources
 from tasks.params import IngestParams, Paths
 
 
@@ -52,48 +48,28 @@ def outside_raw(p: IngestParams, paths: Paths) -> list[str]:
     return [n for n in named if not (Path(paths.root) / n).resolve().is_relative_to(raw)]
 
 
-def first_pass(
-    p: IngestParams, root: Path, serial_images: int = 8192, chunk: int = 512
-) -> tuple[list[sources.Record], list[str], list[sources.Rejected]]:
+def first_pass(p: IngestParams, root: Path) -> tuple[list[sources.Record], list[str | None], list[sources.Rejected]]:
     """(records without their bytes where they can be read again, content ids, rejected).
 
-    Files are read and hashed in chunks of ``chunk`` on ``ingest.workers`` processes once more
-    than ``serial_images`` were seen (below that, here: starting workers costs more); zip members
-    and images made in memory are hashed here. Results are taken in source order, so the copy
-    kept of a duplicate is the first one whatever the number of workers."""
+    Lists the source, reading no file: a record that a decode worker can read again (a file, a
+    zip member) gets its content id there, from the very bytes it decodes — each file is read
+    once in the whole stage. Only images made in memory (digits, Fashion-MNIST) keep their bytes
+    and get their id here."""
     kept: list[sources.Record] = []
-    ids: list[str] = []
+    ids: list[str | None] = []
     rejected: list[sources.Rejected] = []
-    first_seen: dict[str, str] = {}
-    queued: deque[list] = deque()  # the chunks whose file hashes are being computed, in order
-
-    def tasks() -> Iterator[list[tuple[str, str]]]:
-        items = iter(records(p, root))
-        while batch := list(islice(items, chunk)):
-            queued.append(batch)
-            yield [(r.origin, r.source) for r in batch if isinstance(r, sources.Record) and r.data is None]
-
-    # Digits and Fashion-MNIST make their images in memory: nothing for workers to read.
-    workers = 1 if p.source.kind in ("digits", "fashion_mnist") else p.workers or os.cpu_count() or 1
     bar = tqdm(desc="ingest: scan", unit="img", file=sys.stderr, disable=None)
-    for hashes in decoding.ordered_map(sources.hash_files, tasks(), workers, serial_first=serial_images // chunk):
-        batch = queued.popleft()
-        hashed = iter(hashes)
-        for rec in batch:
-            if isinstance(rec, sources.Rejected):
-                rejected.append(rec)
-                continue
-            item_id = next(hashed) if rec.data is None else rec.item_id
-            if isinstance(item_id, sources.Rejected):
-                rejected.append(item_id)
-            elif item_id in first_seen:
-                rejected.append(sources.Rejected(rec.source, f"duplicate of {first_seen[item_id]}", "duplicate"))
-            else:
-                first_seen[item_id] = rec.source
-                # Bytes that can be read again (a file, a zip member) are dropped; the decode
-                # worker reads them. Only images made in memory keep theirs.
-                kept.append(dataclasses.replace(rec, data=None) if rec.origin and rec.data else rec)
-                ids.append(item_id)
-        bar.update(len(batch))
+    for n, rec in enumerate(records(p, root), 1):
+        if n % 4096 == 0:  # tqdm.update costs as much as the rest of this loop
+            bar.update(4096)
+        if isinstance(rec, sources.Rejected):
+            rejected.append(rec)
+        elif rec.origin:
+            kept.append(dataclasses.replace(rec, data=None) if rec.data else rec)
+            ids.append(None)
+        else:
+            kept.append(rec)
+            ids.append(rec.item_id)
+    bar.update(len(kept) + len(rejected) - bar.n)
     bar.close()
     return kept, ids, rejected

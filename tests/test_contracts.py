@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ from tasks.contracts import ContractError
 
 
 def items_table(n: int = 3, pixels: int = 4) -> pa.Table:
-    flat = pa.array([i % 256 for i in range(n * pixels)], pa.uint8())
+    flat = np.arange(n * pixels).astype(np.uint8).reshape(n, pixels)
     return pa.table(
         {
             C.ITEM_ID: [f"id{i}" for i in range(n)],
@@ -24,9 +25,9 @@ def items_table(n: int = 3, pixels: int = 4) -> pa.Table:
             C.IS_QUERY: [False] * n,
             C.IS_GALLERY: [False] * n,
             C.SOURCE: [f"src/{i}.png" for i in range(n)],
-            C.PIXELS: pa.FixedSizeListArray.from_arrays(flat, pixels),
+            C.PIXELS: C.pixels_array(flat),
         },
-        schema=C.ITEMS.schema({C.PIXELS: pa.list_(pa.uint8(), pixels)}),
+        schema=C.ITEMS.schema({C.PIXELS: C.pixels_type(pixels)}),
     )
 
 
@@ -47,13 +48,26 @@ def _leftovers(directory: Path) -> list[str]:
 # ------------------------------------------------------------------------------------- round trip
 
 
+def test_pixels_column_round_trips_through_slices_and_chunks():
+    """Stages read pixels from slices (export in batches) and multi-chunk columns (Parquet row
+    groups): the view must start at the slice, not at the buffer."""
+    px = np.arange(5 * 6).astype(np.uint8).reshape(5, 6)
+    col = C.pixels_array(px)
+    assert np.array_equal(C.pixels_numpy(col), px)
+    assert np.array_equal(C.pixels_numpy(col.slice(2, 2)), px[2:4])
+    chunked = pa.chunked_array([col.slice(0, 1), col.slice(1, 4)])
+    assert np.array_equal(C.pixels_numpy(chunked.slice(1, 3)), px[1:4])
+    assert C.pixels_numpy(col.slice(5, 0)).shape == (0, 6)
+
+
 def test_round_trip_with_metadata(tmp_path):
     path = tmp_path / "sub" / "items.parquet"  # parent created on write
     table = items_table()
     C.write_table(table, path, C.ITEMS, META)
     back, meta = C.read_table(path, C.ITEMS)
     assert back.equals(table)
-    assert back.schema.field(C.PIXELS).type == pa.list_(pa.uint8(), 4)
+    assert back.schema.field(C.PIXELS).type == pa.binary(4)
+    assert np.array_equal(C.pixels_numpy(back[C.PIXELS]), np.arange(12).reshape(3, 4))
     assert meta == META
     assert C.read_meta(path, C.ITEMS) == META
     assert _leftovers(path.parent) == []
@@ -124,12 +138,12 @@ def test_missing_column_on_read(tmp_path):
     [
         (C.LABEL, pa.array([0, 1, 0], pa.int64()), "items.label is int64, expected string"),
         (C.IS_QUERY, pa.array(["no", "no", "no"]), "items.is_query is string, expected bool"),
-        # pixels must be a *fixed-size* list of uint8
-        (C.PIXELS, pa.array([[1, 2], [3], [4]], pa.list_(pa.uint8())), "fixed_size_list<uint8>"),
+        # pixels must be *fixed-size* binary; the list<uint8> of earlier versions is stale
+        (C.PIXELS, pa.array([b"ab", b"c", b"d"], pa.binary()), "fixed_size_binary"),
         (
             C.PIXELS,
-            pa.FixedSizeListArray.from_arrays(pa.array(range(12), pa.int16()), 4),
-            "fixed_size_list<uint8>",
+            pa.FixedSizeListArray.from_arrays(pa.array(range(12), pa.uint8()), 4),
+            "re-run ingest",
         ),
     ],
 )

@@ -98,7 +98,7 @@ def test_digits_table(digits_run):
     assert len(set(items[C.ITEM_ID].to_pylist())) == 1797
     assert set(items[C.LABEL].to_pylist()) == {str(d) for d in range(10)}
     assert all(s.startswith("digits/") for s in items[C.SOURCE].to_pylist())
-    assert items.schema.field(C.PIXELS).type == pa.list_(pa.uint8(), 8 * 8 * 1)
+    assert items.schema.field(C.PIXELS).type == pa.binary(8 * 8 * 1)
     assert (meta["height"], meta["width"], meta["channels"]) == (8, 8, 1)
     assert meta["summary"] == summary
     assert meta["params"]["image_size"] == 8
@@ -118,10 +118,10 @@ def test_digits_splits_are_class_disjoint(digits_run):
     assert digits_run[0]["classes"] == {C.TRAIN: len(train), C.TEST: len(test)}
 
 
-def test_digits_rows_sorted_by_split_label_id(digits_run):
+def test_digits_rows_sorted_by_split_label_source(digits_run):
     _, items, _, _ = digits_run
-    keys = list(zip(items[C.SPLIT].to_pylist(), items[C.LABEL].to_pylist(), items[C.ITEM_ID].to_pylist()))
-    assert keys == sorted(keys)
+    keys = list(zip(items[C.SPLIT].to_pylist(), items[C.LABEL].to_pylist(), items[C.SOURCE].to_pylist()))
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
 
 
 def test_digits_pixels_match_source(digits_run):
@@ -132,11 +132,11 @@ def test_digits_pixels_match_source(digits_run):
     _, items, _, _ = digits_run
     data = load_digits()
     by_source = dict(zip(items[C.SOURCE].to_pylist(), range(items.num_rows)))
-    px = items[C.PIXELS]
+    px = C.pixels_numpy(items[C.PIXELS])
     for i in (0, 5, 1796):
         row = by_source[f"digits/{i:04d}"]
         want = np.rint(data.images[i] * 255 / 16).astype(np.uint8).ravel()
-        assert np.array_equal(np.asarray(px[row].values.to_numpy(zero_copy_only=False)), want)
+        assert np.array_equal(px[row], want)
         assert items[C.LABEL][row].as_py() == str(data.target[i])
         assert items[C.ITEM_ID][row].as_py() == next(
             r.item_id for j, r in enumerate(sources.digits()) if j == i
@@ -150,11 +150,11 @@ def test_digits_shape_and_fraction(make_project, size, channels, fraction):
     )
     summary, items, meta, quarantine = run_ingest(path)
     assert (meta["height"], meta["width"], meta["channels"]) == (size, size, channels)
-    assert items.schema.field(C.PIXELS).type.list_size == size * size * channels
+    assert items.schema.field(C.PIXELS).type.byte_width == size * size * channels
     assert len(classes_of(items, C.TEST)) == round(10 * fraction)
     assert quarantine.num_rows == 0
     if channels == 3:
-        px = np.asarray(items[C.PIXELS][0].values.to_numpy(zero_copy_only=False)).reshape(size, size, 3)
+        px = C.pixels_numpy(items[C.PIXELS])[0].reshape(size, size, 3)
         assert np.array_equal(px[..., 0], px[..., 1]) and np.array_equal(px[..., 1], px[..., 2])
 
 
@@ -227,7 +227,7 @@ def test_image_folder_nested_labels_and_pixels(make_project):
     row = items[C.SOURCE].to_pylist().index("imgs/greek/char01/img001.png")  # a 6×6 image
     with Image.open(root / "greek/char01/img001.png") as img:
         want = np.asarray(img.convert("RGB")).ravel()
-    got = np.asarray(items[C.PIXELS][row].values.to_numpy(zero_copy_only=False))
+    got = C.pixels_numpy(items[C.PIXELS])[row]
     assert np.array_equal(got, want)
 
 
@@ -556,7 +556,7 @@ def test_every_kind_of_bad_input_is_handled_or_quarantined(make_project, capsys)
         "c3/vector.svg": b"<svg xmlns='http://www.w3.org/2000/svg'/>",  # a format we do not read
         "c3/pdf.png": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",  # right suffix, unsupported content
         "c3/bomb.png": _bomb_png(20_000),
-        "c3/dup.png": tree["c1"][2],
+        "c3/second_copy.png": tree["c3"][0],  # the copy after img000.png in row order
     }
     for rel, data in {**handled, **skipped}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -574,13 +574,13 @@ def test_every_kind_of_bad_input_is_handled_or_quarantined(make_project, capsys)
         summary, items, _, quarantine = run_ingest(path)
     reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
     assert set(reasons) == {f"imgs/{rel}" for rel in skipped}
-    assert reasons["imgs/c3/dup.png"] == "duplicate of imgs/c1/img002.png"
+    assert reasons["imgs/c3/second_copy.png"] == "duplicate of imgs/c3/img000.png"
     assert reasons["imgs/c3/bomb.png"].startswith("too large")
     assert reasons["imgs/c3/vector.svg"].startswith("not an image file")
     sources_ = items[C.SOURCE].to_pylist()
     assert {f"imgs/{rel}" for rel in handled} <= set(sources_)
     assert "imgs/caf\\xe9/n\\xe9e0.png" in sources_ and "caf\\xe9" in items[C.LABEL].to_pylist()
-    px = dict(zip(sources_, (np.asarray(p.values).reshape(6, 6, 3) for p in items[C.PIXELS])))
+    px = dict(zip(sources_, C.pixels_numpy(items[C.PIXELS]).reshape(-1, 6, 6, 3)))
     assert np.all(px["imgs/c1/rgba.png"] == 255)
     assert np.all(np.abs(px["imgs/c0/cmyk.jpg"].astype(int) - (255, 0, 0)) <= 8)
     assert px["imgs/c0/sixteen_bit.png"].max() == 255  # scaled from 16 bits, not clipped
@@ -611,8 +611,8 @@ def test_warns_when_the_source_is_outside_paths_raw(make_project, capsys):
 
 
 def test_image_folder_on_workers_matches_in_process(make_project, monkeypatch):
-    """Both passes on worker processes (files read and hashed, then decoded there) give the same
-    bytes as both passes in-process, bad files and duplicates included."""
+    """Decoding on worker processes (each file read, hashed and decoded there) gives the same
+    bytes as in-process, bad files, empty files and duplicates included."""
     monkeypatch.setattr(ingest, "PARALLEL_MIN_IMAGES", 0)
     outputs = []
     for workers in (1, 2):
@@ -620,9 +620,30 @@ def test_image_folder_on_workers_matches_in_process(make_project, monkeypatch):
         tree = write_tree(path.parent / "imgs", {f"c{i}": 40 for i in range(6)})  # 240 images: many chunks
         (path.parent / "imgs" / "c0" / "bad.png").write_bytes(b"junk")
         (path.parent / "imgs" / "c5" / "dup.png").write_bytes(tree["c2"][7])
+        (path.parent / "imgs" / "c3" / "empty.png").write_bytes(b"")
         monkeypatch.setattr(ingest, "CHUNK", 16)
         summary, _, _, quarantine = run_ingest(path)
         params = load_params(path)
         outputs.append((params.paths["items"].read_bytes(), quarantine.to_pylist(), summary))
     assert outputs[0] == outputs[1]
-    assert outputs[0][2]["skipped_by_reason"] == {"corrupt": 1, "duplicate": 1}
+    assert outputs[0][2]["skipped_by_reason"] == {"corrupt": 1, "duplicate": 1, "empty": 1}
+
+
+def test_of_duplicate_files_the_first_in_row_order_is_kept(make_project):
+    """Rows are ordered by (split, label, source) before any file is read; the copy of a
+    duplicate that comes first in that order is written, whatever folder it sits in."""
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.test_fraction": 0.5})
+    root = path.parent / "imgs"
+    tree = write_tree(root, {f"c{i}": 3 for i in range(6)})
+    copies = [f"imgs/c{i}/copy.png" for i in range(6)]
+    for i in range(6):
+        (root / f"c{i}" / "copy.png").write_bytes(png(31_337))
+    summary, items, _, quarantine = run_ingest(path)
+    split_of = dict(zip(items[C.LABEL].to_pylist(), items[C.SPLIT].to_pylist()))
+    assert set(split_of.values()) == {C.TRAIN, C.TEST}
+    first = min(copies, key=lambda s: (split_of[s.split("/")[1]], s.split("/")[1], s))
+    assert first.startswith("imgs/c0/") is (split_of["c0"] == C.TEST)  # not simply the first folder
+    assert first in items[C.SOURCE].to_pylist()
+    reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
+    assert reasons == {c: f"duplicate of {first}" for c in copies if c != first}
+    assert summary["ingested"] == 6 * len(tree["c0"]) + 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -27,7 +26,7 @@ def test_query_finds_the_item_an_image_came_from(pipeline, tmp_path, capsys):
     test = items.filter(items[C.SPLIT].to_numpy(zero_copy_only=False) == C.TEST)
     files, ids = [], []
     for i in (0, 13):  # one item of each test class
-        px = np.asarray(test[C.PIXELS][i].as_py(), np.uint8).reshape(meta["height"], meta["width"])
+        px = C.pixels_numpy(test[C.PIXELS])[i].reshape(meta["height"], meta["width"])
         files.append(tmp_path / f"q{i}.png")
         Image.fromarray(px, mode="L").save(files[-1])
         ids.append(test[C.ITEM_ID][i].as_py())
@@ -57,7 +56,7 @@ def test_more_images_than_one_search_chunk_all_get_answers(pipeline, tmp_path):
     """Search runs in chunks of 4,096 queries; the command answers every image, not the first chunk."""
     items, meta = C.read_table(pipeline.paths["items"], C.ITEMS)
     items = items.filter(items[C.SPLIT].to_numpy(zero_copy_only=False) == C.TEST)  # the gallery
-    px = np.asarray(items[C.PIXELS][0].as_py(), np.uint8).reshape(meta["height"], meta["width"])
+    px = C.pixels_numpy(items[C.PIXELS])[0].reshape(meta["height"], meta["width"])
     files = []
     for i in range(4100):
         files.append(tmp_path / f"q{i}.png")

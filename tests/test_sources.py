@@ -341,8 +341,9 @@ def test_decode_honours_exif_orientation():
     assert ccw[-3:, :].min() > 200 and ccw[:3, :].max() < 55
 
 
-def test_exif_transpose_happens_before_resize(monkeypatch):
-    """A 4-wide × 2-high image with orientation 6 is 2 × 4 when it reaches the resize."""
+@pytest.fixture
+def resize_sizes(monkeypatch) -> list[tuple[int, int]]:
+    """The size of every image PIL resizes during the test, in order."""
     seen = []
     real = Image.Image.resize
 
@@ -351,9 +352,30 @@ def test_exif_transpose_happens_before_resize(monkeypatch):
         return real(self, size, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "resize", spy)
+    return seen
+
+
+def test_large_jpeg_is_scaled_while_decoding_and_matches_a_full_decode(resize_sizes):
+    """A 256×192 JPEG for a 24 px table is decoded at 1/8 scale by libjpeg (32×24, never below
+    24×24), then resized; the pixels stay close to decoding in full and resizing."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:192, 0:256] / 256
+    arr = np.stack([255 * xx, 255 * yy, 128 + 0 * xx], -1) + rng.normal(0, 8, (192, 256, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        full = np.asarray(img.convert("RGB").resize((24, 24), Image.Resampling.BILINEAR, reducing_gap=None)).astype(int)
+    resize_sizes.clear()
+    got = sources.decode(buf.getvalue(), 24, 3).astype(int)
+    assert resize_sizes == [(32, 24)]
+    assert np.abs(got - full).mean() < 2.0
+
+
+def test_exif_transpose_happens_before_resize(resize_sizes):
+    """A 4-wide × 2-high image with orientation 6 is 2 × 4 when it reaches the resize."""
     sources.decode(_exif_jpeg(np.zeros((2, 4), np.uint8), 6), 8, 1)
     sources.decode(_exif_jpeg(np.zeros((2, 4), np.uint8), None), 8, 1)
-    assert seen == [(2, 4), (4, 2)]  # PIL sizes are (width, height)
+    assert resize_sizes == [(2, 4), (4, 2)]  # PIL sizes are (width, height)
 
 
 # ------------------------------------------------------------------------------------------ digits
@@ -388,3 +410,10 @@ def test_macos_resource_forks_in_a_zip_are_rejected_and_do_not_break_top_folder_
     rejected = [r for r in out if isinstance(r, sources.Rejected)]
     assert sorted(r.label for r in records) == ["a", "b"]
     assert [r.reason for r in rejected] == ["macOS resource fork (__MACOSX/)"]
+
+
+def test_suffix_is_splitext():
+    import os
+
+    names = ["a.png", ".png", "..png", ".a.png", "a.", "a", "...", "", "a.b.JPG", "._x.jpg", "x..", ".."]
+    assert [sources.suffix(n) for n in names] == [os.path.splitext(n)[1] for n in names]

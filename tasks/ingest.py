@@ -35,6 +35,8 @@ from tasks.params import IngestParams, Paths
 __all__ = ["DatasetError", "run", "main"]
 
 CHUNK = 512  # images per decode task: amortises inter-process traffic, small enough for a live bar
+CHUNK_BYTES = 8 << 20  # ...and at most this many decoded bytes: each chunk in flight holds a slot
+# of memory shared with the workers (4 per worker), so large images make smaller chunks
 PARALLEL_MIN_IMAGES = 8192  # below this, decoding (~15k small images/s a core) beats starting workers
 ROW_GROUP_BYTES = 16 << 20  # per Parquet row group: small enough that writing one overlaps decoding
 
@@ -81,13 +83,14 @@ def _tables(
 ) -> Iterator[pa.Table]:
     """ITEMS tables of about ROW_GROUP_BYTES each, rows in ``order``; decode failures and
     duplicates (same content id as a row before them) -> ``rejected``."""
-    chunks = [order[i : i + CHUNK] for i in range(0, len(order), CHUNK)]
+    rows = max(1, min(CHUNK, CHUNK_BYTES // (p.image_size * p.image_size * p.channels)))
+    chunks = [order[i : i + rows] for i in range(0, len(order), rows)]
     jobs = ([(kept[i].origin, kept[i].member, kept[i].data, ids[i]) for i in c] for c in chunks)
     workers = 1 if len(order) < PARALLEL_MIN_IMAGES else min(p.workers or os.cpu_count() or 1, len(chunks))
     bar = tqdm(total=len(order), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
     first: dict[str, int] = {}  # content id -> index in kept of the copy written
     buffered: list[pa.Table] = []
-    for rows, (pixels, got, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers, CHUNK)):
+    for rows, (pixels, got, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers, rows)):
         good = []
         for j, (item_id, error) in enumerate(zip(got, errors)):
             rec = kept[rows[j]]

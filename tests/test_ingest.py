@@ -179,10 +179,21 @@ def test_workers_2_matches_workers_1(make_project, monkeypatch, digits_run):
 
     monkeypatch.setattr(decoding.multiprocessing, "get_context", spy)
     monkeypatch.setattr(ingest, "PARALLEL_MIN_IMAGES", 0)  # digits are below the real threshold
+    # 8×8 digits are 64 bytes: chunks of 100 rows, 18 of them through 8 shared slots (each reused)
+    monkeypatch.setattr(ingest, "CHUNK_BYTES", 6400)
+    sizes = []
+    real_chunks = decoding.decode_chunks
+
+    def chunks_spy(jobs, *args):
+        sizes.append(args[-1])
+        return real_chunks(jobs, *args)
+
+    monkeypatch.setattr(decoding, "decode_chunks", chunks_spy)
     _, parallel, meta, quarantine = run_ingest(
         make_project({**SMALL, "ingest.test_fraction": 0.4, "ingest.workers": 2}, name="w2")
     )
-    assert contexts == ["forkserver"]  # 1,797 digits = 4 chunks: the decode pool really ran
+    assert sizes == [100]
+    assert contexts == ["forkserver"]  # the decode pool really ran
     assert parallel.equals(serial)
     assert meta["summary"] == serial_meta["summary"]
     assert quarantine.num_rows == 0

@@ -83,14 +83,14 @@ def _tables(
 ) -> Iterator[pa.Table]:
     """ITEMS tables of about ROW_GROUP_BYTES each, rows in ``order``; decode failures and
     duplicates (same content id as a row before them) -> ``rejected``."""
-    rows = max(1, min(CHUNK, CHUNK_BYTES // (p.image_size * p.image_size * p.channels)))
-    chunks = [order[i : i + rows] for i in range(0, len(order), rows)]
+    per_chunk = max(1, min(CHUNK, CHUNK_BYTES // (p.image_size * p.image_size * p.channels)))
+    chunks = [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
     jobs = ([(kept[i].origin, kept[i].member, kept[i].data, ids[i]) for i in c] for c in chunks)
     workers = 1 if len(order) < PARALLEL_MIN_IMAGES else min(p.workers or os.cpu_count() or 1, len(chunks))
     bar = tqdm(total=len(order), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
     first: dict[str, int] = {}  # content id -> index in kept of the copy written
     buffered: list[pa.Table] = []
-    for rows, (pixels, got, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers, rows)):
+    for rows, (pixels, got, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers, per_chunk)):
         good = []
         for j, (item_id, error) in enumerate(zip(got, errors)):
             rec = kept[rows[j]]

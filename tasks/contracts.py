@@ -50,12 +50,11 @@ def _fixed_list_of(value_type: pa.DataType) -> Callable[[pa.DataType], bool]:
 
 
 def _fixed_binary(t: pa.DataType) -> bool:
+    """fixed_size_binary (H·W·C bytes; a file with another type is stale: re-run ingest)"""
+    # The docstring is the contract error's "expected ...". The type before this one,
+    # fixed_size_list<uint8>, made Parquet write a repetition level per byte: 17× slower to
+    # write and 9× slower to read than one value per row.
     return pa.types.is_fixed_size_binary(t)
-
-
-# Says what to do about the type before this one (fixed_size_list<uint8>: Parquet writes a
-# repetition level per byte, 17× slower to write and 9× slower to read than one value per row).
-_fixed_binary.__doc__ = "fixed_size_binary (H·W·C bytes; a file with another type is stale: re-run ingest)"
 
 TypeSpec = pa.DataType | Callable[[pa.DataType], bool]
 

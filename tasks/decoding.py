@@ -9,7 +9,6 @@ once, and its content id always matches its pixels, even if the file changes dur
 from __future__ import annotations
 
 import multiprocessing
-import os
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,30 +32,16 @@ _ZIPS: dict[str, zipfile.ZipFile] = {}  # per process: a worker opens each zip o
 IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: keeps cores busy, bounds results held
 
 
-def _read(origin: str | None, member: str | None, data: bytes | None) -> bytes:
+def _read(origin: str | None, member: str | None, data: bytes | None) -> bytes | sources.Rejected:
+    """The job's bytes, or why a listed file has none (sources.read_file: missing, unreadable, empty)."""
     if origin is None:
         return data or b""
     if member is None:
-        return _read_path(origin)
+        return sources.read_file(origin, origin)
     zf = _ZIPS.get(origin)
     if zf is None:
         zf = _ZIPS[origin] = zipfile.ZipFile(origin)
     return zf.read(member)
-
-
-def _read_path(path: str) -> bytes:
-    """A file's bytes with three system calls: a third of the per-file cost of ``open().read()``,
-    which matters when decoding a small JPEG costs only ~60 µs."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        parts = [os.read(fd, size + 1)]  # +1: a short read is EOF, so one call when the size held
-        if len(parts[0]) != size:  # grew or shrank since fstat: read on to EOF
-            while part := os.read(fd, 1 << 20):
-                parts.append(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-    finally:
-        os.close(fd)
 
 
 def decode_chunk(jobs: list[Job], size: int, channels: int, out: np.ndarray | None = None) -> Chunk:
@@ -68,18 +53,14 @@ def decode_chunk(jobs: list[Job], size: int, channels: int, out: np.ndarray | No
     for i, (origin, member, data, item_id) in enumerate(jobs):
         try:
             raw = _read(origin, member, data)
-        except FileNotFoundError:  # listed (a manifest row) or listed and then deleted
+            reason = raw.reason if isinstance(raw, sources.Rejected) else None
+        except Exception as err:  # BadZipFile, zlib.error, OSError ... of a zip member: the file, not our bug
+            reason = f"unreadable: {sources.display(str(err))}"
+        if reason is not None:
             ids.append(None)
-            errors.append("missing file")
-            continue
-        except Exception as err:  # OSError, BadZipFile, zlib.error ...: the file, not our bug
-            ids.append(None)
-            errors.append(f"unreadable: {sources.display(str(err))}")
+            errors.append(reason)
             continue
         ids.append(item_id or sources.content_id(raw))
-        if not raw:
-            errors.append("empty file")
-            continue
         try:
             out[i] = sources.decode(raw, size, channels).reshape(-1)
             errors.append(None)

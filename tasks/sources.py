@@ -104,8 +104,18 @@ def digits() -> Iterator[Record]:
 
 
 def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """A file's bytes with three system calls: a third of the per-file cost of ``open().read()``,
+    which matters when decoding a small JPEG costs only ~60 µs (ingest reads every file here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        parts = [os.read(fd, size + 1)]  # +1: a short read is EOF, so one call when the size held
+        if len(parts[0]) != size:  # grew or shrank since fstat: read on to EOF
+            while part := os.read(fd, 1 << 20):
+                parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -132,10 +142,7 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         base = dirpath + os.sep
         for name in sorted(filenames):
             source = prefix + (name if name.isascii() else display(name))
-            if label and suffix(name).lower() in IMAGE_SUFFIXES:  # _unusable's test, inlined
-                yield Record(source, shown, split, None, origin=base + name)
-            else:
-                yield _unusable(source, name, label)
+            yield _unusable(source, name, label) or Record(source, shown, split, None, origin=base + name)
 
 
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:

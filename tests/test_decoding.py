@@ -52,15 +52,3 @@ def test_parallel_results_come_in_order(tmp_path, monkeypatch):
     serial = [p[0, 0] for p, _, _ in decoding.decode_chunks(iter(chunks), 1, 1, workers=1)]
     parallel = [p[0, 0] for p, _, _ in decoding.decode_chunks(iter(chunks), 1, 1, workers=2)]
     assert serial == parallel == list(range(12))
-
-
-def test_read_path_returns_whole_files(tmp_path):
-    import pytest
-
-    big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
-    (tmp_path / "big").write_bytes(big)
-    (tmp_path / "empty").write_bytes(b"")
-    assert decoding._read_path(str(tmp_path / "big")) == big
-    assert decoding._read_path(str(tmp_path / "empty")) == b""
-    with pytest.raises(IsADirectoryError):
-        decoding._read_path(str(tmp_path))

@@ -417,3 +417,14 @@ def test_suffix_is_splitext():
 
     names = ["a.png", ".png", "..png", ".a.png", "a.", "a", "...", "", "a.b.JPG", "._x.jpg", "x..", ".."]
     assert [sources.suffix(n) for n in names] == [os.path.splitext(n)[1] for n in names]
+
+
+def test_read_file_returns_whole_files_or_why_not(tmp_path):
+    big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()  # > one os.read
+    (tmp_path / "big").write_bytes(big)
+    (tmp_path / "empty").write_bytes(b"")
+    assert sources._read_file(str(tmp_path / "big")) == big
+    assert sources.read_file(str(tmp_path / "big"), "big") == big
+    assert sources.read_file(str(tmp_path / "empty"), "e") == Rejected("e", "empty file", "empty")
+    assert sources.read_file(str(tmp_path / "gone"), "g") == Rejected("g", "missing file", "missing")
+    assert sources.read_file(str(tmp_path), "d").reason.startswith("unreadable")  # a directory

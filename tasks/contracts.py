@@ -39,6 +39,19 @@ EPOCH, BATCH = "epoch", "batch"
 ANCHOR, POSITIVE, NEGATIVE = "anchor", "positive", "negative"
 EMBEDDING, POSITION, PATH, REASON = "embedding", "position", "path", "reason"
 TRAIN, TEST = "train", "test"
+# ingest.train_rotations: a rotated copy's id, label and source are the original's + this + degrees.
+ROTATED = "@rot"
+
+
+def rotated(name: str, degrees: int) -> str:
+    """The id, label or source of ``name``'s copy rotated by ``degrees`` (``a`` -> ``a@rot90``)."""
+    return f"{name}{ROTATED}{degrees}"
+
+
+def unrotated(label: str) -> str:
+    """The label a rotated copy's label came from (``a@rot90`` -> ``a``); others unchanged."""
+    base, mark, degrees = label.rpartition(ROTATED)
+    return base if mark and degrees in ("90", "180", "270") else label
 
 
 def _fixed_list_of(value_type: pa.DataType) -> Callable[[pa.DataType], bool]:

@@ -64,7 +64,7 @@ def _check_usable(counts: Counter) -> None:
             )
 
 
-def _summary(counts: Counter, rejected: list[sources.Rejected]) -> dict:
+def _summary(counts: Counter, rejected: list[sources.Rejected], rotations: int) -> dict:
     return {
         "ingested": sum(counts.values()),
         "skipped": len(rejected),
@@ -74,6 +74,8 @@ def _summary(counts: Counter, rejected: list[sources.Rejected]) -> dict:
         # Kept: a test singleton is a gallery distractor (and a query with no positive, which
         # evaluation must allow); in train, make_batches.small_classes decides.
         "single_image_classes": sum(1 for n in counts.values() if n == 1),
+        # Included in the train counts above: each train image has one copy per angle.
+        "rotated_copies": sum(n for (s, _), n in counts.items() if s == C.TRAIN) * rotations // (rotations + 1),
     }
 
 
@@ -109,6 +111,9 @@ def _tables(
             [r.query if r.query is not None else s == C.TEST for r, s in zip(recs, split)],
             [r.gallery if r.gallery is not None else s == C.TEST for r, s in zip(recs, split)],
         ))
+        if p.train_rotations:
+            train = [j for j, s in zip(good, split) if s == C.TRAIN]
+            buffered.append(_rotated_copies([got[j] for j in train], [kept[rows[j]] for j in train], pixels[train], p))
         bar.update(len(rows))
         if sum(t.nbytes for t in buffered) >= ROW_GROUP_BYTES:
             yield pa.concat_tables(buffered)
@@ -116,6 +121,22 @@ def _tables(
     bar.close()
     if buffered:
         yield pa.concat_tables(buffered)
+
+
+def _rotated_copies(ids: list[str], recs: list[sources.Record], pixels: np.ndarray, p: IngestParams) -> pa.Table:
+    """Train images (pixels (N, H·W·C)) rotated counter-clockwise by each of ``p.train_rotations``
+    degrees, each angle of each class a new class: a character turned 90° is another character to
+    tell apart (Vinyals et al. 2016, Santoro et al. 2016), which 4× the classes training sees.
+    Rows: per angle, the N copies in the originals' order; neither queries nor gallery items."""
+    images = pixels.reshape(len(ids), p.image_size, p.image_size, p.channels)
+    copies = [np.rot90(images, deg // 90, axes=(1, 2)).reshape(len(ids), -1) for deg in p.train_rotations]
+    return C.items_table(
+        [C.rotated(i, deg) for deg in p.train_rotations for i in ids],
+        [C.rotated(r.label, deg) for deg in p.train_rotations for r in recs],
+        [C.TRAIN] * (len(ids) * len(p.train_rotations)),
+        [C.rotated(r.source, deg) for deg in p.train_rotations for r in recs],
+        np.concatenate(copies) if copies else pixels[:0],
+    )
 
 
 def _category(reason: str) -> str:
@@ -133,6 +154,10 @@ def run(params: IngestParams, paths: Paths) -> dict:
         print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
     if not kept:
         raise DatasetError(f"no usable image in source {params.source.model_dump()}")
+    if params.train_rotations and any(C.unrotated(r.label) != r.label for r in kept):
+        clash = next(r.label for r in kept if C.unrotated(r.label) != r.label)
+        raise DatasetError(f"label {clash!r} looks like a rotated copy's; with ingest.train_rotations, "
+                           f"no source label may end in {C.ROTATED}90/180/270")
     splits = _split_by_class([r.label for r in kept], [r.split for r in kept], params)
     _check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
     # Deterministic row order whatever the file-system order: by split, label, then source path.
@@ -148,7 +173,7 @@ def run(params: IngestParams, paths: Paths) -> dict:
         if not w.rows:
             raise DatasetError(f"no usable image in source {params.source.model_dump()}")
         _check_usable(counts)  # decode failures may have emptied classes
-        summary = _summary(counts, rejected)
+        summary = _summary(counts, rejected, len(params.train_rotations))
         w.finish({
             "height": params.image_size,
             "width": params.image_size,

@@ -68,13 +68,18 @@ def plan_epoch(classes: list[np.ndarray], p: int, k: int, rng: np.random.Generat
 
 def run(params: MakeBatchesParams, paths: Paths) -> dict:
     """Plan ``epochs`` epochs of P×K batches over the train split; write batches and triplets."""
-    items, _ = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT])
+    items, meta = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.LABEL, C.SPLIT])
     train = items.filter(pc.equal(items[C.SPLIT], C.TRAIN))
     ids = np.asarray(train[C.ITEM_ID].to_pylist(), dtype=object)
     all_names, codes = np.unique(np.asarray(train[C.LABEL].to_pylist(), dtype=object), return_inverse=True)
     # Validation classes: drawn with their own rng, so val_fraction 0 leaves the plan unchanged.
-    n_val = round(len(all_names) * params.val_fraction)
-    val = set(np.random.default_rng([params.seed, 2]).choice(len(all_names), size=n_val, replace=False).tolist())
+    # Rotated copies (ingest.train_rotations) go with their class: training on a validation
+    # character turned 90° would leak it into validation.
+    rotated = bool(meta.get("params", {}).get("train_rotations"))
+    groups, group_of = np.unique([C.unrotated(n) if rotated else n for n in all_names], return_inverse=True)
+    n_val = round(len(groups) * params.val_fraction)
+    held = np.random.default_rng([params.seed, 2]).choice(len(groups), size=n_val, replace=False)
+    val = set(np.flatnonzero(np.isin(group_of, held)).tolist())
     kept = [c for c in range(len(all_names)) if c not in val]
     members = [np.flatnonzero(codes == c) for c in kept]
     names = all_names[kept]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ParamsError
 
@@ -115,12 +115,21 @@ LAYOUT_KINDS = ("omniglot", "cub200", "cars196", "sop", "inshop", "gldv2", "fash
 _SOURCE_KINDS = ("digits", "image_folder", "manifest", *LAYOUT_KINDS)
 
 
+def _distinct(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{values} repeats a value")
+    return values
+
+
 class IngestParams(_Strict):
     source: Source
     image_size: int = Field(gt=0, le=1024)
     channels: Literal[1, 3]
     test_fraction: float = Field(gt=0, lt=1)
     workers: int = Field(ge=0)  # processes reading, hashing and decoding images; 0 = one per core
+    # Rotated copies of every train image, each angle a new class ("<label>@rot<deg>"): 4× the
+    # training classes for rotation-sensitive data such as characters. Test images never.
+    train_rotations: Annotated[list[Literal[90, 180, 270]], AfterValidator(_distinct)]
     seed: int
 
 

@@ -658,3 +658,60 @@ def test_of_duplicate_files_the_first_in_row_order_is_kept(make_project):
     reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
     assert reasons == {c: f"duplicate of {first}" for c in copies if c != first}
     assert summary["ingested"] == 6 * len(tree["c0"]) + 1
+
+
+# ------------------------------------------------------------------------------ train_rotations
+
+
+def test_train_rotations_add_rotated_classes_to_train_only(make_project):
+    """Each train image gets one copy per angle (np.rot90 of its pixels, counter-clockwise) under
+    ``<label>@rot<deg>``, ``<id>@rot<deg>``; test rows are exactly those of a run without."""
+    extra = {"ingest.test_fraction": 0.4, "ingest.image_size": 6, "ingest.channels": 3}
+    tree_sizes = {f"c{i}": 2 + i % 3 for i in range(6)}
+    plain = folder_project(make_project, {"root": "imgs"}, name="plain", **extra)
+    write_tree(plain.parent / "imgs", tree_sizes)
+    _, base, _, _ = run_ingest(plain)
+    path = folder_project(make_project, {"root": "imgs"}, name="rot", **extra, **{"ingest.train_rotations": [90, 180, 270]})
+    tree = write_tree(path.parent / "imgs", tree_sizes)
+    (path.parent / "imgs" / "c1" / "dup.png").write_bytes(tree["c0"][0])  # a duplicate gets no copies
+    summary, items, meta, quarantine = run_ingest(path)
+
+    def rows(table: pa.Table, split: str) -> list[dict]:
+        return [r for r in table.to_pylist() if r[C.SPLIT] == split]
+
+    assert rows(items, C.TEST) == rows(base, C.TEST)
+    originals = {r[C.ITEM_ID]: r for r in rows(base, C.TRAIN)}
+    train = {r[C.ITEM_ID]: r for r in rows(items, C.TRAIN)}
+    assert len(train) == 4 * len(originals) and quarantine[C.PATH].to_pylist() == ["imgs/c1/dup.png"]
+    for item_id, orig in originals.items():
+        image = np.frombuffer(orig[C.PIXELS], np.uint8).reshape(6, 6, 3)
+        assert image.std() > 0 and train[item_id] == orig
+        for deg in (90, 180, 270):
+            copy = train[f"{item_id}@rot{deg}"]
+            assert copy[C.LABEL] == f"{orig[C.LABEL]}@rot{deg}" and copy[C.SOURCE] == f"{orig[C.SOURCE]}@rot{deg}"
+            assert not copy[C.IS_QUERY] and not copy[C.IS_GALLERY]
+            want = np.rot90(image, deg // 90)  # counter-clockwise, as PIL's rotate(deg)
+            assert np.array_equal(np.frombuffer(copy[C.PIXELS], np.uint8).reshape(6, 6, 3), want)
+    n_classes = len(classes_of(base, C.TRAIN))
+    assert summary["classes"] == {C.TRAIN: 4 * n_classes, C.TEST: len(classes_of(base, C.TEST))}
+    assert summary["rotated_copies"] == 3 * len(originals)
+    assert summary["images"][C.TRAIN] == 4 * len(originals)
+    assert meta["params"]["train_rotations"] == [90, 180, 270]
+
+
+def test_train_rotations_match_pil_rotate(make_project):
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.image_size": 6, "ingest.train_rotations": [90]})
+    tree = write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(6)})
+    _, items, _, _ = run_ingest(path)
+    label = next(l for l in sorted(classes_of(items, C.TRAIN)) if "@rot" not in l)
+    row = items[C.SOURCE].to_pylist().index(f"imgs/{label}/img001.png@rot90")  # a 6×6 image
+    with Image.open(io.BytesIO(tree[label][1])) as img:
+        want = np.asarray(img.convert("L").rotate(90)).ravel()
+    assert np.array_equal(C.pixels_numpy(items[C.PIXELS])[row], want)
+
+
+def test_train_rotations_refuse_labels_that_look_rotated(make_project):
+    path = folder_project(make_project, {"root": "imgs"}, **{"ingest.train_rotations": [180]})
+    write_tree(path.parent / "imgs", {"a": 2, "b": 2, "c": 2, "d@rot180": 2})
+    with pytest.raises(DatasetError, match=r"label 'd@rot180' looks like a rotated copy's"):
+        run_ingest(path)

@@ -424,3 +424,27 @@ def test_class_chunks_cover_and_top_up():
     assert len(set(chunks[-1].tolist())) == 4  # topped up without replacement
     small = make_batches._class_chunks(np.array([7, 8]), 5, rng)
     assert len(small) == 1 and len(small[0]) == 5 and set(small[0].tolist()) == {7, 8}
+
+
+@pytest.mark.parametrize("rotations", [[], [90, 180, 270]])
+def test_validation_classes_take_their_rotated_copies_along(make_project, rotations):
+    """With ingest.train_rotations, a validation class's rotated copies are validation classes
+    too (none of its copies is trained on); without, the names are just labels."""
+    params, _ = setup(make_project, {}, val_fraction=0.25)
+    names = [f"c{i}" for i in range(12)]
+    labels = [n for n in names for _ in range(4)] + [C.rotated(n, d) for d in rotations for n in names for _ in range(4)]
+    table = C.items_table([f"i{j}" for j in range(len(labels))], labels, [C.TRAIN] * len(labels),
+                          labels, np.zeros((len(labels), 1), np.uint8))
+    C.write_table(table, params.paths["items"], C.ITEMS,
+                  {"height": 1, "width": 1, "channels": 1, "params": {"train_rotations": rotations}})
+    summary, batches, meta, _, _ = run(params)
+    val = set(meta["validation_classes"])
+    assert {C.unrotated(v) for v in val} and len({C.unrotated(v) for v in val}) == 3  # 25 % of 12 characters
+    assert val == {C.rotated(n, d) if d else n for n in {C.unrotated(v) for v in val} for d in [0, *rotations]}
+    trained = {labels[int(i[1:])] for i in batches[C.ITEM_ID].to_pylist()}
+    assert trained == set(labels) - val
+
+
+def test_unrotated_only_strips_a_rotation_mark():
+    assert C.unrotated(C.rotated("alphabet/char@x", 270)) == "alphabet/char@x"
+    assert [C.unrotated(s) for s in ("a@rot45", "a@rot", "a@rot90b", "a")] == ["a@rot45", "a@rot", "a@rot90b", "a"]

@@ -469,3 +469,9 @@ def test_component_kwarg_values_are_type_checked_against_the_constructor_default
         load_params(path)
     assert "train.optimizer.lr: expected a number, got '1e-3'" in str(err.value)
     assert "train.miner.type_of_triplets: expected str" in str(err.value)
+
+
+@pytest.mark.parametrize("value, why", [([45], "should be 90, 180 or 270"), ([90, 90], "repeats a value")])
+def test_train_rotations_are_distinct_right_angles(value, why):
+    msg = _error({"ingest.train_rotations": value})
+    assert "ingest.train_rotations" in msg and why in msg

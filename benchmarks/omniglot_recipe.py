@@ -45,6 +45,28 @@ def character_folder(root: Path, transform):
     return data
 
 
+def rotated_classes(data, degrees: list[int], transform):
+    """``data`` (a :func:`character_folder` without transform) plus copies rotated counter-clockwise
+    by each of ``degrees``, each angle of each character a new class — what
+    ``ingest.train_rotations`` gives the pipeline — then ``transform``; ``.targets`` for pml's sampler."""
+    import torch
+
+    n_classes, angles = max(data.targets) + 1, [0, *degrees]
+
+    class Rotated(torch.utils.data.Dataset):
+        targets = [t + a * n_classes for a in range(len(angles)) for t in data.targets]
+
+        def __len__(self) -> int:
+            return len(angles) * len(data)
+
+        def __getitem__(self, i: int):
+            a, j = divmod(i, len(data))
+            image, _ = data[j]
+            return transform(image.rotate(angles[a]) if angles[a] else image), self.targets[i]
+
+    return Rotated()
+
+
 def reference_objective():
     """pytorch-metric-learning's own recipe: (TripletMarginLoss, semi-hard TripletMarginMiner), margin 0.2."""
     from pytorch_metric_learning import losses, miners

@@ -112,7 +112,7 @@ def _tables(
             [r.gallery if r.gallery is not None else s == C.TEST for r, s in zip(recs, split)],
         ))
         if p.train_rotations:
-            train = [j for j, s in zip(good, split) if s == C.TRAIN]
+            train = [j for j, s in zip(good, split) if s == C.TRAIN]  # none in a chunk of test rows
             buffered.append(_rotated_copies([got[j] for j in train], [kept[rows[j]] for j in train], pixels[train], p))
         bar.update(len(rows))
         if sum(t.nbytes for t in buffered) >= ROW_GROUP_BYTES:
@@ -129,7 +129,7 @@ def _rotated_copies(ids: list[str], recs: list[sources.Record], pixels: np.ndarr
     tell apart (Vinyals et al. 2016, Santoro et al. 2016), which 4× the classes training sees.
     Rows: per angle, the N copies in the originals' order; neither queries nor gallery items."""
     images = pixels.reshape(len(ids), p.image_size, p.image_size, p.channels)
-    copies = [np.rot90(images, deg // 90, axes=(1, 2)).reshape(len(ids), -1) for deg in p.train_rotations]
+    copies = [np.rot90(images, deg // 90, axes=(1, 2)).reshape(pixels.shape) for deg in p.train_rotations]
     return C.items_table(
         [C.rotated(i, deg) for deg in p.train_rotations for i in ids],
         [C.rotated(r.label, deg) for deg in p.train_rotations for r in recs],

@@ -663,9 +663,12 @@ def test_of_duplicate_files_the_first_in_row_order_is_kept(make_project):
 # ------------------------------------------------------------------------------ train_rotations
 
 
-def test_train_rotations_add_rotated_classes_to_train_only(make_project):
+@pytest.mark.parametrize("chunk", [512, 3])
+def test_train_rotations_add_rotated_classes_to_train_only(make_project, monkeypatch, chunk):
     """Each train image gets one copy per angle (np.rot90 of its pixels, counter-clockwise) under
-    ``<label>@rot<deg>``, ``<id>@rot<deg>``; test rows are exactly those of a run without."""
+    ``<label>@rot<deg>``, ``<id>@rot<deg>``; test rows are exactly those of a run without. With
+    small chunks, some hold only test rows."""
+    monkeypatch.setattr(ingest, "CHUNK", chunk)
     extra = {"ingest.test_fraction": 0.4, "ingest.image_size": 6, "ingest.channels": 3}
     tree_sizes = {f"c{i}": 2 + i % 3 for i in range(6)}
     plain = folder_project(make_project, {"root": "imgs"}, name="plain", **extra)

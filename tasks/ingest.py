@@ -5,7 +5,8 @@ class-disjoint: test classes are never seen in training), is_query / is_gallery 
 protocol, else leave-one-out on the test split), source, and pixels decoded once to
 ``image_size``² × ``channels`` uint8, so training and export never decode an image again. Files
 that cannot be used are skipped and listed with their reason in ``paths.quarantine`` — never a
-crash mid-stage, never a silently lost file.
+crash mid-stage, never a silently lost file. With ``train_rotations``, each train image is
+copied turned by 90/180/270° as new classes (``<label>@rot<deg>``; rows after their chunk).
 
 Two passes keep memory bounded whatever the dataset's size. Pass 1 (tasks/scan.py) lists the
 source, reading no image, and keeps only metadata — where each image is, its label and split —

@@ -136,7 +136,7 @@ def _rotated_copies(ids: list[str], recs: list[sources.Record], pixels: np.ndarr
         [C.rotated(r.label, deg) for deg in p.train_rotations for r in recs],
         [C.TRAIN] * (len(ids) * len(p.train_rotations)),
         [C.rotated(r.source, deg) for deg in p.train_rotations for r in recs],
-        np.concatenate(copies) if copies else pixels[:0],
+        np.concatenate(copies),  # called only with train_rotations set: never empty
     )
 
 
@@ -155,8 +155,8 @@ def run(params: IngestParams, paths: Paths) -> dict:
         print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
     if not kept:
         raise DatasetError(f"no usable image in source {params.source.model_dump()}")
-    if params.train_rotations and any(C.unrotated(r.label) != r.label for r in kept):
-        clash = next(r.label for r in kept if C.unrotated(r.label) != r.label)
+    clash = next((r.label for r in kept if C.unrotated(r.label) != r.label), None) if params.train_rotations else None
+    if clash is not None:
         raise DatasetError(f"label {clash!r} looks like a rotated copy's; with ingest.train_rotations, "
                            f"no source label may end in {C.ROTATED}90/180/270")
     splits = _split_by_class([r.label for r in kept], [r.split for r in kept], params)

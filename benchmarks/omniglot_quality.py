@@ -113,7 +113,7 @@ def reference_train(params, images_root: Path) -> dict:
     from pytorch_metric_learning import samplers
     from torchvision import transforms as T
 
-    from tasks.models import EmbeddingNet, save_checkpoint
+    from tasks.models import EmbeddingNet, pick_device, save_checkpoint
 
     tp, mb, size = params.train, params.make_batches, params.ingest.image_size
     aug = tp.augment
@@ -129,27 +129,30 @@ def reference_train(params, images_root: Path) -> dict:
     sampler = samplers.MPerClassSampler(data.targets, m=mb.images_per_class, batch_size=batch, length_before_new_iter=len(data))
     loader = torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler, num_workers=2, drop_last=True,
                                          persistent_workers=True)
+    device = pick_device(tp.device)  # the train stage's device, so a GPU run compares like with like
     model = EmbeddingNet({"backbone": tp.backbone, "width": tp.width, "embedding_dim": tp.embedding_dim,
-                          "in_channels": params.ingest.channels, "image_size": size, "pooling": tp.pooling}).train()
+                          "in_channels": params.ingest.channels, "image_size": size, "pooling": tp.pooling}).to(device).train()
     objective = omniglot_recipe.reference_objective()
     opt = getattr(torch.optim, tp.optimizer.name)(model.parameters(), **tp.optimizer.kwargs)
     seen, start = 0, time.perf_counter()
     for _ in range(mb.epochs):
         for x, y in loader:
-            omniglot_recipe.reference_step(model, objective, opt, x, y)
+            omniglot_recipe.reference_step(model, objective, opt, x.to(device), y.to(device))
             seen += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     paths = params.paths
     root = Path(paths.root)
     run_id = tracking.start_pipeline_run(root, tp.experiment, {"tripletflow.runner": "reference (pml recipe)"})
     tracking.Tracker(root, run_id).params(flatten(params.model_dump(exclude={"paths"})))
     tracking.write_run_info(paths["run_info"], run_id, tp.experiment)
-    save_checkpoint(model.eval(), paths["model"], {"epochs": mb.epochs})
+    save_checkpoint(model.cpu().eval(), paths["model"], {"epochs": mb.epochs})
     return {"img_per_s": seen / seconds, "train_s": seconds}
 
 
-def run_one(work: Path, overrides: dict, runs: Path, reference_images: Path | None) -> dict:
-    params = load_params(work / "params.yaml", with_preset(REPO / "params" / "omniglot.yaml", overrides))
+def run_one(work: Path, preset: Path, overrides: dict, runs: Path, reference_images: Path | None) -> dict:
+    params = load_params(work / "params.yaml", with_preset(preset, overrides))
     times, result = {}, {}
     for module in STAGES:
         name = module.__name__.rsplit(".", 1)[-1]
@@ -199,6 +202,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=omniglot_recipe.DEFAULT_DATA)
     parser.add_argument("--protocol", choices=("test", "val"), default="test")
+    parser.add_argument("--preset", type=Path, default=REPO / "params" / "omniglot.yaml",
+                        help="the preset every row starts from (params/omniglot-gpu.yaml: full resolution, for a GPU)")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--seeded-rows", nargs="*", choices=list(ROWS), default=None,
@@ -224,8 +229,13 @@ def main() -> None:
     if args.protocol == "val" and "reference" in args.rows:
         raise SystemExit("the reference row runs on --protocol test only (its ImageFolder would see the held-out alphabets)")
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:  # a copy of the tree without git (the lent GPU machine) still runs, commit "unknown"
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    commit = commit or "unknown"
     print(json.dumps({"figure": "omniglot_quality_setup", "workdir": str(work), "protocol": args.protocol, "commit": commit,
+                      "preset": str(args.preset),
                       "mlflow": f"mlflow ui --backend-store-uri sqlite:///{work / 'mlflow.db'}"}), flush=True)
     summaries = []
     for row in args.rows:
@@ -233,7 +243,7 @@ def main() -> None:
         for seed in args.seeds if args.seeded_rows is None or row in args.seeded_rows else args.seeds[:1]:
             overrides = {"ingest.source": source, "make_batches.seed": seed, "train.seed": seed,
                          "train.experiment": f"omniglot-{args.protocol}", "evaluate.registered_model": None} | ROWS[row] | extra
-            result = run_one(work, overrides, runs, reference_images if row == "reference" else None)
+            result = run_one(work, args.preset.resolve(), overrides, runs, reference_images if row == "reference" else None)
             runs_of_row.append(result)
             print(json.dumps({"figure": "omniglot_quality_run", "row": row, "seed": seed, **result}), flush=True)
         summaries.append(summarize(row, runs_of_row))

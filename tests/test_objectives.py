@@ -10,11 +10,15 @@ from tasks.objectives import FusedTriplet, PmlObjective, build_objective, fused_
 from tasks.params import Component
 
 
-def _batch(seed: int, p: int = 8, k: int = 4, dim: int = 16, pk: bool = True):
+# The fused kernels must equal pml's on the device they train on: CUDA too, where one is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))]
+
+
+def _batch(seed: int, p: int = 8, k: int = 4, dim: int = 16, pk: bool = True, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(p * k, dim, generator=g, dtype=torch.float64)
     labels = torch.arange(p).repeat_interleave(k) if pk else torch.randint(0, p, (p * k,), generator=g)
-    return emb, labels
+    return emb.to(device), labels.to(device)
 
 
 def _loss_and_grad(objective, emb, labels):
@@ -35,10 +39,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("miner_kwargs,margin", CASES)
 @pytest.mark.parametrize("seed,pk", [(0, True), (1, True), (2, False), (3, False)])
-def test_fused_equals_pml_in_value_gradient_and_statistics(miner_kwargs, margin, seed, pk):
-    emb, labels = _batch(seed, pk=pk)
+def test_fused_equals_pml_in_value_gradient_and_statistics(miner_kwargs, margin, seed, pk, device):
+    emb, labels = _batch(seed, pk=pk, device=device)
     pml = PmlObjective(
         losses.TripletMarginLoss(margin=margin),
         miners.TripletMarginMiner(**miner_kwargs) if miner_kwargs else None,
@@ -58,12 +63,13 @@ def test_fused_equals_pml_in_value_gradient_and_statistics(miner_kwargs, margin,
         assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5), key
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("miner_kwargs,margin", CASES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_static_shape_variant_for_pk_batches_equals_pml(miner_kwargs, margin, seed):
+def test_static_shape_variant_for_pk_batches_equals_pml(miner_kwargs, margin, seed, device):
     """With K images of each class per batch, positives come from top-k (no host sync)."""
-    emb, labels = _batch(seed, p=8, k=4)
-    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]  # any order
+    emb, labels = _batch(seed, p=8, k=4, device=device)
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(device)]  # any order
     pml = PmlObjective(
         losses.TripletMarginLoss(margin=margin),
         miners.TripletMarginMiner(**miner_kwargs) if miner_kwargs else None,
@@ -139,15 +145,16 @@ def test_self_supervised_objective_fuses_only_plain_nt_xent():
     assert isinstance(other, losses.SelfSupervisedLoss)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
 @pytest.mark.parametrize("kind", ["pk", "random", "one_class"])
-def test_fused_supervised_ntxent_equals_pml(kind, temperature):
+def test_fused_supervised_ntxent_equals_pml(kind, temperature, device):
     """NTXentLoss with labels and no miner: every same-label pair a positive. Value and gradient
     equal pml's, on P×K batches, random labels (singletons: anchors with no positive) and a
     one-class batch (anchors with no negative: loss 0, finite gradient)."""
     from tasks.objectives import FusedSupervisedNTXent
 
-    emb, labels = _batch(3, p=6, k=4, pk=kind == "pk")
+    emb, labels = _batch(3, p=6, k=4, pk=kind == "pk", device=device)
     if kind == "one_class":
         labels = torch.zeros_like(labels)
     spec = Component(name="NTXentLoss", temperature=temperature)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU figure of the open issues in one call of the lent device machine (15 minutes a
+# session, start included): the CUDA tests, evaluation speed (issue 5), train speed at 28 and
+# 105 px (issue 3), and the Omniglot GPU preset (issue 7), in that order, each under a time box
+# cut to what is left of BUDGET_S, so a slow or broken step costs only its own figures.
+#
+# It expects, in the repository root (ignored by git via .git/info/exclude, named in `carry`):
+#   .whl/      the Python packages the machine's image lacks (pydantic, pytorch-metric-learning,
+#              faiss-cpu, mlflow-skinny and what it imports), as py3.12 manylinux wheels
+#   .devdata/  the Omniglot zips (images_background, images_evaluation, all_runs)
+# and writes under $OUT: results.jsonl (every JSON figure line) and log.txt (everything).
+#
+#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh [BUDGET_S]   (the copy there has no git)
+set -u
+BUDGET_S=${1:-540}
+START=$(date +%s)
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+DATA=$PWD/.devdata
+
+# step NAME MAX_S CMD...: run CMD under min(MAX_S, time left), log it, keep its JSON lines.
+step() {
+  local name=$1 max=$2 left
+  shift 2
+  left=$((BUDGET_S - ($(date +%s) - START)))
+  if [ "$left" -lt 20 ]; then echo "=== $name: skipped (${left}s left)" | tee -a "$OUT/log.txt"; return; fi
+  [ "$max" -gt "$left" ] && max=$left
+  echo "=== $name (limit ${max}s, $(( $(date +%s) - START ))s in)" | tee -a "$OUT/log.txt"
+  timeout -k 10 "$max" "$@" 2>&1 | tee -a "$OUT/log.txt" | grep --line-buffered '^{"figure"' | sed "s/^{/{\"step\": \"$name\", /" >>"$OUT/results.jsonl"
+  echo "=== $name: rc ${PIPESTATUS[0]}, $(( $(date +%s) - START ))s in" | tee -a "$OUT/log.txt"
+}
+
+echo "=== commit ${COMMIT:-unknown}, budget ${BUDGET_S}s" | tee -a "$OUT/log.txt"
+step gpu 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total,utilization.gpu --format=csv
+step cuda_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_search.py tests/test_objectives.py -k cuda
+step eval_compare 90 python3 benchmarks/eval_speed.py --repeats 3
+step eval_scale 120 python3 benchmarks/eval_speed.py --mode scale --gallery 1000000 --queries 100000 --query-chunk 8192 --gallery-block 262144
+step train_speed_28 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 3 --workers 8
+step omniglot_gpu_seed0 330 python3 benchmarks/omniglot_quality.py --data "$DATA" --preset params/omniglot-gpu.yaml --rows nt-xent --seeds 0 --workdir /tmp/og0
+cp /tmp/og0/metrics.json "$OUT/omniglot_gpu_seed0_metrics.json" 2>/dev/null
+cp /tmp/og0/plots/train_curve.csv "$OUT/omniglot_gpu_seed0_train_curve.csv" 2>/dev/null
+step train_speed_105 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 2 --workers 8
+step omniglot_gpu_seeds12 330 python3 benchmarks/omniglot_quality.py --data "$DATA" --preset params/omniglot-gpu.yaml --rows nt-xent --seeds 1 2 --workdir /tmp/og0
+step gpu_after 20 nvidia-smi --query-gpu=name,clocks.sm,memory.used,utilization.gpu --format=csv
+echo "=== done in $(( $(date +%s) - START ))s"
+cat "$OUT/results.jsonl"

@@ -10,9 +10,12 @@
 #   .devdata/  the Omniglot zips (images_background, images_evaluation, all_runs)
 # and writes under $OUT: results.jsonl (every JSON figure line) and log.txt (everything).
 #
-#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh [BUDGET_S]   (the copy there has no git)
+#   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh [BUDGET_S] [STEP ...]
+# (the copy there has no git); STEPs name the steps to run (default: all but the *_compile ones).
 set -u
 BUDGET_S=${1:-540}
+shift $(($# > 0 ? 1 : 0))
+ONLY=" $* "
 START=$(date +%s)
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -25,6 +28,7 @@ DATA=$PWD/.devdata
 step() {
   local name=$1 max=$2 left
   shift 2
+  if [ "$ONLY" = "  " ]; then [[ $name == *_compile ]] && return; else [[ $ONLY == *" $name "* ]] || return; fi
   left=$((BUDGET_S - ($(date +%s) - START)))
   if [ "$left" -lt 20 ]; then echo "=== $name: skipped (${left}s left)" | tee -a "$OUT/log.txt"; return; fi
   [ "$max" -gt "$left" ] && max=$left
@@ -43,6 +47,8 @@ step omniglot_gpu_seed0 330 python3 benchmarks/omniglot_quality.py --data "$DATA
 cp /tmp/og0/metrics.json "$OUT/omniglot_gpu_seed0_metrics.json" 2>/dev/null
 cp /tmp/og0/plots/train_curve.csv "$OUT/omniglot_gpu_seed0_train_curve.csv" 2>/dev/null
 step train_speed_105 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 2 --workers 8
+step train_speed_28_compile 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 6 --workers 8 --compile
+step train_speed_105_compile 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 3 --workers 8 --compile
 step omniglot_gpu_seeds12 330 python3 benchmarks/omniglot_quality.py --data "$DATA" --preset params/omniglot-gpu.yaml --rows nt-xent --seeds 1 2 --workdir /tmp/og0
 step gpu_after 20 nvidia-smi --query-gpu=name,clocks.sm,memory.used,utilization.gpu --format=csv
 echo "=== done in $(( $(date +%s) - START ))s"

@@ -1,6 +1,7 @@
 """Omniglot retrieval quality: every training recipe on the official protocol, and the reference loop.
 
-Each row trains with ``params/omniglot.yaml`` (the preset) plus the row's loss/miner, for each seed,
+Each row trains with ``params/omniglot.yaml`` (the preset; ``--preset params/omniglot-gpu.yaml`` for
+the full-resolution GPU one) plus the row's loss/miner, for each seed,
 through the six stage functions (what ``dvc repro`` and the flow run), all in one project folder so
 every run lands in one MLflow store (``mlflow ui --backend-store-uri sqlite:///WORKDIR/mlflow.db``).
 Per run: mAP@R, Recall@1 (leave-one-out over the 659 evaluation characters), 5/20-way 1-shot over
@@ -17,7 +18,7 @@ two drawers).
 Prints one JSON line per run and one per row (mean ± std over seeds); ``--markdown FILE`` writes
 the README table with the commit it ran at.
 
-    python benchmarks/omniglot_quality.py [--protocol test|val] [--rows semi-hard reference ...] [--seeds 0 1 2]
+    python benchmarks/omniglot_quality.py [--protocol test|val] [--preset FILE] [--rows semi-hard reference ...] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ def reference_train(params, images_root: Path) -> dict:
 
 def run_one(work: Path, preset: Path, overrides: dict, runs: Path, reference_images: Path | None) -> dict:
     params = load_params(work / "params.yaml", with_preset(preset, overrides))
+    # Every run trains from scratch: a state left by a stopped invocation in this workdir would
+    # otherwise resume (same params) and the train time would cover only the remaining epochs.
+    params.paths["train_state"].unlink(missing_ok=True)
     times, result = {}, {}
     for module in STAGES:
         name = module.__name__.rsplit(".", 1)[-1]

@@ -112,6 +112,11 @@ def steady(epochs: list[float]) -> float:
     return sum(rest) / len(rest)
 
 
+def epoch_figures(epochs: list[float]) -> dict:
+    """The JSON fields of one of our runs: its steady img/s and each epoch's."""
+    return {"value": round(steady(epochs), 1), "per_epoch": [round(v, 1) for v in epochs]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=omniglot_recipe.DEFAULT_DATA)
@@ -151,17 +156,17 @@ def main() -> None:
         per_epoch, real_batch = ours(params, device)
         fast = steady(per_epoch)
         t = params.train
-        emit("ours_img_per_s", value=round(fast, 1), per_epoch=[round(v, 1) for v in per_epoch], fused_mining=t.fused_mining, precision=t.precision,
+        emit("ours_img_per_s", **epoch_figures(per_epoch), fused_mining=t.fused_mining, precision=t.precision,
              channels_last=t.channels_last, bf16=use_bf16(t, device), **common)
         plain_params = params.model_copy(update={"train": t.model_copy(
             update={"fused_mining": False, "precision": "fp32", "channels_last": False})})
         plain_epochs, _ = ours(plain_params, device)
         plain = steady(plain_epochs)
-        emit("ours_pml_fp32_img_per_s", value=round(plain, 1), per_epoch=[round(v, 1) for v in plain_epochs], **common)
+        emit("ours_pml_fp32_img_per_s", **epoch_figures(plain_epochs), **common)
         if args.compile:
             start = time.perf_counter()
             compiled, _ = ours(params.model_copy(update={"train": t.model_copy(update={"compile": True})}), device)
-            emit("ours_compiled_img_per_s", value=round(steady(compiled), 1), per_epoch=[round(v, 1) for v in compiled], wall_s_incl_compile=round(time.perf_counter() - start, 1), **common)
+            emit("ours_compiled_img_per_s", **epoch_figures(compiled), wall_s_incl_compile=round(time.perf_counter() - start, 1), **common)
 
         bf16 = use_bf16(t, device)
         fused = build_objective(t.loss, t.miner, True, device, per_class=args.k)[0]

@@ -3,13 +3,20 @@
 Both engines yield :class:`Chunk` s — the top-``k`` gallery positions and scores of a contiguous
 run of queries — so callers reduce metrics chunk by chunk and memory never depends on Q × G.
 
-Exact search (:func:`exact_chunks`) multiplies a chunk of queries by a block of the gallery, keeps
-each block's top-k set (a group-max pre-selection makes that far cheaper than a top-k over every
-score, see :func:`_block_topk`) and ranks their union once per chunk. Memory: one
-``query_chunk × gallery_block`` float32 tile (two for L2 leave-one-out) plus ``(Q, k)``-sized
-candidate lists. It runs in float32 on the CPU or on CUDA (TF32 is switched off for the call, so
-GPU scores are fp32 too). Leave-one-out on one set uses each tile twice (the score matrix is
-symmetric), halving the products.
+Exact search (:func:`exact_chunks`) multiplies a chunk of queries by a block of the gallery and
+selects from each score tile as it comes. On the CPU every query keeps a running heap, fed by one
+fused pass over the tile (:mod:`tasks.topk_heap`, numba). On CUDA each block's top-k set is kept
+(a group-max pre-selection makes that far cheaper than a top-k over every score, see
+:func:`tasks.block_topk.block_topk`) and their union ranked once per chunk. Memory: one ``query_chunk ×
+gallery_block`` tile (two for L2 leave-one-out) plus ``(Q, k)``-sized candidate lists. Scores are
+float32 on both (TF32 is switched off for the call, so GPU scores are fp32 too). Leave-one-out on
+one set uses each tile twice (the score matrix is symmetric), halving the products.
+
+**bf16 candidates, fp32 answer** (CPU, inner product, where the CPU multiplies bf16 natively —
+~3× the fp32 rate): tiles are bf16 products, each query keeps its k + BF16_SPARE best by those, and
+the candidates are re-scored in fp32. A proven bound on the bf16 error certifies, row by row, that
+nothing left out could enter the fp32 top k; rows it cannot certify (near-ties across the cut) are
+searched again in fp32 (:func:`_rescore`). So the answer is the fp32 one whatever the rounding.
 
 Scores are "higher is more similar": the inner product for ``inner_product``, the *negative squared*
 L2 distance for ``l2`` (faiss reports the positive squared distance; we negate it so one ordering
@@ -32,12 +39,17 @@ position -1 and score NaN.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from tasks import block_topk, topk_heap
 
 
 METRICS = ("inner_product", "l2")
@@ -79,79 +91,10 @@ def _scores(q: torch.Tensor, g: torch.Tensor, gh: torch.Tensor | None) -> torch.
     return torch.addmm(gh[None, :].neg().expand(len(q), -1), q, g.T)
 
 
-GROUP = 16  # columns per group for the group-max pre-selection in _block_topk
-
-
-def _block_topk(s: torch.Tensor, k: int, col0: int, along_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-``k`` *set* of each row of a score tile ``s`` (c, b) — or, ``along_rows=False``, of
-    each row of ``s.T`` (without copying it) — under the order (score desc, column asc).
-
-    Returns values (n, k') and global positions (n, k'), k' = min(k, L), not yet ordered
-    (:func:`_rank` orders the union of all blocks once). -inf values are excluded slots.
-
-    Pre-selection (exact, and much cheaper than a top-k over every score): split each row into
-    groups of GROUP consecutive columns and take each group's max (one fast reduction pass). If
-    the k-th largest group max is strictly above the (k+1)-th, every one of the row's top k scores
-    lies in those k groups — each of the k groups holds a score >= the k-th group max, so the k-th
-    best score is >= it, while every score outside is <= the (k+1)-th group max — so the top-k is
-    taken among those k × GROUP candidates only. Rows where the cut is tied (group maxima, or
-    candidate scores) are re-ranked over the whole block with a stable sort: lowest column wins.
-    """
-    m = s if along_rows else s.T  # (n, L): what is ranked along dim 1
-    n, length = m.shape
-    kk = min(k + 1, length)  # one more than needed: tells whether the k-th place is tied
-    groups = length // GROUP
-    if length % GROUP or groups <= k + 1:
-        vals, idx = m.topk(kk, dim=1, largest=True, sorted=True)
-        tied = torch.zeros(n, dtype=torch.bool, device=s.device)
-    else:
-        gm = s.view(n, groups, GROUP).amax(2) if along_rows else s.view(groups, GROUP, n).amax(1).T.contiguous()
-        gv, gi = gm.topk(k + 1, dim=1, sorted=True)
-        cols = (gi[:, :k, None] * GROUP + torch.arange(GROUP, device=s.device)).reshape(n, k * GROUP)
-        vals, sel = m.gather(1, cols).topk(kk, dim=1, largest=True, sorted=True)
-        idx = cols.gather(1, sel)
-        tied = ~(gv[:, k - 1] > gv[:, k])
-    if kk > k:
-        tied |= (vals[:, k - 1] == vals[:, k]) & torch.isfinite(vals[:, k])
-        if bool(tied.any()):
-            rows = tied.nonzero().squeeze(1)
-            v, i = m[rows].sort(dim=1, descending=True, stable=True)
-            vals[rows], idx[rows] = v[:, :kk], i[:, :kk]
-        vals, idx = vals[:, :k], idx[:, :k]
-    return vals, idx + col0
-
-
-def _rank(vals: list[torch.Tensor], idx: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union of per-block top-k sets -> the top ``k`` ranked by (score desc, position asc).
-
-    Positions are unique within a row, so sorting by position and then *stably* by score puts equal
-    scores in position order. Correct because the global top-k under that order is the top-k of
-    the union of every block's top-k set.
-    """
-    v, i = torch.cat(vals, dim=1), torch.cat(idx, dim=1)
-    i, order = i.sort(dim=1)
-    v, order = v.gather(1, order).sort(dim=1, descending=True, stable=True)
-    return v[:, :k], i.gather(1, order)[:, :k]
-
-
-class _Candidates:
-    """Per-block top-k sets of one chunk of queries, ranked once (every ``every`` blocks, to bound
-    memory at ``every × k`` candidates per query)."""
-
-    def __init__(self, k: int, every: int = 16):
-        self.k, self.every, self.vals, self.idx = k, every, [], []
-
-    def add(self, v: torch.Tensor, i: torch.Tensor) -> None:
-        self.vals.append(v)
-        self.idx.append(i)
-        if len(self.vals) > self.every:
-            v, i = _rank(self.vals, self.idx, self.k)
-            self.vals, self.idx = [v], [i]
-
-    def result(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.vals:  # empty gallery
-            return torch.full((rows, 0), -torch.inf, device=device), torch.zeros((rows, 0), dtype=torch.int64, device=device)
-        return _rank(self.vals, self.idx, self.k)
+# On the CPU, tiles go through the fused heap kernels (tasks.topk_heap); tasks.block_topk serves
+# CUDA (and the CPU when this is False: the tests run both there).
+HEAPS_ON_CPU = True
+CPU_TILE = 2048  # at most this many queries × gallery items per CPU tile (8 MiB in bf16)
 
 
 def _finish(start: int, v: torch.Tensor, i: torch.Tensor, k: int, qn: torch.Tensor | None = None) -> Chunk:
@@ -188,6 +131,7 @@ def exact_chunks(
     device: torch.device | str = "cpu",
     query_chunk: int = 4096,
     gallery_block: int = 16384,
+    precision: str = "auto",
 ) -> Iterator[Chunk]:
     """Exact top-``k`` of every query over the gallery, one :class:`Chunk` per ``query_chunk`` queries.
 
@@ -195,9 +139,19 @@ def exact_chunks(
     When queries and gallery are the same set (``self_pos == arange(Q)``, Q == G: leave-one-out on
     one set), each tile is computed once and used for both of its query blocks — the score matrix
     is symmetric — which halves the matrix products.
+
+    ``precision``: ``fp32`` tiles, or ``bf16`` candidate tiles re-scored in fp32 (CPU, inner
+    product; see :func:`_rescore` — the result is the fp32 one). ``auto``: bf16 where that holds
+    and the CPU multiplies bf16 natively, else fp32.
     """
     _check(queries, gallery, k, metric, self_pos)
     device = torch.device(device)
+    bf16 = _use_bf16(precision, metric, device)
+    if device.type == "cpu" and HEAPS_ON_CPU:
+        # Heaps carry no per-tile candidate lists, so small tiles cost nothing there, and tiles
+        # that stay in cache make the products faster (60k leave-one-out, bf16: 4096² tiles
+        # 3.3 s, 2048² 2.2 s).
+        query_chunk, gallery_block = min(query_chunk, CPU_TILE), min(gallery_block, CPU_TILE)
     q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     g_all = torch.from_numpy(np.ascontiguousarray(gallery, dtype=np.float32)).to(device)
     gn = (g_all * g_all).sum(1) / 2 if metric == "l2" else None  # |g|²/2, see _scores
@@ -206,24 +160,107 @@ def exact_chunks(
         sp is not None and len(queries) == len(gallery) and bool((sp == torch.arange(len(sp))).all())
         and (queries is gallery or np.array_equal(queries, gallery))
     )
+    search = _Search(g_all, gn, k, device, gallery_block, bf16)
+
     def steps() -> Iterator[Chunk]:
         if symmetric:
-            yield from _symmetric(g_all, k, gn, device, query_chunk)
+            yield from _symmetric(search, query_chunk)
             return
         for start in range(0, len(q_all), query_chunk):
             q = q_all[start : start + query_chunk].to(device)
             s_pos = None if sp is None else sp[start : start + len(q)].to(device)
-            cand = _Candidates(k)
-            for col0 in range(0, len(g_all), gallery_block):
-                s = _scores(q, g_all[col0 : col0 + gallery_block], None if gn is None else gn[col0 : col0 + gallery_block])
-                if s_pos is not None:
-                    local = s_pos - col0
-                    rows = ((local >= 0) & (local < s.shape[1])).nonzero().squeeze(1)
-                    s[rows, local[rows]] = -torch.inf
-                cand.add(*_block_topk(s, k, col0))
-            yield _finish(start, *cand.result(len(q), device), k, None if gn is None else (q * q).sum(1))
+            yield _finish(start, *search.topk(q, s_pos, bf16), k, None if gn is None else (q * q).sum(1))
 
     yield from _scoped(steps())
+
+
+def _use_bf16(precision: str, metric: str, device: torch.device) -> bool:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    possible = device.type == "cpu" and metric == "inner_product" and HEAPS_ON_CPU
+    if precision == "bf16" and not possible:
+        raise ValueError("bf16 candidate search is for metric inner_product on the CPU")
+    return possible and (precision == "bf16" or (precision == "auto" and _native_bf16()))
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): there bf16 products
+    run ~3× faster than fp32; elsewhere they are emulated, and fp32 is the faster choice."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+class _Search:
+    """One gallery, searched chunk by chunk: selectors (CPU heaps or CUDA group-max candidate
+    lists) and the bf16 candidates' exact re-scoring."""
+
+    def __init__(self, g: torch.Tensor, gh: torch.Tensor | None, k: int, device: torch.device, block: int, bf16: bool):
+        self.g, self.gh, self.k, self.device, self.block, self.bf16 = g, gh, k, device, block, bf16
+        self.g_low = g.bfloat16() if bf16 else g
+        self.g_norm_max = float(g.norm(dim=1).max()) if bf16 and len(g) else 0.0
+
+    def selector(self, rows: int, bf16: bool):
+        if self.device.type != "cpu" or not HEAPS_ON_CPU:
+            return block_topk.Candidates(self.k, rows, self.device)
+        # bf16: BF16_SPARE extra candidates per query, so the re-scored top-k is usually certified.
+        return topk_heap.Heaps(rows, self.k + (BF16_SPARE if bf16 else 0))
+
+    def topk(self, q: torch.Tensor, s_pos: torch.Tensor | None, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries q (c, D) against the whole gallery -> (values (c, k'), positions (c, k'))."""
+        sel, g = self.selector(len(q), bf16), self.g_low if bf16 else self.g
+        qs = q.bfloat16() if bf16 else q
+        for col0 in range(0, len(g), self.block):
+            s = _scores(qs, g[col0 : col0 + self.block], None if self.gh is None else self.gh[col0 : col0 + self.block])
+            if s_pos is not None:
+                local = s_pos - col0
+                rows = ((local >= 0) & (local < s.shape[1])).nonzero().squeeze(1)
+                s[rows, local[rows]] = -torch.inf
+            sel.add_tile(s, col0)
+        return self.finish(sel, q, s_pos) if bf16 else sel.result()
+
+    def finish(self, sel, q: torch.Tensor, s_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 heaps of queries q -> exact fp32 top-k; rows :func:`_rescore` cannot certify are
+        searched again in fp32 (the answer never depends on bf16 rounding)."""
+        keys, pos = sel.drained()
+        bound = q.norm(dim=1) * self.g_norm_max * topk_heap.bf16_error(q.shape[1])
+        bound += (q.shape[1] + 1) * 2.0**-125 * (q.norm(dim=1) + self.g_norm_max + 1)  # bf16 subnormals flushed
+        vals, idx, certified = _rescore(q, self.g, keys, pos, s_pos, self.k, bound)
+        redo = (~certified).nonzero().squeeze(1)
+        if len(redo):
+            v, i = self.topk(q[redo], None if s_pos is None else s_pos[redo], bf16=False)
+            vals[redo], idx[redo] = v, i
+        return vals, idx
+
+
+BF16_SPARE = 32
+
+
+def _rescore(
+    q: torch.Tensor, g: torch.Tensor, keys: np.ndarray, pos: np.ndarray, s_pos: torch.Tensor | None, k: int, bound: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 candidates -> fp32 top-k, and whether each row's answer is certified exact.
+
+    keys/pos (c, h), best first (:meth:`tasks.topk_heap.Heaps.drained`): each query's h = k +
+    BF16_SPARE best gallery items by bf16 score ŝ. Their fp32 scores s = q·g are computed and
+    ranked (score desc, position asc). ``bound`` (c,) bounds |ŝ - s| (both against the exact
+    product, :func:`tasks.topk_heap.bf16_error`), so an item left out — ŝ <= ŝ_h, the h-th bf16
+    score — has s <= ŝ_h + bound. If that is below the k-th re-scored score, no item left out can
+    enter the top k: the row is certified. A heap that is not full holds every item: certified.
+    """
+    pos_t = torch.from_numpy(pos)
+    valid = pos_t != topk_heap.EMPTY_POS
+    s = torch.empty(pos.shape)
+    topk_heap.dots(q.contiguous().numpy(), g.numpy(), pos, s.numpy())
+    if s_pos is not None:
+        s = s.masked_fill(pos_t == s_pos[:, None], -torch.inf)
+    vals, idx = block_topk.rank([s], [pos_t], k)
+    low = torch.from_numpy(topk_heap.key_to_float(keys[:, -1], 16))
+    certified = ~valid.all(1) | (low + bound < vals[:, k - 1])
+    return vals, idx, certified
 
 
 def _scoped(gen: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -238,31 +275,38 @@ def _scoped(gen: Iterator[Chunk]) -> Iterator[Chunk]:
         yield chunk
 
 
-def _symmetric(x: torch.Tensor, k: int, xh: torch.Tensor | None, device: torch.device, b: int) -> Iterator[Chunk]:
-    """Leave-one-out on one set x (N, D): tile (i, j), j >= i, serves rows of block i directly and
-    rows of block j through its transpose, so each product is computed once. ``xh`` = |x|²/2 (L2).
+def _symmetric(search: _Search, b: int) -> Iterator[Chunk]:
+    """Leave-one-out on one set x = ``search.g`` (N, D): tile (i, j), j >= i, serves rows of block i
+    directly and rows of block j through its transpose, so each product is computed once.
 
     For L2 both directions are made from the same product tile P = x_i·x_jᵀ by one pass each
     (``P - |x_b|²/2`` for block i's rows, ``P - |x_a|²/2`` read column-wise for block j's), so
-    equal distances stay exactly equal whichever side of the tile they come from.
+    equal distances stay exactly equal whichever side of the tile they come from. With bf16 the
+    tile is bf16 and each block's heaps are re-scored when its last tile is in (:func:`_rescore`).
     """
-    n = len(x)
-    starts = list(range(0, n, b))
-    pending = {bj: _Candidates(k) for bj in range(len(starts))}
+    x, xh, bf16 = search.g, search.gh, search.bf16
+    low = search.g_low
+    starts = list(range(0, len(x), b))
+    pending = {bj: search.selector(min(b, len(x) - s0), bf16) for bj, s0 in enumerate(starts)}
     for bi, r0 in enumerate(starts):
-        xi = x[r0 : r0 + b]
+        xi = low[r0 : r0 + b]
         cand = pending.pop(bi)
         for bj in range(bi, len(starts)):
             c0 = starts[bj]
-            p = xi @ x[c0 : c0 + b].T
+            p = xi @ low[c0 : c0 + b].T
             s = p if xh is None else torch.sub(p, xh[c0 : c0 + b][None, :])
             if bj == bi:
                 s.fill_diagonal_(-torch.inf)  # the query itself
-            cand.add(*_block_topk(s, k, c0))
+            cand.add_tile(s, c0)
             if bj > bi:  # the same tile seen from block j's queries: gallery rows of block i
                 t = p if xh is None else p.sub_(xh[r0 : r0 + b][:, None])
-                pending[bj].add(*_block_topk(t, k, r0, along_rows=False))
-        yield _finish(r0, *cand.result(len(xi), device), k, None if xh is None else 2 * xh[r0 : r0 + b])
+                pending[bj].add_tile(t, r0, along_rows=False)
+        rows = len(xi)
+        if bf16:
+            v, i = search.finish(cand, x[r0 : r0 + rows], torch.arange(r0, r0 + rows, device=x.device))
+        else:
+            v, i = cand.result()
+        yield _finish(r0, v, i, search.k, None if xh is None else 2 * xh[r0 : r0 + rows])
 
 
 def index_chunks(

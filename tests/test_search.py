@@ -7,7 +7,14 @@ import faiss
 import numpy as np
 import pytest
 
+from tasks import search
 from tasks.search import exact_chunks, index_chunks
+
+
+@pytest.fixture(params=["heaps", "torch"])
+def cpu_selector(request, monkeypatch):
+    """Both CPU selections: the fused heap kernels, and the torch group-max path CUDA uses."""
+    monkeypatch.setattr(search, "HEAPS_ON_CPU", request.param == "heaps")
 
 
 def _unit(n: int, d: int, seed: int) -> np.ndarray:
@@ -38,7 +45,7 @@ def _run(chunks):
 
 @pytest.mark.parametrize("metric", ["inner_product", "l2"])
 @pytest.mark.parametrize("blocks", [(4096, 16384), (7, 5), (3, 64)])
-def test_exact_matches_brute_force_separate_sets(metric, blocks):
+def test_exact_matches_brute_force_separate_sets(metric, blocks, cpu_selector):
     q, g = _unit(23, 8, 0), _unit(57, 8, 1) * 1.5  # non-unit gallery: L2 and IP rank differently
     pos, scores = _run(exact_chunks(q, g, 6, metric, query_chunk=blocks[0], gallery_block=blocks[1]))
     np.testing.assert_array_equal(pos, _reference(q, g, 6, metric))
@@ -48,7 +55,7 @@ def test_exact_matches_brute_force_separate_sets(metric, blocks):
 
 @pytest.mark.parametrize("metric", ["inner_product", "l2"])
 @pytest.mark.parametrize("chunk", [4096, 5, 8])
-def test_leave_one_out_symmetric_path_matches_brute_force(metric, chunk):
+def test_leave_one_out_symmetric_path_matches_brute_force(metric, chunk, cpu_selector):
     x = _unit(41, 8, 2)
     self_pos = np.arange(41)
     pos, _ = _run(exact_chunks(x, x, 7, metric, self_pos=self_pos, query_chunk=chunk, gallery_block=chunk))
@@ -56,7 +63,7 @@ def test_leave_one_out_symmetric_path_matches_brute_force(metric, chunk):
     assert not (pos == self_pos[:, None]).any()
 
 
-def test_leave_one_out_with_a_query_subset():
+def test_leave_one_out_with_a_query_subset(cpu_selector):
     g = _unit(30, 8, 3)
     self_pos = np.array([4, -1, 29, 0])  # three queries are gallery items, one is not
     q = np.stack([g[4], _unit(1, 8, 9)[0], g[29], g[0]])
@@ -64,7 +71,7 @@ def test_leave_one_out_with_a_query_subset():
     np.testing.assert_array_equal(pos, _reference(q, g, 5, "inner_product", self_pos))
 
 
-def test_ties_are_broken_by_gallery_position_whatever_the_blocks():
+def test_ties_are_broken_by_gallery_position_whatever_the_blocks(cpu_selector):
     # 12 copies of one vector and 12 of another: every score is tied with many others.
     base = np.eye(4, dtype=np.float32)
     g = base[[0, 1] * 12]
@@ -79,7 +86,7 @@ def test_ties_are_broken_by_gallery_position_whatever_the_blocks():
     assert (scores == 1.0).all()
 
 
-def test_gallery_smaller_than_k_is_padded():
+def test_gallery_smaller_than_k_is_padded(cpu_selector):
     g = _unit(3, 4, 4)
     pos, scores = _run(exact_chunks(g, g, 5, self_pos=np.arange(3)))
     assert pos.shape == (3, 5)
@@ -87,7 +94,7 @@ def test_gallery_smaller_than_k_is_padded():
     assert (pos[:, :2] >= 0).all() and not (pos[:, :2] == np.arange(3)[:, None]).any()
 
 
-def test_faiss_index_path_agrees_with_exact_and_drops_self():
+def test_faiss_index_path_agrees_with_exact_and_drops_self(cpu_selector):
     x = _unit(60, 8, 5)
     index = faiss.IndexFlatIP(8)
     index.add(x)
@@ -122,8 +129,12 @@ def test_bad_inputs_are_refused():
         next(exact_chunks(x, x, 2, self_pos=np.arange(4)))
 
 
-@pytest.mark.parametrize("metric", ["inner_product", "l2"])
-def test_group_preselection_with_duplicates_matches_brute_force(metric):
+@pytest.mark.parametrize("heaps", [True, False])
+@pytest.mark.parametrize("metric,precision", [("inner_product", "fp32"), ("l2", "fp32"), ("inner_product", "bf16")])
+def test_group_preselection_with_duplicates_matches_brute_force(metric, precision, heaps, monkeypatch):
+    if precision == "bf16" and not heaps:
+        pytest.skip("bf16 candidates are a heap-path feature")
+    monkeypatch.setattr(search, "HEAPS_ON_CPU", heaps)
     # Blocks of 96/160 columns (multiples of GROUP, more than k + 1 groups) take the group-max
     # path. Small integer vectors make every score exact in fp32 (so "equal" means equal, which
     # for arbitrary floats BLAS does not promise: a product's last bit can depend on where it
@@ -135,10 +146,10 @@ def test_group_preselection_with_duplicates_matches_brute_force(metric):
     self_pos = np.arange(len(x))
     want = _reference(x, x, 5, metric, self_pos)
     for qc, gb in [(96, 160), (160, 96), (4096, 16384)]:
-        pos, _ = _run(exact_chunks(x, x, 5, metric, self_pos=self_pos, query_chunk=qc, gallery_block=gb))
+        pos, _ = _run(exact_chunks(x, x, 5, metric, self_pos=self_pos, query_chunk=qc, gallery_block=gb, precision=precision))
         np.testing.assert_array_equal(pos, want)
         q = x[:200] + 1  # separate query set
-        pos, _ = _run(exact_chunks(q, x, 5, metric, query_chunk=qc, gallery_block=gb))
+        pos, _ = _run(exact_chunks(q, x, 5, metric, query_chunk=qc, gallery_block=gb, precision=precision))
         np.testing.assert_array_equal(pos, _reference(q, x, 5, metric))
 
 
@@ -170,3 +181,43 @@ def test_the_caller_runs_outside_inference_mode_and_with_its_own_tf32_setting():
         assert len(list(chunks)) == 3  # and the generator carries on
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("blocks", [(4096, 16384), (7, 5), (3, 64)])
+def test_bf16_candidates_give_the_fp32_answer(blocks):
+    q, g = _unit(23, 8, 0), _unit(57, 8, 1) * 1.5
+    for qs, gs, self_pos in ((q, g, None), (g, g, np.arange(57)), (g[:20], g, np.arange(20))):
+        pos, scores = _run(exact_chunks(qs, gs, 6, "inner_product", self_pos, "cpu", *blocks, precision="bf16"))
+        np.testing.assert_array_equal(pos, _reference(qs, gs, 6, "inner_product", self_pos))
+        fp32 = _run(exact_chunks(qs, gs, 6, "inner_product", self_pos, "cpu", *blocks, precision="fp32"))
+        np.testing.assert_array_equal(pos, fp32[0])
+        np.testing.assert_allclose(scores, fp32[1], rtol=0, atol=1e-6)  # fp32 scores, not bf16 ones
+
+
+def test_rows_the_bf16_candidates_cannot_certify_are_searched_again(monkeypatch):
+    # No spare candidates: the bf16 k-th score and the fp32 k-th are within the error bound of
+    # each other, so most rows fail the certificate and take the fp32 path — and still agree.
+    monkeypatch.setattr(search, "BF16_SPARE", 0)
+    outcomes = []
+    rescore = search._rescore
+
+    def spy(*args):
+        out = rescore(*args)
+        outcomes.append(out[2].clone())
+        return out
+
+    monkeypatch.setattr(search, "_rescore", spy)
+    x = _unit(300, 16, 4)
+    for self_pos in (np.arange(300), None):
+        pos, _ = _run(exact_chunks(x, x, 5, self_pos=self_pos, query_chunk=64, gallery_block=100, precision="bf16"))
+        np.testing.assert_array_equal(pos, _reference(x, x, 5, "inner_product", self_pos))
+    certified = __import__("torch").cat(outcomes)
+    assert len(certified) == 600 and not certified.all()
+
+
+def test_bf16_is_refused_where_it_does_not_apply():
+    x = _unit(10, 4, 0)
+    with pytest.raises(ValueError, match="bf16"):
+        next(exact_chunks(x, x, 2, "l2", precision="bf16"))
+    with pytest.raises(ValueError, match="precision"):
+        next(exact_chunks(x, x, 2, precision="fp16"))

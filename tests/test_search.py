@@ -129,16 +129,17 @@ def test_bad_inputs_are_refused():
         next(exact_chunks(x, x, 2, self_pos=np.arange(4)))
 
 
-@pytest.mark.parametrize("heaps", [True, False])
-@pytest.mark.parametrize("metric,precision", [("inner_product", "fp32"), ("l2", "fp32"), ("inner_product", "bf16")])
+@pytest.mark.parametrize("metric,precision,heaps", [
+    ("inner_product", "fp32", True), ("l2", "fp32", True), ("inner_product", "bf16", True),  # CPU heaps
+    ("inner_product", "fp32", False), ("l2", "fp32", False),  # the torch selection (CUDA's)
+])
 def test_group_preselection_with_duplicates_matches_brute_force(metric, precision, heaps, monkeypatch):
-    if precision == "bf16" and not heaps:
-        pytest.skip("bf16 candidates are a heap-path feature")
     monkeypatch.setattr(search, "HEAPS_ON_CPU", heaps)
-    # Blocks of 96/160 columns (multiples of GROUP, more than k + 1 groups) take the group-max
-    # path. Small integer vectors make every score exact in fp32 (so "equal" means equal, which
-    # for arbitrary floats BLAS does not promise: a product's last bit can depend on where it
-    # falls in a tile) and give many tied group maxima and tied scores at the cut.
+    # Blocks of 96/160 columns (multiples of GROUP, more than k + 1 groups) take the torch
+    # selection's group-max path; the heaps and the bf16 certificate meet the same ties. Small
+    # integer vectors make every score exact in fp32 (so "equal" means equal, which for arbitrary
+    # floats BLAS does not promise: a product's last bit can depend on where it falls in a tile)
+    # and give many tied group maxima and tied scores at the cut.
     rng = np.random.default_rng(8)
     x = rng.integers(-2, 3, size=(500, 8)).astype(np.float32)
     x = np.concatenate([x, x[:40], x[100:140]])

@@ -220,14 +220,18 @@ class _Search:
                 rows = ((local >= 0) & (local < s.shape[1])).nonzero().squeeze(1)
                 s[rows, local[rows]] = -torch.inf
             sel.add_tile(s, col0)
-        return self.finish(sel, q, s_pos) if bf16 else sel.result()
+        return self.result(sel, q, s_pos, bf16)
 
-    def finish(self, sel, q: torch.Tensor, s_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """bf16 heaps of queries q -> exact fp32 top-k; rows :func:`_rescore` cannot certify are
-        searched again in fp32 (the answer never depends on bf16 rounding)."""
+    def result(self, sel, q: torch.Tensor, s_pos: torch.Tensor | None, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selector of queries q, fed every tile -> their top-k. bf16 heaps are re-scored to
+        the exact fp32 top-k; rows :func:`_rescore` cannot certify are searched again in fp32 (the
+        answer never depends on bf16 rounding)."""
+        if not bf16:
+            return sel.result()
         keys, pos = sel.drained()
-        bound = q.norm(dim=1) * self.g_norm_max * topk_heap.bf16_error(q.shape[1])
-        bound += (q.shape[1] + 1) * 2.0**-125 * (q.norm(dim=1) + self.g_norm_max + 1)  # bf16 subnormals flushed
+        q_norm = q.norm(dim=1)
+        bound = q_norm * self.g_norm_max * topk_heap.bf16_error(q.shape[1])
+        bound += (q.shape[1] + 1) * 2.0**-125 * (q_norm + self.g_norm_max + 1)  # bf16 subnormals flushed
         vals, idx, certified = _rescore(q, self.g, keys, pos, s_pos, self.k, bound)
         redo = (~certified).nonzero().squeeze(1)
         if len(redo):
@@ -302,10 +306,7 @@ def _symmetric(search: _Search, b: int) -> Iterator[Chunk]:
                 t = p if xh is None else p.sub_(xh[r0 : r0 + b][:, None])
                 pending[bj].add_tile(t, r0, along_rows=False)
         rows = len(xi)
-        if bf16:
-            v, i = search.finish(cand, x[r0 : r0 + rows], torch.arange(r0, r0 + rows, device=x.device))
-        else:
-            v, i = cand.result()
+        v, i = search.result(cand, x[r0 : r0 + rows], torch.arange(r0, r0 + rows, device=x.device), bf16)
         yield _finish(r0, v, i, search.k, None if xh is None else 2 * xh[r0 : r0 + rows])
 
 

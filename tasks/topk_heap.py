@@ -180,13 +180,11 @@ class Heaps:
 
     def __init__(self, rows: int, h: int):
         self.keys, self.pos = new_heaps(rows, h)
-        self.bits = 32
 
     def add_tile(self, s: torch.Tensor, col0: int, along_rows: bool = True) -> None:
         """s (c, b) scores of these rows against gallery ``col0 ..`` — or, ``along_rows=False``,
         (b, c) with these queries along the columns and gallery ``col0 ..`` along the rows."""
-        self.bits = 16 if s.dtype == torch.bfloat16 else 32
-        raw = s.contiguous().view(torch.int16 if self.bits == 16 else torch.int32).numpy()
+        raw = s.contiguous().view(torch.int16 if s.dtype == torch.bfloat16 else torch.int32).numpy()
         mask = MASKS[raw.dtype]
         if along_rows:
             push_rows(raw, mask, col0, self.keys, self.pos)

@@ -100,8 +100,10 @@ def train_epoch(
     network = list(model.parameters())
     model.train()
     device = pixels.device
-    sums: dict[str, torch.Tensor] = {}
-    first_bad = torch.tensor(-1, device=device)
+    # Each step's loss and statistics as one stacked vector (one kernel; the values stay on the
+    # device and survive a CUDA-graph replay overwriting the step's outputs).
+    names: list[str] = []
+    steps: list[torch.Tensor] = []
     seen, start = 0, time.perf_counter()
     for step, idx in enumerate(batches):
         idx_t = torch.from_numpy(idx).to(device, non_blocking=True)
@@ -115,16 +117,17 @@ def train_epoch(
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        with torch.no_grad():
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            for k, v in {"loss": loss.detach(), **stats}.items():
-                sums[k] = sums[k] + v if k in sums else v.clone()
+        names = names or ["loss", *stats]
+        steps.append(torch.stack([loss.detach(), *stats.values()]).float())
         seen += len(idx)
         on_step()
-    bad = int(first_bad)  # the epoch's one synchronisation
-    if bad >= 0:
-        raise FloatingPointError(f"train: loss is not finite at epoch {epoch}, step {bad}")
-    row = {k: float(v) / max(len(batches), 1) for k, v in sums.items()}
+    row: dict[str, float] = {}
+    if steps:
+        table = torch.stack(steps).cpu()  # (steps, 1 + statistics): the epoch's one synchronisation
+        bad = (~torch.isfinite(table[:, 0])).nonzero()
+        if len(bad):
+            raise FloatingPointError(f"train: loss is not finite at epoch {epoch}, step {int(bad[0, 0])}")
+        row = dict(zip(names, table.double().mean(0).tolist()))
     row["img_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
     row["lr"] = optimizer.param_groups[0]["lr"]
     return row

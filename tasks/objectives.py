@@ -1,11 +1,10 @@
 """What a training step minimises: ``objective(emb, labels) -> (loss, stats)``.
 
 :class:`PmlObjective` is pytorch-metric-learning's miner + loss, as configured by name.
-:class:`FusedTriplet` computes *the same* loss as ``TripletMarginMiner`` (all / hard / semihard /
-easy, or no miner: batch-all) + ``TripletMarginLoss`` with their default distance and reducer, in
-one pass over (positive pair × batch) distances instead of pml's B×B×B triplet mask and index
-lists: at B = 512 that mask is 134 M elements, and mining + loss took ~half of a small CNN's step
-on an H200. Equality with pml (loss and gradients) is tested on random batches.
+:class:`~tasks.fused_triplet.FusedTriplet` computes *the same* loss as ``TripletMarginMiner`` (all /
+hard / semihard / easy, or no miner: batch-all) + ``TripletMarginLoss`` with their default distance
+and reducer, in one pass over (positive pair × batch) distances; the fused NT-Xent classes below do
+the same for NTXentLoss. Equality with pml (loss and gradients) is tested on random batches.
 
 stats are 0-d tensors (kept on the device; the engine synchronises once per epoch): mined tuples,
 fraction of active (non-zero loss) triplets, mean positive and negative distance.
@@ -14,13 +13,13 @@ fraction of active (non-zero loss) triplets, mean positive and negative distance
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from tasks.fused_triplet import FusedTriplet
 from tasks.params import Component
 
 Stats = dict[str, torch.Tensor]
@@ -71,68 +70,6 @@ def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn) -> Stats:
         "pos_distance": _mean(mat[a1, p]),
         "neg_distance": _mean(mat[a2, n]),
     }
-
-
-class FusedTriplet:
-    """TripletMarginMiner(margin=mine_margin, type_of_triplets) + TripletMarginLoss(margin), fused.
-
-    Distances are Euclidean between L2-normalised embeddings (pml's default LpDistance); the loss
-    is the mean of relu(d_ap − d_an + margin) over the selected triplets whose loss is non-zero
-    (pml's AvgNonZeroReducer). ``mine_margin=inf, triplets="all"`` is batch-all (no miner).
-    """
-
-    def __init__(self, margin: float, mine_margin: float = math.inf, triplets: str = "all", per_class: int | None = None):
-        if triplets not in ("all", "hard", "semihard", "easy"):
-            raise ValueError(f"unknown type_of_triplets {triplets!r}")
-        self.margin, self.mine_margin, self.triplets = margin, mine_margin, triplets
-        # With exactly `per_class` images of each class in every batch, each anchor has
-        # per_class − 1 positives: found by top-k, a static shape and no host synchronisation.
-        self.per_class = per_class
-
-    def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
-        """emb (B, D) float, labels (B,) -> scalar loss, stats."""
-        x = F.normalize(emb.float(), dim=1)
-        # Euclidean distance of unit vectors from one matmul: |a−b|² = 2 − 2a·b. The value equals
-        # pml's cdist to ~1e-7; torch.cdist's backward is a slow dedicated kernel. The clamp keeps
-        # the gradient finite at distance 0 (the diagonal, which no triplet uses).
-        dist = (2 - 2 * x @ x.T).clamp_min(1e-12).sqrt()  # (B, B)
-        same = labels[:, None] == labels[None, :]
-        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-        if self.per_class:
-            pos = torch.topk((same & ~eye).to(dist.dtype), self.per_class - 1, dim=1).indices  # (B, K-1)
-            d_ap = dist.gather(1, pos)[:, :, None]  # (B, K-1, 1)
-            d_an = dist[:, None, :]  # (B, 1, B)
-            negative = ~same[:, None, :]
-        else:
-            a, p = (same & ~eye).nonzero(as_tuple=True)  # (M,) positive pairs
-            d_ap = dist[a, p][:, None]  # (M, 1)
-            d_an = dist[a]  # (M, B): every candidate negative of each pair's anchor
-            negative = ~same[a]
-        gap = d_an - d_ap  # pml's "triplet_margin", (M, B) or (B, K-1, B)
-        if self.triplets == "easy":
-            chosen = gap > self.mine_margin
-        else:
-            chosen = gap <= self.mine_margin
-            if self.triplets == "hard":
-                chosen &= gap <= 0
-            elif self.triplets == "semihard":
-                chosen &= gap > 0
-        chosen &= negative
-        violation = torch.where(chosen, F.relu(self.margin - gap), torch.zeros_like(gap))
-        active = violation > 0
-        n_active = active.sum()
-        # Mean over non-zero losses; with none, a zero that still depends on emb (as pml returns).
-        loss = torch.where(n_active > 0, violation.sum() / n_active.clamp(min=1), (emb * 0).sum())
-        with torch.no_grad():
-            n_chosen = chosen.sum()
-            # Masked sums, not boolean indexing: no host synchronisation. 0/0 = NaN when none.
-            stats = {
-                "mined": n_chosen.float(),
-                "frac_active": n_active / n_chosen.clamp(min=1),
-                "pos_distance": (d_ap * chosen).sum() / n_chosen,
-                "neg_distance": (d_an * chosen).sum() / n_chosen,
-            }
-        return loss, stats
 
 
 def _only(spec: Component, allowed: dict[str, object]) -> bool:

@@ -57,10 +57,7 @@ def test_fused_equals_pml_in_value_gradient_and_statistics(miner_kwargs, margin,
     l_new, g_new, s_new = _loss_and_grad(fused, emb, labels)
     torch.testing.assert_close(l_new, l_ref.to(l_new.dtype), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(g_new.double(), g_ref, rtol=1e-5, atol=1e-7)
-    assert float(s_new["mined"]) == float(s_ref["mined"])
-    for key in ("frac_active", "pos_distance", "neg_distance"):
-        a, b = float(s_new[key]), float(s_ref[key])
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5), key
+    _assert_same_stats(s_new, s_ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -82,7 +79,47 @@ def test_static_shape_variant_for_pk_batches_equals_pml(miner_kwargs, margin, se
     l_new, g_new, s_new = _loss_and_grad(static, emb, labels)
     torch.testing.assert_close(l_new, l_ref.to(l_new.dtype), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(g_new.double(), g_ref, rtol=1e-5, atol=1e-7)
-    assert float(s_new["mined"]) == float(s_ref["mined"])
+    _assert_same_stats(s_new, s_ref)
+
+
+def _assert_same_stats(new: dict, ref: dict) -> None:
+    assert float(new["mined"]) == float(ref["mined"])
+    for key in ("frac_active", "pos_distance", "neg_distance"):
+        a, b = float(new[key]), float(ref[key])
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-5), key
+
+
+@pytest.mark.parametrize("triplets", ["all", "hard", "semihard", "easy"])
+@pytest.mark.parametrize("per_class", [4, None])
+def test_written_out_backward_passes_gradcheck(triplets, per_class):
+    """The fused objective's backward is derived by hand: finite differences in float64 must
+    agree with it (on random data no triplet sits on a selection boundary within eps)."""
+    from tasks.fused_triplet import _TripletFn
+
+    emb, labels = _batch(5, p=4, k=4, dim=6)
+    margin, mine_margin = (0.5, 0.4) if triplets == "easy" else (0.3, 0.6)
+    emb.requires_grad_(True)
+    loss = lambda e: _TripletFn.apply(e, labels, per_class, margin, mine_margin, triplets)[0]  # noqa: E731
+    assert float(loss(emb.detach())) > 0  # something is active: the check is not of a zero
+    assert torch.autograd.gradcheck(loss, (emb,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_class", [4, None])
+def test_coincident_embeddings_match_pml(per_class):
+    """The distance floor: two images of a class with the same embedding (distance 0, clamped)
+    give pml's loss and a finite gradient equal to pml's."""
+    emb, labels = _batch(6, p=4, k=4, dim=8)
+    emb[1] = emb[0]
+    emb[5] = emb[4] * 3  # the same direction: distance 0 after normalising
+    spec = Component(name="TripletMarginLoss", margin=0.2)
+    fused = fused_equivalent(spec, Component(name="TripletMarginMiner", margin=0.5, type_of_triplets="all"), per_class)
+    pml = PmlObjective(losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.5, type_of_triplets="all"))
+    l_ref, g_ref, s_ref = _loss_and_grad(pml, emb, labels)
+    l_new, g_new, s_new = _loss_and_grad(fused, emb, labels)
+    assert torch.isfinite(g_new).all()
+    torch.testing.assert_close(l_new, l_ref.to(l_new.dtype), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_new.double(), g_ref, rtol=1e-5, atol=1e-7)
+    _assert_same_stats(s_new, s_ref)
 
 
 def test_no_triplet_selected_gives_a_zero_loss_that_still_backpropagates():
@@ -172,3 +209,20 @@ def test_fused_supervised_ntxent_equals_pml(kind, temperature, device):
 def test_ntxent_with_other_arguments_or_a_miner_stays_pmls():
     assert fused_equivalent(Component(name="NTXentLoss", temperature=0.1), Component(name="MultiSimilarityMiner")) is None
     assert fused_equivalent(Component(name="NTXentLoss", temperature=0.1, reducer=None), None) is None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("per_class", [4, None])
+def test_a_non_finite_embedding_makes_the_loss_non_finite(per_class, bad):
+    """Mining selects nothing around a NaN, so without care the loss would read 0 and a diverged
+    run would train on. All embeddings NaN: pml's loss is NaN too. One bad embedding: pml skips
+    it (finite loss); ours is NaN on purpose — the train stage stops, naming the step."""
+    emb, labels = _batch(7, p=4, k=4, dim=8)
+    spec, miner = Component(name="TripletMarginLoss", margin=0.2), Component(name="TripletMarginMiner", margin=0.2, type_of_triplets="semihard")
+    fused = fused_equivalent(spec, miner, per_class)
+    pml = PmlObjective(losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"))
+    one_bad = emb.clone()
+    one_bad[3, 0] = bad
+    assert torch.isfinite(pml(one_bad, labels)[0]) and not torch.isfinite(fused(one_bad, labels)[0])
+    all_bad = torch.full_like(emb, bad)
+    assert not torch.isfinite(pml(all_bad, labels)[0]) and not torch.isfinite(fused(all_bad, labels)[0])

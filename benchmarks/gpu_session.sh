@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU figure of the open issues in one call of the lent device machine (15 minutes a
-# session, start included): the CUDA tests, evaluation speed (issue 5), train speed at 28 and
-# 105 px (issue 3), and the Omniglot GPU preset (issue 7), in that order, each under a time box
-# cut to what is left of BUDGET_S, so a slow or broken step costs only its own figures.
+# session, start included). Default steps, in order: the CUDA tests (fused objectives, search,
+# the train stage compiled end to end in both train.compile modes), the objective alone
+# (objective_speed.py), train speed at 28 and 105 px with train.compile true and reduce-overhead
+# (issue 3: objective share of the step, ratios to the limit and the reference), evaluation
+# speed. Each runs under a time box cut to what is left of BUDGET_S, so a slow or broken step
+# costs only its own figures. Opt-in (named): the earlier eager-only train speed and the Omniglot
+# GPU preset runs.
 #
 # It expects, in the repository root (ignored by git via .git/info/exclude, named in `carry`):
 #   .whl/      the Python packages the machine's image lacks (pydantic, pytorch-metric-learning,
@@ -11,7 +15,7 @@
 # and writes under $OUT: results.jsonl (every JSON figure line) and log.txt (everything).
 #
 #   COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh [BUDGET_S] [STEP ...]
-# (the copy there has no git); STEPs name the steps to run (default: all but the *_compile ones).
+# (the copy there has no git); STEPs name the steps to run (default: all but the opt_* ones).
 set -u
 BUDGET_S=${1:-540}
 shift $(($# > 0 ? 1 : 0))
@@ -28,7 +32,7 @@ DATA=$PWD/.devdata
 step() {
   local name=$1 max=$2 left
   shift 2
-  if [ "$ONLY" = "  " ]; then [[ $name == *_compile ]] && return; else [[ $ONLY == *" $name "* ]] || return; fi
+  if [ "$ONLY" = "  " ]; then [[ $name == opt_* ]] && return; else [[ $ONLY == *" $name "* ]] || return; fi
   left=$((BUDGET_S - ($(date +%s) - START)))
   if [ "$left" -lt 20 ]; then echo "=== $name: skipped (${left}s left)" | tee -a "$OUT/log.txt"; return; fi
   [ "$max" -gt "$left" ] && max=$left
@@ -39,17 +43,15 @@ step() {
 
 echo "=== commit ${COMMIT:-unknown}, budget ${BUDGET_S}s" | tee -a "$OUT/log.txt"
 step gpu 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total,utilization.gpu --format=csv
-step cuda_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_search.py tests/test_objectives.py -k cuda
-step eval_compare 90 python3 benchmarks/eval_speed.py --repeats 3
-step eval_scale 120 python3 benchmarks/eval_speed.py --mode scale --gallery 1000000 --queries 100000 --query-chunk 8192 --gallery-block 262144
-step train_speed_28 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 3 --workers 8
-step omniglot_gpu_seed0 330 python3 benchmarks/omniglot_quality.py --data "$DATA" --preset params/omniglot-gpu.yaml --rows nt-xent --seeds 0 --workdir /tmp/og0
+step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_search.py tests/test_objectives.py tests/test_train.py -k "cuda"
+step objective 60 python3 benchmarks/objective_speed.py --batches 128 512 1024 --compile
+step train_speed_28 200 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 4 --workers 8 --compile true reduce-overhead
+step train_speed_105 200 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 3 --workers 8 --compile true reduce-overhead
+step eval_compare 60 python3 benchmarks/eval_speed.py --repeats 3
+step opt_eval_scale 120 python3 benchmarks/eval_speed.py --mode scale --gallery 1000000 --queries 100000 --query-chunk 8192 --gallery-block 262144
+step opt_train_speed_28_eager 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 3 --workers 8
+step opt_omniglot_gpu_seed0 330 python3 benchmarks/omniglot_quality.py --data "$DATA" --preset params/omniglot-gpu.yaml --rows nt-xent --seeds 0 --workdir /tmp/og0
 cp /tmp/og0/metrics.json "$OUT/omniglot_gpu_seed0_metrics.json" 2>/dev/null
-cp /tmp/og0/plots/train_curve.csv "$OUT/omniglot_gpu_seed0_train_curve.csv" 2>/dev/null
-step train_speed_105 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 2 --workers 8
-step train_speed_28_compile 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 6 --workers 8 --compile
-step train_speed_105_compile 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 3 --workers 8 --compile
-step omniglot_gpu_seeds12 330 python3 benchmarks/omniglot_quality.py --data "$DATA" --preset params/omniglot-gpu.yaml --rows nt-xent --seeds 1 2 --workdir /tmp/og0
 step gpu_after 20 nvidia-smi --query-gpu=name,clocks.sm,memory.used,utilization.gpu --format=csv
 echo "=== done in $(( $(date +%s) - START ))s"
 cat "$OUT/results.jsonl"

@@ -12,6 +12,7 @@ One run measures, on the same model, batch (P×K), miner and loss:
 Prints one JSON line per figure (img/s and the ratios).
 
     python benchmarks/train_speed.py [--data ../shared/datasets/omniglot] [--image-size 28] [--device auto]
+                                     [--compile [true] [reduce-overhead]]
 """
 
 from __future__ import annotations
@@ -71,22 +72,32 @@ def reference_loop(root: Path, size: int, channels: int, p: int, k: int, steps: 
     return seen / (time.perf_counter() - start)
 
 
-def limit(x: torch.Tensor, steps: int, model_cfg, objective=None, bf16: bool = False, channels_last: bool = False) -> float:
+def limit(
+    x: torch.Tensor, steps: int, model_cfg, objective=None, bf16: bool = False, channels_last: bool = False,
+    compile: bool | str = False,
+) -> float:
     """img/s of the bare step (forward, objective or a trivial loss, backward, AdamW) on one
-    device-resident uint8 batch x (B, C, H, W)."""
+    device-resident uint8 batch x (B, C, H, W); ``compile``: forward + loss through torch.compile
+    (a mode name: in that mode), as ``train.compile`` does."""
     torch.manual_seed(0)
     model = EmbeddingNet(model_cfg).to(x.device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     y = torch.arange(len(x), device=x.device) // 4
-    for step in range(steps + 3):
-        if step == 3:
-            sync(x.device)
-            start = time.perf_counter()
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = model(x)
-        loss = objective(emb.float(), y)[0] if objective else emb.float().square().sum()
+        return objective(emb.float(), y)[0] if objective else emb.float().square().sum()
+
+    if compile:
+        loss_of = torch.compile(loss_of, mode=compile if isinstance(compile, str) else None)
+    for step in range(steps + 3):
+        if step == 3:  # after warm-up (and compiling)
+            sync(x.device)
+            start = time.perf_counter()
+        loss = loss_of(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -127,7 +138,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="epochs of our stage (each timed; figures: the mean after the first)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="also time ours with train.compile: true")
+    parser.add_argument("--compile", nargs="*", choices=["true", "reduce-overhead"], default=None,
+                        help="also time ours and the limit compiled, as train.compile in each mode given (none given: true)")
     args = parser.parse_args()
     device = pick_device(args.device)
     size, channels, batch = args.image_size, 1, args.p * args.k
@@ -163,10 +175,14 @@ def main() -> None:
         plain_epochs, _ = ours(plain_params, device)
         plain = steady(plain_epochs)
         emit("ours_pml_fp32_img_per_s", **epoch_figures(plain_epochs), **common)
-        if args.compile:
+        modes = [] if args.compile is None else [True if m == "true" else m for m in args.compile or ["true"]]
+        compiled_ours = {}
+        for mode in modes:
             start = time.perf_counter()
-            compiled, _ = ours(params.model_copy(update={"train": t.model_copy(update={"compile": True})}), device)
-            emit("ours_compiled_img_per_s", **epoch_figures(compiled), wall_s_incl_compile=round(time.perf_counter() - start, 1), **common)
+            compiled, _ = ours(params.model_copy(update={"train": t.model_copy(update={"compile": mode})}), device)
+            compiled_ours[mode] = steady(compiled)
+            emit("ours_compiled_img_per_s", mode=mode, **epoch_figures(compiled),
+                 wall_s_incl_compile=round(time.perf_counter() - start, 1), **common)
 
         bf16 = use_bf16(t, device)
         fused = build_objective(t.loss, t.miner, True, device, per_class=args.k)[0]
@@ -183,6 +199,12 @@ def main() -> None:
                  bf16=bf16, channels_last=t.channels_last, **common)
             emit(f"ratios_{name}_batch", ours_vs_reference=round(fast / ref, 2), ours_vs_ours_pml_fp32=round(fast / plain, 2),
                  ours_vs_limit=round(fast / bare, 3), ours_vs_limit_with_objective=round(fast / with_fused, 3), **common)
+        for mode, img_s in compiled_ours.items():  # the compiled step's own limit, on the real batch
+            bare = limit(real_batch, args.steps, cfg, None, bf16, t.channels_last, mode)
+            with_fused = limit(real_batch, args.steps, cfg, fused, bf16, t.channels_last, mode)
+            emit("limit_compiled_img_per_s_real_batch", mode=mode, no_objective=round(bare, 1),
+                 fused_objective=round(with_fused, 1), objective_share_fused=round(1 - with_fused / bare, 3),
+                 ours_compiled_vs_limit=round(img_s / bare, 3), ours_compiled_vs_reference=round(img_s / ref, 2), **common)
         if device.type == "cuda":
             emit("peak_gpu_memory_gib", value=round(torch.cuda.max_memory_allocated(device) / 2**30, 2), **common)
     finally:

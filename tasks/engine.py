@@ -27,13 +27,14 @@ LossOf = Objective
 
 
 def loss_of(
-    model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool = False, world: World = SINGLE,
+    model: torch.nn.Module, objective: Objective, bf16: bool = False, compile: bool | str = False, world: World = SINGLE,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LossOf:
     """``(uint8 images (B/W, C, H, W), labels (B,)) -> (loss, stats)``: the network, under bfloat16
     autocast if ``bf16``, then the objective in float32 (distances between near-identical
     embeddings need the precision). ``compile``: through torch.compile, network and objective
-    together (a sync-free objective then becomes one graph). With ``world`` of W > 1 processes the
+    together (a sync-free objective then becomes one graph); ``"reduce-overhead"``: in that mode,
+    which replays the compiled forward and backward as CUDA graphs. With ``world`` of W > 1 processes the
     images are this rank's slice of the batch and the labels the whole batch's: embeddings are
     gathered, so the objective mines the global batch (see tasks.distributed). ``augment``: uint8
     (B, C, H, W) -> float (B, C, H, W) in 0..255 applied to the images first (tasks.augment)."""
@@ -43,7 +44,8 @@ def loss_of(
             emb = model(x)
         return objective(gather(emb.float(), world), y)
 
-    network = torch.compile(compute) if compile else compute
+    mode = compile if isinstance(compile, str) else None
+    network = torch.compile(compute, mode=mode) if compile else compute
     if augment is None:
         return network
 

@@ -251,7 +251,9 @@ class TrainParams(_Strict):
     cross_batch_memory: int = Field(ge=0)  # >0: miner + loss also see the last N embeddings (XBM)
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA, fp32 on the CPU
     channels_last: bool
-    compile: bool  # torch.compile network + objective (minutes of compiling; pays off on long GPU runs)
+    # torch.compile network + objective: true (inductor's default mode) | reduce-overhead (the same,
+    # replayed as CUDA graphs: no per-kernel launch cost; on a CPU the same as true) | false.
+    compile: bool | Literal["reduce-overhead"]
     device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     processes: int = Field(ge=1)  # data-parallel processes on this machine (one per GPU); >1 launches torchrun
     deterministic: bool  # deterministic kernels (cuDNN/cuBLAS); slower on GPU, needed for bit-exact reruns

@@ -130,6 +130,8 @@ def test_paths_root_may_not_be_set_in_file():
         ("ingest.test_fraction", 1.0),
         ("make_batches.small_classes", "keep"),
         ("train.device", "gpu"),
+        ("train.compile", "max-autotune"),  # true, false or reduce-overhead
+        ("train.compile", "true"),
         ("build_index.metric", "cosine"),
         ("evaluate.recall_at", []),
         ("evaluate.recall_at", [1, 0]),

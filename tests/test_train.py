@@ -83,12 +83,23 @@ def test_mining_stats_on_pairs():
     assert stats["mined"] == sum(len(p) for p in pairs) / 2
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
 @pytest.mark.slow
-def test_compiled_training_matches_eager(make_project):
-    """train.compile runs network + objective through torch.compile; same losses as eager."""
+@pytest.mark.parametrize("device,mode", [
+    ("cpu", True),
+    ("cpu", "reduce-overhead"),  # accepted on a CPU, where there are no CUDA graphs to replay
+    pytest.param("cuda", True, marks=CUDA),
+    pytest.param("cuda", "reduce-overhead", marks=CUDA),
+])
+def test_compiled_training_matches_eager(make_project, device, mode):
+    """train.compile runs network + objective through torch.compile; the train stage end to end
+    gives the same losses as eager."""
     curves = []
-    for name, compile_ in (("eager", False), ("compiled", True)):
-        params = load_params(make_project(FAST | {"make_batches.epochs": 2, "train.compile": compile_}, name=name))
+    for name, compile_ in (("eager", False), ("compiled", mode)):
+        fast = FAST | {"train.device": device, "train.precision": "fp32"}
+        params = load_params(make_project(fast | {"make_batches.epochs": 2, "train.compile": compile_}, name=name))
         synthetic_items(params.paths["items"])
         make_batches.run(params.make_batches, params.paths)
         train.run(params.train, params.paths)

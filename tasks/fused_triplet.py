@@ -5,9 +5,10 @@ B×B×B triplet mask and index lists (at B = 512, 134 M elements; ~half of a sma
 H200). Here the loss is one pass over (positive pair × batch) gaps, and the backward is written
 out instead of recorded op by op: the loss is an average of ``margin + d_ap − d_an`` over the
 active triplets, so its gradient with respect to the distance matrix is a count of active
-triplets per (anchor, positive) and per (anchor, negative) divided by their number. That takes
-the step from ~110 dispatched ops (forward + backward as autograd records them) to ~half; on a
-GPU at 28 px each op is a kernel launch of a few microseconds in a step of a few milliseconds.
+triplets per (anchor, positive) and per (anchor, negative) divided by their number. Forward +
+backward dispatch 69 ops where the same formula left to autograd dispatched 109 and pml 144
+(benchmarks/objective_speed.py); on a GPU at 28 px each is a kernel launch of a few microseconds
+in a step of a few milliseconds.
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ class _TripletFn(torch.autograd.Function):
         dist = r.clamp_min(_EPS).sqrt_()
         same = labels[:, None] == labels[None, :]
         if per_class:
-            # K − 1 positives per anchor (a P×K batch): static shapes, no host synchronisation.
-            pos = torch.topk(same.to(dist.dtype).fill_diagonal_(0), per_class - 1, dim=1).indices  # (B, K-1)
-            d_ap = dist.gather(1, pos)[:, :, None]  # (B, K-1, 1)
+            # A P×K batch: each anchor's K − 1 positives are its largest "same class, not itself"
+            # distances, values and columns from one top-k — static shapes, no host
+            # synchronisation, and no gather (under torch.compile an indexed load inside the
+            # fused loops made them ~6× slower on CPUs). -1: below every distance.
+            d_ap, pos = torch.topk(torch.where(same, dist, -1.0).fill_diagonal_(-1), per_class - 1, dim=1)
+            d_ap = d_ap[:, :, None]  # (B, K-1, 1); pos (B, K-1)
             anchors = None
             d_an, negative = dist[:, None, :], ~same[:, None, :]  # (B, 1, B) views
         else:
@@ -59,24 +63,27 @@ class _TripletFn(torch.autograd.Function):
         # selects nothing, yet the loss is NaN, as pml's (a zero times the embeddings) is.
         loss = (violation * active).sum() / denom
         stats = torch.stack([chosen.sum(), n_active, (d_ap * chosen).sum(), (d_an * chosen).sum()])  # float32
-        ctx.save_for_backward(x, norm, r, dist, active, pos, anchors, denom)
+        if ctx.needs_input_grad[0]:
+            # −∂loss/∂dist · n_active: +1 per active triplet at (a, n), −1 at (a, p), (B, B).
+            # Reduced here rather than saving the (B, K-1, B) mask: torch.compile then need not
+            # write that mask out (on CPUs its store alone cost more than the eager objective).
+            if anchors is None:
+                counts = active.sum(1, dtype=dist.dtype)
+                counts.scatter_add_(1, pos, active.sum(2, dtype=dist.dtype).neg_())
+            else:
+                counts = torch.zeros_like(dist).index_add_(0, anchors, active.to(dist.dtype))
+                counts.index_put_((anchors, pos), active.sum(1, dtype=dist.dtype).neg_(), accumulate=True)
+            ctx.save_for_backward(x, norm, r, dist, counts, denom)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        x, norm, r, dist, active, pos, anchors, denom = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 6
-        # −∂loss/∂dist · n_active: +1 per active triplet at (a, n), −1 at (a, p).
-        if anchors is None:
-            grad_d = active.sum(1, dtype=dist.dtype)  # (B, B)
-            grad_d.scatter_add_(1, pos, active.sum(2, dtype=dist.dtype).neg_())
-        else:
-            grad_d = torch.zeros_like(dist).index_add_(0, anchors, active.to(dist.dtype))
-            grad_d.index_put_((anchors, pos), active.sum(1, dtype=dist.dtype).neg_(), accumulate=True)
+        x, norm, r, dist, counts, denom = ctx.saved_tensors
         # dist = sqrt(max(2 − 2x·xᵀ, eps)): ∂dist/∂(x·xᵀ) = −1/dist where the floor is not hit.
-        grad_s = grad_d.div_(dist).masked_fill_(r < _EPS, 0)
+        grad_s = (counts / dist).masked_fill_(r < _EPS, 0)
         grad_x = torch.mm(grad_s + grad_s.T, x)  # ∂loss/∂x · n_active / grad_loss
         # Through x = emb / max(|emb|, eps): remove the radial part (none where the floor is hit).
         radial = (grad_x * x).sum(1, keepdim=True).masked_fill_(norm < _EPS, 0)

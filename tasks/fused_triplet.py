@@ -60,13 +60,12 @@ class _TripletFn(torch.autograd.Function):
         denom = n_active.clamp(min=1)
         # Mean over the non-zero losses (pml's AvgNonZeroReducer); 0 with none. Masks multiply
         # (where() is ~6× slower on CPUs), which also keeps a NaN: a NaN or infinite embedding
-        # selects nothing, yet the loss is NaN, as pml's (a zero times the embeddings) is.
+        # selects nothing, yet makes the loss NaN (see FusedTriplet).
         loss = (violation * active).sum() / denom
         stats = torch.stack([chosen.sum(), n_active, (d_ap * chosen).sum(), (d_an * chosen).sum()])  # float32
         if ctx.needs_input_grad[0]:
             # −∂loss/∂dist · n_active: +1 per active triplet at (a, n), −1 at (a, p), (B, B).
-            # Reduced here rather than saving the (B, K-1, B) mask: torch.compile then need not
-            # write that mask out (on CPUs its store alone cost more than the eager objective).
+            # Reduced here rather than saving the (B, K-1, B) mask: backward reads a (B, B) matrix.
             if anchors is None:
                 counts = active.sum(1, dtype=dist.dtype)
                 counts.scatter_add_(1, pos, active.sum(2, dtype=dist.dtype).neg_())

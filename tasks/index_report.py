@@ -31,6 +31,9 @@ def index_report(index, gallery: np.ndarray, metric: str, n_queries: int, seed: 
     start = time.perf_counter()
     approx = _top(search.index_chunks(index, queries, k, self_pos, negate=metric == "l2"))
     t_index = time.perf_counter() - start
+    # One query first: loads the search kernels (numba's cache, ~0.1 s in a fresh process), which
+    # on a small gallery would otherwise be most of the time measured.
+    _top(search.exact_chunks(queries[:1], gallery, k, metric, self_pos[:1]))
     start = time.perf_counter()
     exact = _top(search.exact_chunks(queries, gallery, k, metric, self_pos))
     t_exact = time.perf_counter() - start

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU figure of the open issues in one call of the lent device machine (15 minutes a
-# session, start included). Default steps, in order: the CUDA tests (fused objectives, search,
-# the train stage compiled end to end in both train.compile modes), the objective alone
-# (objective_speed.py), train speed at 28 and 105 px with train.compile true and reduce-overhead
-# (issue 3: objective share of the step, ratios to the limit and the reference), evaluation
-# speed. Each runs under a time box cut to what is left of BUDGET_S, so a slow or broken step
-# costs only its own figures. Opt-in (named): the earlier eager-only train speed and the Omniglot
-# GPU preset runs.
+# session, start included). Default steps, in order of what issue 3 still lacks: the CUDA tests
+# (fused objectives and their Triton kernel, search, the train stage compiled end to end in both
+# train.compile modes), the objective alone (objective_speed.py: Triton pass vs torch ops vs
+# compiled), train speed at 28 px then 105 px, eager and with train.compile true and
+# reduce-overhead (objective share of the step, ratios to the limit and the reference). Each runs
+# under a time box cut to what is left of BUDGET_S, so a slow or broken step costs only its own
+# figures; at BUDGET_S=545 the 105 px step gets what the others leave. Opt-in (named): evaluation
+# speed, eager-only train speed, the Omniglot GPU preset.
 #
 # It expects, in the repository root (ignored by git via .git/info/exclude, named in `carry`):
 #   .whl/      the Python packages the machine's image lacks (pydantic, pytorch-metric-learning,
@@ -43,11 +44,11 @@ step() {
 
 echo "=== commit ${COMMIT:-unknown}, budget ${BUDGET_S}s" | tee -a "$OUT/log.txt"
 step gpu 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total,utilization.gpu --format=csv
-step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_search.py tests/test_objectives.py tests/test_train.py -k "cuda"
+step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_search.py tests/test_objectives.py tests/test_triplet_kernel.py tests/test_train.py -k "cuda"
 step objective 60 python3 benchmarks/objective_speed.py --batches 128 512 1024 --compile
-step train_speed_28 200 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 4 --workers 8 --compile true reduce-overhead
-step train_speed_105 200 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 3 --workers 8 --compile true reduce-overhead
-step eval_compare 60 python3 benchmarks/eval_speed.py --repeats 3
+step train_speed_28 240 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 3 --workers 8 --compile true reduce-overhead
+step train_speed_105 200 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 2 --workers 8 --compile reduce-overhead
+step opt_eval_compare 60 python3 benchmarks/eval_speed.py --repeats 3
 step opt_eval_scale 120 python3 benchmarks/eval_speed.py --mode scale --gallery 1000000 --queries 100000 --query-chunk 8192 --gallery-block 262144
 step opt_train_speed_28_eager 150 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 3 --workers 8
 step opt_omniglot_gpu_seed0 330 python3 benchmarks/omniglot_quality.py --data "$DATA" --preset params/omniglot-gpu.yaml --rows nt-xent --seeds 0 --workdir /tmp/og0

@@ -2,8 +2,8 @@
 
 For each batch size B = P × 4 (64-d embeddings, the default semi-hard recipe): pytorch-metric-
 learning's TripletMarginMiner + TripletMarginLoss, our fused objective (tasks.fused_triplet, as the
-train stage runs it on a P×K plan) and, with ``--compile``, the fused objective through
-torch.compile. Per objective and B, one JSON line:
+train stage runs it on a P×K plan: on CUDA its Triton pass, and then also the same in torch ops)
+and, with ``--compile``, the fused objective through torch.compile. Per objective and B, one JSON line:
 - ``ops``: aten ops dispatched (forward + backward, views included; not for compiled code) — on a
   GPU nearly each a kernel launch, which is what a 28 px step is bound by; the same on any device;
 - ``ms``: wall time of forward + backward (synchronised), best of several rounds;
@@ -23,6 +23,7 @@ import torch
 from pytorch_metric_learning import losses, miners
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tasks import fused_triplet
 from tasks.fused_triplet import FusedTriplet
 from tasks.models import pick_device
 from tasks.objectives import PmlObjective
@@ -78,6 +79,19 @@ def _cuda_profile(objective, emb, labels) -> dict:
     return {"kernels": len(kernels), "device_ms": round(sum(e.device_time for e in kernels) / 1e3, 4)}
 
 
+def _with_kernel(setting: str, objective):
+    """objective, called with tasks.fused_triplet.KERNEL set to ``setting``."""
+
+    def call(emb, labels):
+        before, fused_triplet.KERNEL = fused_triplet.KERNEL, setting
+        try:
+            return objective(emb, labels)
+        finally:
+            fused_triplet.KERNEL = before
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="auto")
@@ -91,6 +105,8 @@ def main() -> None:
         "pml": PmlObjective(losses.TripletMarginLoss(margin=MARGIN), miners.TripletMarginMiner(margin=MARGIN, type_of_triplets="semihard")),
         "fused": fused,
     }
+    if device.type == "cuda":  # "fused" runs the Triton pass there; this is the same in torch ops
+        objectives["fused_torch_ops"] = _with_kernel("never", fused)
     if args.compile:
         objectives["fused_compiled"] = torch.compile(fused, fullgraph=True)
     for batch in args.batches:

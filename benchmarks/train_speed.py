@@ -74,7 +74,7 @@ def reference_loop(root: Path, size: int, channels: int, p: int, k: int, steps: 
 
 def limit(
     x: torch.Tensor, steps: int, model_cfg, objective=None, bf16: bool = False, channels_last: bool = False,
-    compile: bool | str = False,
+    compile: bool | str = False, k: int = 4,
 ) -> float:
     """img/s of the bare step (forward, objective or a trivial loss, backward, AdamW) on one
     device-resident uint8 batch x (B, C, H, W); ``compile``: forward + loss through torch.compile
@@ -84,7 +84,7 @@ def limit(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    y = torch.arange(len(x), device=x.device) // 4
+    y = torch.arange(len(x), device=x.device) // k  # P×K labels, as the fused objective expects
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -189,10 +189,10 @@ def main() -> None:
         pml = build_objective(t.loss, t.miner, False, device)[0]
         random_batch = torch.randint(0, 256, real_batch.shape, dtype=torch.uint8, device=device)
         for name, x in (("real", real_batch), ("random", random_batch)):
-            bare = limit(x, args.steps, cfg, None, bf16, t.channels_last)
-            with_fused = limit(x, args.steps, cfg, fused, bf16, t.channels_last)
-            bare32 = limit(x, args.steps, cfg, None)
-            with_pml32 = limit(x, args.steps, cfg, pml)
+            bare = limit(x, args.steps, cfg, None, bf16, t.channels_last, k=args.k)
+            with_fused = limit(x, args.steps, cfg, fused, bf16, t.channels_last, k=args.k)
+            bare32 = limit(x, args.steps, cfg, None, k=args.k)
+            with_pml32 = limit(x, args.steps, cfg, pml, k=args.k)
             emit(f"limit_img_per_s_{name}_batch", no_objective=round(bare, 1), fused_objective=round(with_fused, 1),
                  fp32_no_objective=round(bare32, 1), fp32_pml_objective=round(with_pml32, 1),
                  objective_share_fused=round(1 - with_fused / bare, 3), objective_share_pml_fp32=round(1 - with_pml32 / bare32, 3),
@@ -200,8 +200,8 @@ def main() -> None:
             emit(f"ratios_{name}_batch", ours_vs_reference=round(fast / ref, 2), ours_vs_ours_pml_fp32=round(fast / plain, 2),
                  ours_vs_limit=round(fast / bare, 3), ours_vs_limit_with_objective=round(fast / with_fused, 3), **common)
         for mode, img_s in compiled_ours.items():  # the compiled step's own limit, on the real batch
-            bare = limit(real_batch, args.steps, cfg, None, bf16, t.channels_last, mode)
-            with_fused = limit(real_batch, args.steps, cfg, fused, bf16, t.channels_last, mode)
+            bare = limit(real_batch, args.steps, cfg, None, bf16, t.channels_last, mode, args.k)
+            with_fused = limit(real_batch, args.steps, cfg, fused, bf16, t.channels_last, mode, args.k)
             emit("limit_compiled_img_per_s_real_batch", mode=mode, no_objective=round(bare, 1),
                  fused_objective=round(with_fused, 1), objective_share_fused=round(1 - with_fused / bare, 3),
                  ours_compiled_vs_limit=round(img_s / bare, 3), ours_compiled_vs_reference=round(img_s / ref, 2), **common)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 
 from tasks.objectives import FusedTriplet, PmlObjective, build_objective, fused_equivalent
@@ -99,27 +100,59 @@ def test_written_out_backward_passes_gradcheck(triplets, per_class):
     emb, labels = _batch(5, p=4, k=4, dim=6)
     margin, mine_margin = (0.5, 0.4) if triplets == "easy" else (0.3, 0.6)
     emb.requires_grad_(True)
-    loss = lambda e: _TripletFn.apply(e, labels, per_class, margin, mine_margin, triplets)[0]  # noqa: E731
+    loss = lambda e: _TripletFn.apply(e, labels, per_class, margin, mine_margin, triplets, True)[0]  # noqa: E731
     assert float(loss(emb.detach())) > 0  # something is active: the check is not of a zero
     assert torch.autograd.gradcheck(loss, (emb,), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("per_class", [4, None])
 def test_coincident_embeddings_match_pml(per_class):
-    """The distance floor: two images of a class with the same embedding (distance 0, clamped)
-    give pml's loss and a finite gradient equal to pml's."""
+    """The distance floor: two images of a class with the same embedding (distance 0, clamped;
+    batch-all with a wide margin, so their pair is in active triplets) give pml's loss and a finite
+    gradient equal to pml's."""
     emb, labels = _batch(6, p=4, k=4, dim=8)
     emb[1] = emb[0]
-    emb[5] = emb[4] * 3  # the same direction: distance 0 after normalising
-    spec = Component(name="TripletMarginLoss", margin=0.2)
-    fused = fused_equivalent(spec, Component(name="TripletMarginMiner", margin=0.5, type_of_triplets="all"), per_class)
-    pml = PmlObjective(losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.5, type_of_triplets="all"))
+    fused = fused_equivalent(Component(name="TripletMarginLoss", margin=2.0), None, per_class)
+    pml = PmlObjective(losses.TripletMarginLoss(margin=2.0), None)
     l_ref, g_ref, s_ref = _loss_and_grad(pml, emb, labels)
     l_new, g_new, s_new = _loss_and_grad(fused, emb, labels)
     assert torch.isfinite(g_new).all()
     torch.testing.assert_close(l_new, l_ref.to(l_new.dtype), rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(g_new.double(), g_ref, rtol=1e-5, atol=1e-7)
     _assert_same_stats(s_new, s_ref)
+
+
+def _autograd_reference(emb, labels, margin, mine_margin, triplets):
+    """The fused objective's formula left to autograd (as it was before its backward was written
+    out): float64 all through, every pair of an anchor with a same-class other a positive."""
+    x = F.normalize(emb, dim=1)
+    dist = (2 - 2 * x @ x.T).clamp_min(1e-12).sqrt()
+    same = labels[:, None] == labels[None, :]
+    a, p = (same & ~torch.eye(len(labels), dtype=torch.bool)).nonzero(as_tuple=True)
+    gap = dist[a] - dist[a, p][:, None]
+    chosen = {"easy": gap > mine_margin, "semihard": (gap > 0) & (gap <= mine_margin),
+              "hard": gap <= min(mine_margin, 0.0), "all": gap <= mine_margin}[triplets] & ~same[a]
+    violation = torch.where(chosen, F.relu(margin - gap), 0.0)
+    return violation.sum() / (violation > 0).sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("triplets", ["all", "hard", "semihard", "easy"])
+@pytest.mark.parametrize("per_class", [4, None])
+def test_both_floors_backpropagate_as_autograd_does(triplets, per_class):
+    """Where the floors are hit — a duplicate embedding (distance floor) and a row of norm 1e-13
+    (F.normalize's floor) — the written-out backward equals autograd's on the same formula."""
+    from tasks.fused_triplet import _TripletFn
+
+    emb, labels = _batch(8, p=4, k=4, dim=6)
+    emb[1] = emb[0]
+    emb[6] *= 1e-13
+    margin, mine_margin = (2.0, 0.4) if triplets == "easy" else (2.0, math.inf if triplets == "all" else 0.6)
+    x = emb.clone().requires_grad_(True)
+    _TripletFn.apply(x, labels, per_class, margin, mine_margin, triplets, True)[0].backward()
+    y = emb.clone().requires_grad_(True)
+    _autograd_reference(y, labels, margin, mine_margin, triplets).backward()
+    assert x.grad[[0, 1, 6]].abs().sum() > 0  # the rows at the floors do get a gradient
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_no_triplet_selected_gives_a_zero_loss_that_still_backpropagates():

@@ -122,28 +122,36 @@ def test_dvc_plots_show_renders_offline(repo: Path, tmp_path):
 
 
 def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Path):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["miner"]["type_of_triplets"] = "semihard"
-    params["make_batches"]["epochs"] = 0
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == STAGES[1:]
-    untrained = json.loads((repo / "metrics.json").read_text())
+    """Trained seeds 0 and 1 on average beat the untrained network on mAP@R. One seed is not
+    enough: on 72 small steps seed 0's figure moves with float rounding alone (0.651–0.698
+    measured: thread count, the objective's order of operations; seed 1's by 0.0004), against
+    0.609 untrained; the two seeds' mean was 0.715 at 53782d4."""
+    def repro_with(seed: int, epochs: int) -> dict:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["train"]["miner"]["type_of_triplets"] = "semihard"
+        params["make_batches"]["epochs"], params["make_batches"]["seed"], params["train"]["seed"] = epochs, seed, seed
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert _ran(_run([sys.executable, "-m", "dvc", "repro"], repo)) == STAGES[1:]
+        return json.loads((repo / "metrics.json").read_text())
+
     assert FIRST, "runs after test_dvc_repro_runs_all_then_nothing_then_only_downstream"
-    # Seed 0's trained mAP@R moves with float rounding alone — 0.651 to 0.698 measured (thread
-    # count, the fused objective's order of operations) — against 0.609 untrained.
-    assert FIRST["map_at_r"] > untrained["map_at_r"] + 0.03
+    epochs = yaml.safe_load((repo / "params.yaml").read_text())["make_batches"]["epochs"]
+    seed1 = repro_with(1, epochs)
+    untrained = repro_with(0, 0)
+    trained = {k: (FIRST[k] + seed1[k]) / 2 for k in ("map_at_r", "r_precision")}
+    assert trained["map_at_r"] > untrained["map_at_r"] + 0.05
     # Not Recall@1: on digits an untrained CNN already finds a same-class nearest neighbour for
     # 99.8 % of queries; trained ones score 99.3–99.6 % (seeds 0–2) while mAP@R rises.
-    assert FIRST["r_precision"] > untrained["r_precision"]
+    assert trained["r_precision"] > untrained["r_precision"]
 
-    # The registry: three evaluated models, three versions; the untrained one never becomes champion.
+    # The registry: four evaluated models, four versions; the untrained one never becomes champion.
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     versions = sorted(client.search_model_versions("name = 'tripletflow'"), key=lambda v: int(v.version))
-    assert [int(v.version) for v in versions] == [1, 2, 3]
+    assert [int(v.version) for v in versions] == [1, 2, 3, 4]
     champion = client.get_model_version_by_alias("tripletflow", "champion")
-    assert int(champion.version) in (1, 2)
-    assert int(client.get_model_version_by_alias("tripletflow", "challenger").version) == 3
-    assert float(champion.tags["map_at_r"]) > float(versions[2].tags["map_at_r"])
+    assert int(champion.version) in (1, 2, 3)
+    assert int(client.get_model_version_by_alias("tripletflow", "challenger").version) == 4
+    assert float(champion.tags["map_at_r"]) > float(versions[3].tags["map_at_r"])
 
 
 def test_queued_experiments_sweep_the_miner_and_keep_their_mlflow_runs(repo: Path):

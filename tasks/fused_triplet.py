@@ -39,8 +39,10 @@ def _kernel_pass(dist, labels, d_ap, pos, margin, mine_margin, triplets, grad: b
     from tasks import triplet_kernel
 
     counts, count_ap, sums = triplet_kernel.triplet_rows(dist, labels, d_ap, margin, mine_margin, triplets)
-    counts.scatter_add_(1, pos, count_ap.neg_()) if grad else None
-    return (*sums.unbind(), counts if grad else None)
+    if not grad:
+        return (*sums.unbind(), None)
+    counts.scatter_add_(1, pos, count_ap.neg_())  # −1 per active triplet at (anchor, positive)
+    return (*sums.unbind(), counts)
 
 
 def _torch_pass(dist, same, d_ap, pos, anchors, margin, mine_margin, triplets, grad: bool):

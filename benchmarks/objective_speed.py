@@ -79,15 +79,12 @@ def _cuda_profile(objective, emb, labels) -> dict:
     return {"kernels": len(kernels), "device_ms": round(sum(e.device_time for e in kernels) / 1e3, 4)}
 
 
-def _with_kernel(setting: str, objective):
-    """objective, called with tasks.fused_triplet.KERNEL set to ``setting``."""
+def _torch_ops(objective):
+    """objective with the fused triplet's Triton pass switched off (its forward picks the pass)."""
 
     def call(emb, labels):
-        before, fused_triplet.KERNEL = fused_triplet.KERNEL, setting
-        try:
+        with fused_triplet.kernel_setting("never"):
             return objective(emb, labels)
-        finally:
-            fused_triplet.KERNEL = before
 
     return call
 
@@ -106,7 +103,7 @@ def main() -> None:
         "fused": fused,
     }
     if device.type == "cuda":  # "fused" runs the Triton pass there; this is the same in torch ops
-        objectives["fused_torch_ops"] = _with_kernel("never", fused)
+        objectives["fused_torch_ops"] = _torch_ops(fused)
     if args.compile:
         objectives["fused_compiled"] = torch.compile(fused, fullgraph=True)
     for batch in args.batches:

@@ -30,7 +30,7 @@ from pytorch_metric_learning import samplers  # the reference loop's sampler
 
 import omniglot_recipe
 from tasks import ingest, make_batches, train_data
-from tasks.engine import train_epoch
+from tasks.engine import loss_of, train_epoch
 from tasks.objectives import build_objective
 from tasks.recipe import build, use_bf16
 from tasks.models import EmbeddingNet, pick_device
@@ -72,6 +72,11 @@ def reference_loop(root: Path, size: int, channels: int, p: int, k: int, steps: 
     return seen / (time.perf_counter() - start)
 
 
+def _no_objective(emb: torch.Tensor, _labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A trivial loss in place of mining + loss: the limit's step without an objective."""
+    return emb.square().sum(), {}
+
+
 def limit(
     x: torch.Tensor, steps: int, model_cfg, objective=None, bf16: bool = False, channels_last: bool = False,
     compile: bool | str = False, k: int = 4,
@@ -85,19 +90,13 @@ def limit(
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     y = torch.arange(len(x), device=x.device) // k  # P×K labels, as the fused objective expects
-
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            emb = model(x)
-        return objective(emb.float(), y)[0] if objective else emb.float().square().sum()
-
-    if compile:
-        loss_of = torch.compile(loss_of, mode=compile if isinstance(compile, str) else None)
+    # The train stage's own forward (autocast, float32 objective, torch.compile in that mode).
+    compute = loss_of(model, objective or _no_objective, bf16, compile)
     for step in range(steps + 3):
         if step == 3:  # after warm-up (and compiling)
             sync(x.device)
             start = time.perf_counter()
-        loss = loss_of(x, y)
+        loss = compute(x, y)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

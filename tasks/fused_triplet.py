@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -28,6 +30,17 @@ _EPS = 1e-12  # F.normalize's and the squared distance's floor (the diagonal: no
 KERNEL = "auto"
 
 
+@contextmanager
+def kernel_setting(setting: str) -> Iterator[None]:
+    """``KERNEL`` set to ``setting`` for the block (benchmarks and tests compare the passes)."""
+    global KERNEL
+    before, KERNEL = KERNEL, setting
+    try:
+        yield
+    finally:
+        KERNEL = before
+
+
 def _use_kernel(dist: torch.Tensor) -> bool:
     if KERNEL == "auto":
         return dist.is_cuda and not torch.compiler.is_compiling()
@@ -36,7 +49,7 @@ def _use_kernel(dist: torch.Tensor) -> bool:
 
 def _kernel_pass(dist, labels, d_ap, pos, margin, mine_margin, triplets, grad: bool):
     """The Triton pass -> (Σ violation, active, chosen, Σ d_ap, Σ d_an) 0-d tensors, counts or None."""
-    from tasks import triplet_kernel
+    from tasks import triplet_kernel  # here: only where the kernel runs needs triton
 
     counts, count_ap, sums = triplet_kernel.triplet_rows(dist, labels, d_ap, margin, mine_margin, triplets)
     if not grad:

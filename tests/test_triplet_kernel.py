@@ -21,11 +21,11 @@ CHECK = textwrap.dedent("""
     from tasks.fused_triplet import FusedTriplet
 
     def run(objective, emb, labels, kernel):
-        fused_triplet.KERNEL = kernel
-        x = emb.clone().requires_grad_(True)
-        loss, stats = objective(x, labels)
-        loss.backward()
-        return loss.detach(), x.grad, stats, fused_triplet.KERNEL
+        with fused_triplet.kernel_setting(kernel):
+            x = emb.clone().requires_grad_(True)
+            loss, stats = objective(x, labels)
+            loss.backward()
+            return loss.detach(), x.grad, stats, fused_triplet.KERNEL  # "never" if the kernel failed
 
     device = DEVICE
     checked = 0
@@ -38,7 +38,7 @@ CHECK = textwrap.dedent("""
             l0, g0, s0, _ = run(objective, emb, labels, "never")
             l1, g1, s1, used = run(objective, emb, labels, "always")
             assert used == "always", "the kernel failed and was switched off"
-            with torch.no_grad():  # no backward to follow: the gradient's counts are skipped
+            with torch.no_grad(), fused_triplet.kernel_setting("always"):  # no backward: no gradient counts
                 torch.testing.assert_close(objective(emb, labels)[0], l1)
             assert float(l0) > 0 or triplets == "easy", (triplets, p, k)  # something is learnt from
             torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)

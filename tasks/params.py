@@ -249,7 +249,7 @@ class TrainParams(_Strict):
     # pml's; other losses and miners always run as pml's.
     fused_mining: bool
     cross_batch_memory: int = Field(ge=0)  # >0: miner + loss also see the last N embeddings (XBM)
-    precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 autocast on CUDA and on CPUs with bf16 in hardware, else fp32
     channels_last: bool
     # torch.compile network + objective: true (inductor's default mode) | reduce-overhead (the same,
     # replayed as CUDA graphs: no per-kernel launch cost; on a CPU the same as true) | false.

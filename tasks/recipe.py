@@ -13,6 +13,7 @@ from tasks import distributed
 from tasks.augment import Augmenter
 from tasks.distributed import SINGLE, World
 from tasks.engine import LossOf, loss_of, self_supervised_loss_of
+from tasks.hardware import native_bf16_cpu
 from tasks.models import EmbeddingNet
 from tasks.objectives import build_objective, self_supervised_objective
 from tasks.params import TrainParams
@@ -73,4 +74,8 @@ def build(
 
 
 def use_bf16(params: TrainParams, device: torch.device) -> bool:
-    return params.precision == "bf16" or (params.precision == "auto" and device.type == "cuda")
+    """bf16 autocast for the network: asked for, or ``auto`` on CUDA and on a CPU with bf16 in
+    hardware (there the small CNN's step runs ~1.7× faster than in fp32; emulated elsewhere)."""
+    if params.precision != "auto":
+        return params.precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())

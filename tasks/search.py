@@ -39,17 +39,15 @@ position -1 and score NaN.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from tasks import block_topk, topk_heap
+from tasks.hardware import native_bf16_cpu
 
 
 METRICS = ("inner_product", "l2")
@@ -180,18 +178,7 @@ def _use_bf16(precision: str, metric: str, device: torch.device) -> bool:
     possible = device.type == "cpu" and metric == "inner_product" and HEAPS_ON_CPU
     if precision == "bf16" and not possible:
         raise ValueError("bf16 candidate search is for metric inner_product on the CPU")
-    return possible and (precision == "bf16" or (precision == "auto" and _native_bf16()))
-
-
-@functools.cache
-def _native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX): there bf16 products
-    run ~3× faster than fp32; elsewhere they are emulated, and fp32 is the faster choice."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+    return possible and (precision == "bf16" or (precision == "auto" and native_bf16_cpu()))
 
 
 class _Search:

@@ -57,21 +57,27 @@ def loss_of(
 
 
 def self_supervised_loss_of(
-    model: torch.nn.Module, loss: torch.nn.Module, augment, bf16: bool = False, world: World = SINGLE
+    model: torch.nn.Module, loss: torch.nn.Module, augment, bf16: bool = False, world: World = SINGLE,
+    compile: bool | str = False,
 ) -> LossOf:
     """Like :func:`loss_of` without labels: two augmented views of each image, embedded together,
     are each other's positive. ``loss(a, b)`` takes the two views' embeddings (pml's
     SelfSupervisedLoss or tasks.objectives.FusedNTXent), gathered across ranks (every other image
-    of the global batch is a negative)."""
+    of the global batch is a negative). ``compile`` as in :func:`loss_of`, the augmentation outside."""
 
-    def compute(x: torch.Tensor, _labels: torch.Tensor):
-        views = torch.cat([augment(x), augment(x)])
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    def embed(views: torch.Tensor):  # (2B/W, C, H, W) float -> (loss, stats)
+        with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = model(views).float()
         a, b = (gather(v, world) for v in emb.chunk(2))
         with torch.no_grad():
             stats = {"pos_distance": (a - b).norm(dim=1).mean(), "neg_distance": torch.cdist(a, b).mean()}
         return loss(a, b), stats
+
+    network = torch.compile(embed, mode=compile if isinstance(compile, str) else None) if compile else embed
+
+    def compute(x: torch.Tensor, _labels: torch.Tensor):
+        # Outside torch.compile, as in loss_of: the draws come from the augmenter's seeded generator.
+        return network(torch.cat([augment(x), augment(x)]))
 
     return compute
 

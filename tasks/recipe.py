@@ -58,7 +58,7 @@ def build(
         augmenter = stateful["augment"] = Augmenter(params.augment, params.seed + world.rank, device)
     if params.mode == "self_supervised":
         ssl_loss, loss_fn = self_supervised_objective(params.loss, params.fused_mining, device)
-        compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16, world)
+        compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16, world, params.compile)
     else:
         objective, loss_fn = build_objective(
             params.loss, params.miner, params.fused_mining, device,

@@ -95,16 +95,20 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 ])
 def test_compiled_training_matches_eager(make_project, device, mode):
     """train.compile runs network + objective through torch.compile; the train stage end to end
-    gives the same losses as eager."""
+    gives the same losses as eager. The objective is a smooth one (supervised NT-Xent, fused):
+    with semi-hard mining a triplet at the margin flips in or out on a 1e-7 difference and the
+    runs part (seen on an AVX2 CPU: 1e-6 for six steps, then 9e-4) — the compiled semi-hard step
+    is compared on the same weights in tests/test_recipe.py."""
     curves = []
     for name, compile_ in (("eager", False), ("compiled", mode)):
-        fast = FAST | {"train.device": device, "train.precision": "fp32"}
+        fast = FAST | {"train.device": device, "train.precision": "fp32", "train.miner": None,
+                       "train.loss": {"name": "NTXentLoss", "temperature": 0.1}}
         params = load_params(make_project(fast | {"make_batches.epochs": 2, "train.compile": compile_}, name=name))
         synthetic_items(params.paths["items"])
         make_batches.run(params.make_batches, params.paths)
         train.run(params.train, params.paths)
         curves.append([float(row["loss"]) for row in _csv(params.paths["train_curve"])])
-    assert curves[1] == pytest.approx(curves[0], rel=1e-3, abs=1e-5)
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4)
 
 
 def test_frozen_backbone_epochs_train_only_the_head(make_project):

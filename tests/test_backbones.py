@@ -18,6 +18,31 @@ def test_small_cnn_stops_pooling_at_one_pixel():
     assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) == 3
 
 
+@pytest.mark.parametrize("image_size", [8, 28])  # 8: the last block has no pool
+def test_small_cnn_relu_after_pool_is_exactly_the_textbook_order(image_size):
+    """ReLU after the max-pool (a quarter of the values) gives the same output and gradients, bit
+    for bit, as Conv-4's conv → BN → ReLU → pool — the same modules, in that order."""
+    torch.manual_seed(0)
+    net = SmallCNN(in_channels=1, width=8, image_size=image_size, pooling="gem")
+    ours = list(net.features)
+    textbook = []
+    for m in ours:  # move each ReLU back in front of the max-pool it follows
+        if isinstance(m, torch.nn.ReLU) and isinstance(textbook[-1], torch.nn.MaxPool2d):
+            textbook.insert(len(textbook) - 1, m)
+        else:
+            textbook.append(m)
+    assert textbook != ours
+    x = torch.randn(6, 1, image_size, image_size)
+    results = []
+    for layers in (ours, textbook):
+        net.zero_grad()
+        out = torch.nn.Sequential(*layers)(x)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in net.parameters()]))
+    (o0, g0), (o1, g1) = results
+    assert torch.equal(o0, o1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
 def test_gem_is_average_at_p_1_and_tends_to_max():
     x = torch.rand(2, 3, 4, 4) + 0.1
     gem = GeM(p=1.0)

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from tasks import distributed
+from tasks.cpu_memory import keep_freed_memory
 from tasks.augment import Augmenter
 from tasks.distributed import SINGLE, World
 from tasks.engine import LossOf, loss_of, self_supervised_loss_of
@@ -36,6 +37,9 @@ def build(
     which lets the fused objective use static shapes. ``pretrained``: ``params.pretrained`` with a
     relative path resolved. ``world``: this process's rank among torchrun's (BatchNorm synchronised,
     embeddings gathered, rank 0's initial weights everywhere)."""
+    if device.type == "cpu":
+        # Else every activation over 32 MiB is unmapped on free and faults back in the next step.
+        keep_freed_memory()
     model = EmbeddingNet(
         {
             "backbone": params.backbone,

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import distributed, tracking
+from tasks.cpu_memory import keep_freed_memory
 from tasks.models import load_checkpoint, pixels_to_tensor
 from tasks.params import ExportEmbeddingsParams, Paths
 
@@ -30,6 +31,8 @@ def embed(
 ) -> np.ndarray:
     """uint8 (N, C, H, W) on the CPU -> float32 (N, D), in batches, with a progress bar (``desc``).
     Also what the query and oneshot commands embed their images with."""
+    if device.type == "cpu":
+        keep_freed_memory()  # a batch's first-block maps are far over 32 MiB: see tasks.cpu_memory
     out = []
     for i in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", file=sys.stderr, disable=None):
         out.append(model(pixels[i : i + batch_size].to(device, non_blocking=True)).float().cpu())

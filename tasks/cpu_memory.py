@@ -1,4 +1,4 @@
-"""Keep freed memory in the process while training on a CPU (glibc's malloc).
+"""Keep freed memory in the process while training or embedding on a CPU (glibc's malloc).
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 gives it back to the kernel on ``free``. A small CNN's first-block activations are 26 MiB at

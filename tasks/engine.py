@@ -44,8 +44,7 @@ def loss_of(
             emb = model(x)
         return objective(gather(emb.float(), world), y)
 
-    mode = compile if isinstance(compile, str) else None
-    network = torch.compile(compute, mode=mode) if compile else compute
+    network = _compiled(compute, compile)
     if augment is None:
         return network
 
@@ -54,6 +53,14 @@ def loss_of(
         return network(augment(x), y)
 
     return augmented
+
+
+def _compiled(fn: Callable, compile: bool | str) -> Callable:
+    """``fn`` through torch.compile as ``train.compile`` asks: false = eager, true = inductor's
+    default mode, a string = that mode (``reduce-overhead``)."""
+    if not compile:
+        return fn
+    return torch.compile(fn, mode=compile if isinstance(compile, str) else None)
 
 
 def self_supervised_loss_of(
@@ -73,7 +80,7 @@ def self_supervised_loss_of(
             stats = {"pos_distance": (a - b).norm(dim=1).mean(), "neg_distance": torch.cdist(a, b).mean()}
         return loss(a, b), stats
 
-    network = torch.compile(embed, mode=compile if isinstance(compile, str) else None) if compile else embed
+    network = _compiled(embed, compile)
 
     def compute(x: torch.Tensor, _labels: torch.Tensor):
         # Outside torch.compile, as in loss_of: the draws come from the augmenter's seeded generator.

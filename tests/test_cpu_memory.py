@@ -38,7 +38,30 @@ def test_freed_memory_is_reused_not_faulted_back_in():
     assert system > kept
 
 
-def test_keep_freed_memory_runs_once_per_process():
-    from tasks.cpu_memory import keep_freed_memory
+class _FakeLibc:
+    def __init__(self, glibc: bool):
+        self.calls = []
+        if glibc:
+            self.gnu_get_libc_version = lambda: b"2.36"
 
-    assert keep_freed_memory() is keep_freed_memory()
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+@pytest.mark.parametrize("glibc", [True, False])
+def test_keep_freed_memory_sets_glibc_once_per_process(monkeypatch, glibc):
+    """Both mallopt settings, once however often it is called; nothing without glibc."""
+    from tasks import cpu_memory
+
+    fake = _FakeLibc(glibc)
+    monkeypatch.setattr(cpu_memory.ctypes.util, "find_library", lambda _name: "libc.so.6")
+    monkeypatch.setattr(cpu_memory.ctypes, "CDLL", lambda _name: fake)
+    cpu_memory.keep_freed_memory.cache_clear()
+    try:
+        assert cpu_memory.keep_freed_memory() is glibc
+        cpu_memory.keep_freed_memory()
+    finally:
+        cpu_memory.keep_freed_memory.cache_clear()  # the real call again for whoever comes next
+    expected = [(cpu_memory.M_MMAP_MAX, 0), (cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_THRESHOLD)]
+    assert fake.calls == (expected if glibc else [])

@@ -169,7 +169,11 @@ class FusedTriplet:
     def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """emb (B, D), labels (B,) -> (scalar float32 loss, stats: 0-d tensors on emb's device)."""
         grad = torch.is_grad_enabled() and emb.requires_grad
-        loss, sums = _TripletFn.apply(emb.float(), labels, self.per_class, self.margin, self.mine_margin, self.triplets, grad)
+        # float32 even when called under autocast (the engine calls it outside; a user's loop
+        # might not): autocast would run the distance matmul in bfloat16, whose 3 significant
+        # digits flip margin decisions between near-identical embeddings.
+        with torch.autocast(emb.device.type, enabled=False):
+            loss, sums = _TripletFn.apply(emb.float(), labels, self.per_class, self.margin, self.mine_margin, self.triplets, grad)
         # One division for the four figures; 0/0 = NaN for the mean distances when nothing was
         # chosen (pml's empty mean), 0 active of 0 chosen for the fraction.
         n_chosen = sums[0]

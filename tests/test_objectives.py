@@ -259,3 +259,17 @@ def test_a_non_finite_embedding_makes_the_loss_non_finite(per_class, bad):
     assert torch.isfinite(pml(one_bad, labels)[0]) and not torch.isfinite(fused(one_bad, labels)[0])
     all_bad = torch.full_like(emb, bad)
     assert not torch.isfinite(pml(all_bad, labels)[0]) and not torch.isfinite(fused(all_bad, labels)[0])
+
+
+@pytest.mark.parametrize("per_class", [None, 4])
+def test_fused_triplet_stays_float32_under_autocast(per_class):
+    """Called inside a user's bf16 autocast block, the distances are still float32 ones."""
+    emb, labels = _batch(5, dim=64)
+    fused = FusedTriplet(0.1, 0.2, "semihard", per_class=per_class)
+    l_ref, g_ref, s_ref = _loss_and_grad(fused, emb.float(), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l_new, g_new, s_new = _loss_and_grad(fused, emb.float(), labels)
+    assert l_new.dtype == torch.float32
+    torch.testing.assert_close(l_new, l_ref)
+    torch.testing.assert_close(g_new, g_ref)
+    _assert_same_stats(s_new, s_ref)

@@ -10,10 +10,10 @@ copied turned by 90/180/270° as new classes (``<label>@rot<deg>``; rows after t
 
 Two passes keep memory bounded whatever the dataset's size. Pass 1 (tasks/scan.py) lists the
 source, reading no image, and keeps only metadata — where each image is, its label and split —
-from which the class split and the row order are decided. Pass 2 (tasks/decoding.py) reads each
-file once, in that order, in chunks across cores: workers hash (the content id) and decode the
-same bytes; this module drops duplicates (a content id already written) and writes the table
-row group by row group.
+from which the class split (tasks/classes.py) and the row order are decided. Pass 2
+(tasks/decoding.py) reads each file once, in that order, in chunks across cores: workers hash
+(the content id) and decode the same bytes; this module drops duplicates (a content id already
+written) and writes the table row group by row group.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import decoding, scan, sources
+from tasks import classes, decoding, scan, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
@@ -40,44 +39,6 @@ CHUNK_BYTES = 8 << 20  # ...and at most this many decoded bytes: each chunk in f
 # of memory shared with the workers (4 per worker), so large images make smaller chunks
 PARALLEL_MIN_IMAGES = 8192  # below this, decoding (~15k small images/s a core) beats starting workers
 ROW_GROUP_BYTES = 16 << 20  # per Parquet row group: small enough that writing one overlaps decoding
-
-
-def _split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
-    """Keep a source's own split; otherwise send a seeded ``test_fraction`` of classes to test."""
-    if all(s is not None for s in splits):
-        return [s for s in splits if s is not None]
-    classes = sorted(set(labels))
-    rng = np.random.default_rng(p.seed)
-    n_test = min(max(1, round(len(classes) * p.test_fraction)), len(classes) - 1)
-    test = {classes[i] for i in rng.permutation(len(classes))[:n_test]}
-    return [C.TEST if label in test else C.TRAIN for label in labels]
-
-
-def _check_usable(counts: Counter) -> None:
-    """``counts``: (split, label) -> images. Raise DatasetError unless metric learning can use it."""
-    for name, wanted in ((C.TRAIN, 2), (C.TEST, 1)):
-        sizes = [n for (s, _), n in counts.items() if s == name]
-        usable = sum(1 for n in sizes if n >= 2)
-        if len(sizes) < 2 or usable < wanted:
-            raise DatasetError(
-                f"{name} split has {len(sizes)} classes, {usable} with at least 2 images; "
-                f"metric learning needs at least 2 classes and {wanted} with 2+ images"
-            )
-
-
-def _summary(counts: Counter, rejected: list[sources.Rejected], rotations: int) -> dict:
-    return {
-        "ingested": sum(counts.values()),
-        "skipped": len(rejected),
-        "skipped_by_reason": dict(Counter(r.category for r in rejected)),
-        "classes": {s: sum(1 for sp, _ in counts if sp == s) for s in (C.TRAIN, C.TEST)},
-        "images": {s: sum(n for (sp, _), n in counts.items() if sp == s) for s in (C.TRAIN, C.TEST)},
-        # Kept: a test singleton is a gallery distractor (and a query with no positive, which
-        # evaluation must allow); in train, make_batches.small_classes decides.
-        "single_image_classes": sum(1 for n in counts.values() if n == 1),
-        # Included in the train counts above: each train image has one copy per angle.
-        "rotated_copies": sum(n for (s, _), n in counts.items() if s == C.TRAIN) * rotations // (rotations + 1),
-    }
 
 
 def _tables(
@@ -114,7 +75,7 @@ def _tables(
         ))
         if p.train_rotations:
             train = [j for j, s in zip(good, split) if s == C.TRAIN]  # none in a chunk of test rows
-            buffered.append(_rotated_copies([got[j] for j in train], [kept[rows[j]] for j in train], pixels[train], p))
+            buffered.append(classes.rotated_copies([got[j] for j in train], [kept[rows[j]] for j in train], pixels[train], p))
         bar.update(len(rows))
         if sum(t.nbytes for t in buffered) >= ROW_GROUP_BYTES:
             yield pa.concat_tables(buffered)
@@ -122,22 +83,6 @@ def _tables(
     bar.close()
     if buffered:
         yield pa.concat_tables(buffered)
-
-
-def _rotated_copies(ids: list[str], recs: list[sources.Record], pixels: np.ndarray, p: IngestParams) -> pa.Table:
-    """Train images (pixels (N, H·W·C)) rotated counter-clockwise by each of ``p.train_rotations``
-    degrees, each angle of each class a new class: a character turned 90° is another character to
-    tell apart (Vinyals et al. 2016, Santoro et al. 2016), which 4× the classes training sees.
-    Rows: per angle, the N copies in the originals' order; neither queries nor gallery items."""
-    images = pixels.reshape(len(ids), p.image_size, p.image_size, p.channels)
-    copies = [np.rot90(images, deg // 90, axes=(1, 2)).reshape(pixels.shape) for deg in p.train_rotations]
-    return C.items_table(
-        [C.rotated(i, deg) for deg in p.train_rotations for i in ids],
-        [C.rotated(r.label, deg) for deg in p.train_rotations for r in recs],
-        [C.TRAIN] * (len(ids) * len(p.train_rotations)),
-        [C.rotated(r.source, deg) for deg in p.train_rotations for r in recs],
-        np.concatenate(copies),  # called only with train_rotations set: never empty
-    )
 
 
 def _category(reason: str) -> str:
@@ -159,8 +104,8 @@ def run(params: IngestParams, paths: Paths) -> dict:
     if clash is not None:
         raise DatasetError(f"label {clash!r} looks like a rotated copy's; with ingest.train_rotations, "
                            f"no source label may end in {C.ROTATED}90/180/270")
-    splits = _split_by_class([r.label for r in kept], [r.split for r in kept], params)
-    _check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
+    splits = classes.split_by_class([r.label for r in kept], [r.split for r in kept], params)
+    classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
     # Deterministic row order whatever the file-system order: by split, label, then source path.
     # Known before decoding (content ids are not: workers hash what they decode), so rows stream
     # out as they are decoded; of duplicate files, the first in this order is kept.
@@ -173,8 +118,8 @@ def run(params: IngestParams, paths: Paths) -> dict:
             w.write(table)
         if not w.rows:
             raise DatasetError(f"no usable image in source {params.source.model_dump()}")
-        _check_usable(counts)  # decode failures may have emptied classes
-        summary = _summary(counts, rejected, len(params.train_rotations))
+        classes.check_usable(counts)  # decode failures may have emptied classes
+        summary = classes.summary(counts, rejected, len(params.train_rotations))
         w.finish({
             "height": params.image_size,
             "width": params.image_size,

@@ -5,7 +5,7 @@ once where possible: each class's images are shuffled and cut into K-sized chunk
 chunk is topped up with other images of the same class. Classes with fewer than K images are
 either sampled with replacement (``small_classes: replace``) or excluded (``drop``); the output's
 metadata says which classes were treated so. Training reads this plan, so a batch composition is
-versioned by DVC and identical between runs.
+versioned by DVC and identical between runs. The sampling itself is tasks/sampling.py.
 
 Outputs: ``paths.batches`` (epoch, batch, item_id) and ``paths.triplets`` (anchor, positive,
 negative item ids: ``triplets_per_anchor`` per train image, for losses that take fixed triplets).
@@ -20,50 +20,7 @@ import pyarrow.compute as pc
 from tasks import contracts as C
 from tasks.errors import DatasetError
 from tasks.params import MakeBatchesParams, Paths
-
-
-def _class_chunks(members: np.ndarray, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffle one class's item indices into K-sized chunks covering every item once.
-
-    The last chunk is topped up from the class's other items (without replacement when it can be,
-    which needs ≥ K items; smaller classes come here only under ``replace``).
-    """
-    order = rng.permutation(members)
-    chunks = [order[i : i + k] for i in range(0, len(order), k)]
-    short = k - len(chunks[-1])
-    if short:
-        pool = np.setdiff1d(members, chunks[-1])
-        if len(pool) >= short:
-            extra = rng.choice(pool, size=short, replace=False)
-        else:
-            extra = rng.choice(members, size=short, replace=True)
-        chunks[-1] = np.concatenate([chunks[-1], extra])
-    return chunks
-
-
-def plan_epoch(classes: list[np.ndarray], p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """One epoch of batches, each an int array of P·K item indices from P distinct classes.
-
-    Classes are drawn with probability proportional to their remaining chunks, so big classes do
-    not all end up in the last batches. When fewer than P classes still have chunks, the batch is
-    completed with fresh chunks of other classes (those images then appear twice this epoch).
-    """
-    queues = [_class_chunks(m, k, rng) for m in classes]
-    batches: list[np.ndarray] = []
-    while True:
-        left = np.array([len(q) for q in queues])
-        live = np.flatnonzero(left)
-        if len(live) == 0:
-            return batches
-        if len(live) >= p:
-            chosen = rng.choice(live, size=p, replace=False, p=left[live] / left[live].sum())
-            parts = [queues[c].pop() for c in chosen]
-        else:
-            parts = [queues[c].pop() for c in live]
-            others = np.setdiff1d(np.arange(len(classes)), live)
-            for c in rng.choice(others, size=p - len(live), replace=False):
-                parts.append(_class_chunks(classes[c], k, rng)[0])
-        batches.append(np.concatenate(parts))
+from tasks.sampling import plan_epoch, random_triplets
 
 
 def run(params: MakeBatchesParams, paths: Paths) -> dict:
@@ -127,7 +84,7 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     }
     C.write_table(batches, paths["batches"], C.BATCHES, meta)
 
-    triplets = _triplets(usable, ids, params.triplets_per_anchor, params.seed)
+    triplets = random_triplets(usable, ids, params.triplets_per_anchor, params.seed)
     C.write_table(triplets, paths["triplets"], C.TRIPLETS, {"per_anchor": params.triplets_per_anchor})
     lists = ("classes_smaller_than_k", "excluded_classes", "validation_classes")
     return {k_: v for k_, v in meta.items() if k_ not in lists} | {
@@ -135,32 +92,6 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
         "n_small_classes": len(small),
         "n_triplets": triplets.num_rows,
     }
-
-
-def _triplets(classes: list[np.ndarray], ids: np.ndarray, per_anchor: int, seed: int) -> pa.Table:
-    """``per_anchor`` (anchor, positive, negative) per image: positive = another image of its
-    class, negative = a random image of another class. Its own rng, so the plan's length
-    (``epochs``) does not change the triplets."""
-    rng = np.random.default_rng([seed, 1])
-    everyone = np.concatenate(classes) if classes else np.empty(0, np.int64)
-    starts = np.cumsum([0] + [len(m) for m in classes])
-    anchors, positives, negatives = [], [], []
-    for c, members in enumerate(classes):
-        a = np.repeat(np.arange(len(members)), per_anchor)
-        # A random *other* member: draw from n-1 slots and skip the anchor's own.
-        p = rng.integers(0, len(members) - 1, size=len(a))
-        p += p >= a
-        # A random member of another class: draw from N-n slots and skip this class's block.
-        n = rng.integers(0, len(everyone) - len(members), size=len(a))
-        n += np.where(n >= starts[c], len(members), 0)
-        anchors.append(members[a])
-        positives.append(members[p])
-        negatives.append(everyone[n])
-    col = lambda xs: pa.array(ids[np.concatenate(xs)] if xs else [], pa.string())  # noqa: E731
-    return pa.table(
-        {C.ANCHOR: col(anchors), C.POSITIVE: col(positives), C.NEGATIVE: col(negatives)},
-        schema=C.TRIPLETS.schema(),
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Tests for tasks.make_batches: the seeded P×K plan, small classes, triplets, and plan_epoch itself."""
+"""Tests for tasks.make_batches: the seeded P×K plan, small classes, triplets (plan_epoch itself: test_sampling)."""
 
 from __future__ import annotations
 
@@ -346,84 +346,6 @@ def test_on_ingested_digits(make_project):
     assert_pk(batches, labels, 4, 8)
     assert set(batches[C.ITEM_ID].to_pylist()) == set(labels)
     assert triplets.num_rows == len(labels)
-
-
-# -------------------------------------------------------------------------------------- plan_epoch
-
-
-def _classes(sizes: list[int]) -> list[np.ndarray]:
-    out, start = [], 0
-    for n in sizes:
-        out.append(np.arange(start, start + n))
-        start += n
-    return out
-
-
-def test_plan_epoch_random_configurations():
-    rng_cfg = np.random.default_rng(2024)
-    for trial in range(40):
-        k = int(rng_cfg.integers(2, 6))
-        n_classes = int(rng_cfg.integers(2, 9))
-        p = int(rng_cfg.integers(2, n_classes + 1))
-        # mostly >= K, sometimes smaller (the `replace` case), never below 2
-        sizes = [int(s) for s in rng_cfg.integers(2, 4 * k, size=n_classes)]
-        classes = _classes(sizes)
-        owner = {int(i): c for c, m in enumerate(classes) for i in m}
-        rng = np.random.default_rng(trial)
-        batches = make_batches.plan_epoch(classes, p, k, rng)
-        chunks = sum(-(-n // k) for n in sizes)
-        assert -(-chunks // p) <= len(batches) <= chunks, (sizes, p, k)
-        seen = set()
-        for batch in batches:
-            assert batch.shape == (p * k,) and np.issubdtype(batch.dtype, np.integer)
-            counts = Counter(owner[int(i)] for i in batch)
-            assert len(counts) == p and set(counts.values()) == {k}, (sizes, p, k, counts)
-            for c in counts:
-                members = [int(i) for i in batch if owner[int(i)] == c]
-                if sizes[c] >= k:  # enough images: no repeats inside a batch
-                    assert len(set(members)) == k
-            seen.update(int(i) for i in batch)
-        assert seen == set(owner), (sizes, p, k)  # every image at least once this epoch
-
-
-def test_plan_epoch_is_seeded():
-    classes = _classes([5, 9, 4, 12, 7])
-    a = make_batches.plan_epoch(classes, 3, 4, np.random.default_rng(1))
-    b = make_batches.plan_epoch(classes, 3, 4, np.random.default_rng(1))
-    c = make_batches.plan_epoch(classes, 3, 4, np.random.default_rng(2))
-    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert len(a) != len(c) or not all(np.array_equal(x, y) for x, y in zip(a, c))
-
-
-def test_plan_epoch_exact_multiples_use_each_image_once():
-    classes = _classes([8, 8, 8, 8])  # 2 chunks each, P=2 -> exactly 4 batches, no repeats
-    batches = make_batches.plan_epoch(classes, 2, 4, np.random.default_rng(0))
-    assert len(batches) == 4
-    flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == list(range(32))
-
-
-def test_plan_epoch_fills_short_tail_with_other_classes():
-    # one big class outlasts the rest: its last batches borrow fresh chunks of exhausted classes
-    classes = _classes([40, 4, 4])
-    for seed in range(5):
-        batches = make_batches.plan_epoch(classes, 2, 4, np.random.default_rng(seed))
-        assert len(batches) >= 10  # the big class's 10 chunks each need a partner class
-        big_per_batch = [sum(int(i) < 40 for i in b) for b in batches]
-        assert set(big_per_batch) <= {0, 4} and big_per_batch.count(4) == 10
-        small_uses = sum(int(i) >= 40 for b in batches for i in b)
-        assert small_uses == 4 * (2 * len(batches) - 10) > 8  # small images appear again
-
-
-def test_class_chunks_cover_and_top_up():
-    rng = np.random.default_rng(0)
-    members = np.arange(10, 20)
-    chunks = make_batches._class_chunks(members, 4, rng)
-    assert [len(c) for c in chunks] == [4, 4, 4]
-    assert set(np.concatenate(chunks).tolist()) == set(members.tolist())
-    assert len(set(chunks[-1].tolist())) == 4  # topped up without replacement
-    small = make_batches._class_chunks(np.array([7, 8]), 5, rng)
-    assert len(small) == 1 and len(small[0]) == 5 and set(small[0].tolist()) == {7, 8}
 
 
 @pytest.mark.parametrize("rotations", [[], [90, 180, 270]])

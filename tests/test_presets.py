@@ -11,7 +11,7 @@ import torch
 
 from conftest import default_params
 from tasks.engine import train_epoch
-from tasks.make_batches import plan_epoch
+from tasks.sampling import plan_epoch
 from tasks.params import parse_params
 from tasks.presets import PRESETS
 from tasks.recipe import build

@@ -1,0 +1,77 @@
+"""Which classes an ingested dataset has and where they go (tasks.ingest's class decisions).
+
+- :func:`split_by_class`: class-disjoint train/test split — a test class is never seen in training;
+- :func:`check_usable`: whether metric learning can use the splits at all;
+- :func:`rotated_copies`: train images turned by 90/180/270° as new classes;
+- :func:`summary`: the figures ingest reports (and stores in the table's metadata).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from tasks import contracts as C
+from tasks import sources
+from tasks.errors import DatasetError
+from tasks.params import IngestParams
+
+
+def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
+    """Keep a source's own split; otherwise send a seeded ``test_fraction`` of classes to test
+    (at least one class to each side)."""
+    if all(s is not None for s in splits):
+        return [s for s in splits if s is not None]
+    classes = sorted(set(labels))
+    rng = np.random.default_rng(p.seed)
+    n_test = min(max(1, round(len(classes) * p.test_fraction)), len(classes) - 1)
+    test = {classes[i] for i in rng.permutation(len(classes))[:n_test]}
+    return [C.TEST if label in test else C.TRAIN for label in labels]
+
+
+def check_usable(counts: Counter) -> None:
+    """``counts``: (split, label) -> images. Raise DatasetError unless metric learning can use it:
+    train needs 2 classes with 2+ images (a positive and a negative), test 2 classes of which one
+    has 2+ images (a query with a positive)."""
+    for name, wanted in ((C.TRAIN, 2), (C.TEST, 1)):
+        sizes = [n for (s, _), n in counts.items() if s == name]
+        usable = sum(1 for n in sizes if n >= 2)
+        if len(sizes) < 2 or usable < wanted:
+            raise DatasetError(
+                f"{name} split has {len(sizes)} classes, {usable} with at least 2 images; "
+                f"metric learning needs at least 2 classes and {wanted} with 2+ images"
+            )
+
+
+def rotated_copies(ids: list[str], recs: list[sources.Record], pixels: np.ndarray, p: IngestParams) -> pa.Table:
+    """Train images (pixels (N, H·W·C)) rotated counter-clockwise by each of ``p.train_rotations``
+    degrees, each angle of each class a new class: a character turned 90° is another character to
+    tell apart (Vinyals et al. 2016, Santoro et al. 2016), which 4× the classes training sees.
+    Rows: per angle, the N copies in the originals' order; neither queries nor gallery items."""
+    images = pixels.reshape(len(ids), p.image_size, p.image_size, p.channels)
+    copies = [np.rot90(images, deg // 90, axes=(1, 2)).reshape(pixels.shape) for deg in p.train_rotations]
+    return C.items_table(
+        [C.rotated(i, deg) for deg in p.train_rotations for i in ids],
+        [C.rotated(r.label, deg) for deg in p.train_rotations for r in recs],
+        [C.TRAIN] * (len(ids) * len(p.train_rotations)),
+        [C.rotated(r.source, deg) for deg in p.train_rotations for r in recs],
+        np.concatenate(copies),  # called only with train_rotations set: never empty
+    )
+
+
+def summary(counts: Counter, rejected: list[sources.Rejected], rotations: int) -> dict:
+    """``counts``: (split, label) -> images written; ``rotations``: angles per train image."""
+    return {
+        "ingested": sum(counts.values()),
+        "skipped": len(rejected),
+        "skipped_by_reason": dict(Counter(r.category for r in rejected)),
+        "classes": {s: sum(1 for sp, _ in counts if sp == s) for s in (C.TRAIN, C.TEST)},
+        "images": {s: sum(n for (sp, _), n in counts.items() if sp == s) for s in (C.TRAIN, C.TEST)},
+        # Kept: a test singleton is a gallery distractor (and a query with no positive, which
+        # evaluation must allow); in train, make_batches.small_classes decides.
+        "single_image_classes": sum(1 for n in counts.values() if n == 1),
+        # Included in the train counts above: each train image has one copy per angle.
+        "rotated_copies": sum(n for (s, _), n in counts.items() if s == C.TRAIN) * rotations // (rotations + 1),
+    }

@@ -9,7 +9,8 @@
 # figures; at BUDGET_S=545 the 105 px step gets what the others leave. Opt-in (named): evaluation
 # speed, eager-only train speed, the Omniglot GPU preset.
 #
-# It expects, in the repository root (ignored by git via .git/info/exclude, named in `carry`):
+# It expects, in the repository root (ignored by git via .git/info/exclude, named in `carry`;
+# benchmarks/gpu_prepare.sh makes both and checks the imports, at no device time):
 #   .whl/      the Python packages the machine's image lacks (pydantic, pytorch-metric-learning,
 #              faiss-cpu, mlflow-skinny and what it imports), as py3.12 manylinux wheels
 #   .devdata/  the Omniglot zips (images_background, images_evaluation, all_runs)

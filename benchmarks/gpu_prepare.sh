@@ -60,7 +60,7 @@ check() {
 }
 # Without this environment's pytest plugins (hydra's imports omegaconf): the image has its own.
 check collect env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 "$PY" -m pytest -q -p no:cacheprovider --collect-only \
-  tests/test_search.py tests/test_objectives.py tests/test_triplet_kernel.py tests/test_train.py
+  tests/test_search.py tests/test_objectives.py tests/test_triplet_kernel.py tests/test_train.py tests/test_resume.py
 check objective_speed "$PY" benchmarks/objective_speed.py --device cpu --batches 64 --budget 0.2
 git clone -q "$ROOT" "$CHECK/repo"
 cd "$CHECK/repo"  # python -m: the clone's code first

@@ -45,7 +45,7 @@ step() {
 
 echo "=== commit ${COMMIT:-unknown}, budget ${BUDGET_S}s" | tee -a "$OUT/log.txt"
 step gpu 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total,utilization.gpu --format=csv
-step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_search.py tests/test_objectives.py tests/test_triplet_kernel.py tests/test_train.py -k "cuda"
+step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_search.py tests/test_objectives.py tests/test_triplet_kernel.py tests/test_train.py tests/test_resume.py -k "cuda"
 step objective 60 python3 benchmarks/objective_speed.py --batches 128 512 1024 --compile
 step train_speed_28 240 python3 benchmarks/train_speed.py --data "$DATA" --image-size 28 --p 128 --k 4 --epochs 3 --workers 8 --compile true reduce-overhead
 step train_speed_105 200 python3 benchmarks/train_speed.py --data "$DATA" --image-size 105 --p 128 --k 4 --epochs 2 --workers 8 --compile reduce-overhead

@@ -18,7 +18,10 @@ from tasks.params import AugmentParams
 
 
 class Augmenter:
-    """Seeded batch augmentation; its generator state is checkpointed like a model's weights."""
+    """Seeded batch augmentation; its generator state is checkpointed like a model's weights,
+    one per torchrun rank (each rank draws its own)."""
+
+    per_rank = True  # tasks.resume keeps every rank's state
 
     def __init__(self, params: AugmentParams, seed: int, device: torch.device):
         self.p = params

@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,6 +123,16 @@ def gather_rows(part: np.ndarray, beside: Path, world: World) -> np.ndarray:
     for f in files:
         f.unlink()
     return rows
+
+
+def gather_objects(obj: Any, world: World) -> list[Any] | None:
+    """Rank 0 gets every rank's ``obj`` in rank order (small picklable states); the others None.
+    A collective: every rank calls it."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size if world.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def shutdown(world: World) -> None:

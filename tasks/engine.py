@@ -211,7 +211,11 @@ class EarlyStopping:
         if score > self.best:
             self.best, self.best_epoch = score, epoch
             self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return epoch - self.best_epoch >= self.patience
+        return self.exhausted(epoch)
+
+    def exhausted(self, epoch: int) -> bool:
+        """No better score for ``patience`` epochs up to ``epoch``."""
+        return self.best_epoch >= 0 and epoch - self.best_epoch >= self.patience
 
     def state_dict(self) -> dict:
         return {"best": self.best, "best_epoch": self.best_epoch, "weights": self.weights}

@@ -175,6 +175,19 @@ class MemoryObjective:
         filled = self.xbm.memory_size if self.xbm.has_been_filled else self.xbm.queue_idx
         return loss, {"memory_filled": emb.new_tensor(float(filled))}
 
+    def state_dict(self) -> dict:
+        """The queue (a resumed run mines against the same memory); plain attributes in pml,
+        not buffers. The same on every rank: each enqueues the gathered global batch."""
+        x = self.xbm
+        return {"embeddings": x.embedding_memory, "labels": x.label_memory,
+                "queue_idx": int(x.queue_idx), "has_been_filled": bool(x.has_been_filled)}
+
+    def load_state_dict(self, state: dict) -> None:
+        x = self.xbm
+        device = x.embedding_memory.device
+        x.embedding_memory, x.label_memory = state["embeddings"].to(device), state["labels"].to(device)
+        x.queue_idx, x.has_been_filled = state["queue_idx"], state["has_been_filled"]
+
 
 def build_objective(
     loss: Component,

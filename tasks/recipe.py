@@ -16,8 +16,9 @@ from tasks.distributed import SINGLE, World
 from tasks.engine import LossOf, loss_of, self_supervised_loss_of
 from tasks.hardware import native_bf16_cpu
 from tasks.models import EmbeddingNet
-from tasks.objectives import build_objective, self_supervised_objective
+from tasks.objectives import MemoryObjective, build_objective, self_supervised_objective
 from tasks.params import TrainParams
+from tasks.resume import GlobalRng
 
 
 class Built(NamedTuple):
@@ -55,7 +56,7 @@ def build(
     if params.channels_last:
         model = model.to(memory_format=torch.channels_last)
     bf16 = use_bf16(params, device)
-    stateful: dict = {"model": model}
+    stateful: dict = {"model": model, "rng": GlobalRng(device)}
     augmenter = None
     if params.mode == "self_supervised" or params.augment.supervised:
         # Each rank draws its own augmentations (the same draws would correlate their slices).
@@ -70,6 +71,8 @@ def build(
             memory_size=params.cross_batch_memory, per_class=per_class,
         )
         compute = loss_of(model, objective, bf16, params.compile, world, augmenter)
+        if isinstance(objective, MemoryObjective):
+            stateful["memory"] = objective
     distributed.broadcast([model, loss_fn], world)
     # Losses with weights (ArcFace, ProxyAnchor...) train together with the network.
     trainable = list(model.parameters()) + list(loss_fn.parameters())

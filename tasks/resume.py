@@ -1,24 +1,27 @@
 """Per-epoch training state, so a killed training run resumes where it stopped.
 
 After every epoch the train stage writes ``paths.train_state`` atomically: model, loss,
-optimizer and LR-scheduler state, the epochs done, the curve so far and the MLflow run. A restart with the same
-params and the same input files (checked by a fingerprint) continues from the next epoch; the
-batch plan fixes every later batch and the only other randomness (self-supervised augmentation)
-has its generator state saved too, so on the CPU the resumed
-run ends with exactly the weights of an uninterrupted one. Anything else starts afresh. The file is
-removed once the model is written: it is a crash-recovery file, not an output.
+optimizer and LR-scheduler state, early stopping, the cross-batch memory's queue, the random
+generators (torch's global ones — dropout, pml's random miners — and the augmenter's, one per
+rank), the epochs done, the curve so far and the MLflow run. A restart with the same params and
+the same input files (checked by a fingerprint) continues from the next epoch; the batch plan
+fixes every later batch, so on the CPU the resumed run ends with exactly the weights of an
+uninterrupted one. Anything else starts afresh. The file is removed once the model is written:
+it is a crash-recovery file, not an output.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tasks.contracts import atomic_path, file_digest
+from tasks.distributed import SINGLE, World, gather_objects
 from tasks.params import Paths, TrainParams
 
 INPUTS = ("items", "batches")
@@ -39,14 +42,45 @@ def fingerprint(params: TrainParams, digests: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def save(path: Path, fp: str, epoch: int, stateful: dict[str, Any], curve: list[dict], run_ids: dict[str, str]) -> None:
+class GlobalRng:
+    """torch's global generators as a stateful object: the CPU one and this process's CUDA
+    device's. Dropout in a torchvision head and pml's random miners draw from them."""
+
+    per_rank = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+def save(
+    path: Path, fp: str, epoch: int, stateful: dict[str, Any], curve: list[dict], run_ids: dict[str, str],
+    world: World = SINGLE,
+) -> None:
     """The state after ``epoch`` (0-based) finished: ``stateful`` maps names to objects with
-    ``state_dict()`` (model, loss, optimizer, LR scheduler). Plain tensors and containers only,
-    so it loads with ``weights_only=True``."""
+    ``state_dict()`` (model, loss, optimizer, LR scheduler...). An object with ``per_rank = True``
+    differs between torchrun's ranks (each rank's augmenter draws its own images): every rank's
+    state is kept, in rank order. A collective — every rank calls it; rank 0 writes. Plain
+    tensors and containers only, so it loads with ``weights_only=True``."""
+    states = {}
+    for name, obj in stateful.items():
+        states[name] = gather_objects(obj.state_dict(), world) if getattr(obj, "per_rank", False) else obj.state_dict()
+    if not world.main:
+        return
     state = {
         "fingerprint": fp,
         "epochs_done": epoch + 1,
-        "states": {name: obj.state_dict() for name, obj in stateful.items()},
+        "states": states,
         "curve": curve,
         "run_ids": run_ids,
     }
@@ -54,22 +88,30 @@ def save(path: Path, fp: str, epoch: int, stateful: dict[str, Any], curve: list[
         torch.save(state, tmp)
 
 
-def load(path: Path, fp: str, device: torch.device) -> dict[str, Any] | None:
-    """The saved state if it continues this run, else None (and a line saying why)."""
+def load(path: Path, fp: str, names: Iterable[str]) -> dict[str, Any] | None:
+    """The saved state if it continues this run — same fingerprint, a state for each of
+    ``names`` (the stateful objects) — else None (and a line saying why)."""
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        # On the CPU: generator states must stay there; the objects' load_state_dict put the rest
+        # on their device (a module's and an optimizer's do).
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a state we cannot read is no reason to fail: start afresh
         print(f"train: ignoring unreadable {path}: {err}")
         return None
     if state.get("fingerprint") != fp:
         print(f"train: {path} is from other params or data; starting afresh")
         return None
+    if set(state.get("states", {})) != set(names):
+        print(f"train: {path} was saved by another version of tripletflow; starting afresh")
+        return None
     print(f"train: resuming after epoch {state['epochs_done']} from {path}")
     return state
 
 
-def restore(state: dict[str, Any], stateful: dict[str, Any]) -> None:
+def restore(state: dict[str, Any], stateful: dict[str, Any], world: World = SINGLE) -> None:
+    """Each object back to its saved state (a ``per_rank`` one to this rank's)."""
     for name, obj in stateful.items():
-        obj.load_state_dict(state["states"][name])
+        saved = state["states"][name]
+        obj.load_state_dict(saved[world.rank] if getattr(obj, "per_rank", False) else saved)

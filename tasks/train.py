@@ -60,10 +60,10 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     stopper = stateful["early_stopping"] = EarlyStopping(params.early_stopping_patience)
     digests = resume.input_digests(paths)
     fp = resume.fingerprint(params, digests)
-    state = resume.load(paths["train_state"], fp, device)
+    state = resume.load(paths["train_state"], fp, stateful)
     curve: list[dict[str, float]] = state["curve"] if state else []
     if state:
-        resume.restore(state, stateful)
+        resume.restore(state, stateful, world)
         parent_run_id = parent_run_id or state["run_ids"]["parent"]
         if world.main:  # The killed attempt's child run never finished; say so.
             tracking.mark_killed(Path(paths.root), state["run_ids"]["child"])
@@ -82,9 +82,11 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         _log_ingest(parent, items_meta.get("summary", {}), paths["quarantine"])
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         done = len(curve)
+        # Killed after the state of an early-stopped run was saved but before its model was.
+        stopped = bool(done and params.early_stopping_patience) and stopper.exhausted(done - 1)
         bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",
                    unit="batch", file=sys.stderr, disable=None if world.main else True)
-        for epoch in range(done, len(plan)):
+        for epoch in range(done, done if stopped else len(plan)):
             model.trunk.requires_grad_(epoch >= params.freeze_backbone_epochs)
             row = train_epoch(model, compute, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1),
                               params.grad_clip, scheduler, world)
@@ -97,8 +99,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
             logged = {f"train.{k}": v for k, v in row.items()}
             child.metrics(logged, step=epoch)
             parent.metrics(logged, step=epoch)
-            if world.main:
-                resume.save(paths["train_state"], fp, epoch, stateful, curve, {"parent": run_id, "child": child.run_id})
+            resume.save(paths["train_state"], fp, epoch, stateful, curve, {"parent": run_id, "child": child.run_id}, world)
             if stop and world.main:
                 print(f"train: no better validation Recall@1 for {params.early_stopping_patience} epochs; "
                       f"stopping after epoch {epoch}, keeping epoch {stopper.best_epoch}")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -84,5 +85,145 @@ def test_a_state_from_other_params_is_not_resumed(make_project, capsys):
     meta = {"channels": 1, "height": 48, "n_train_classes": 6}
     stateful = build(params.train, meta, torch.device("cpu")).stateful
     resume.save(params.paths["train_state"], fp_other, 0, stateful, [{"epoch": 0}], {"parent": "x", "child": "y"})
-    assert resume.load(params.paths["train_state"], resume.fingerprint(params.train, resume.input_digests(params.paths)), torch.device("cpu")) is None
+    assert resume.load(params.paths["train_state"], resume.fingerprint(params.train, resume.input_digests(params.paths)), stateful) is None
     assert "starting afresh" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ every random stream resumes
+
+AUGMENT = {"supervised": True, "crop_scale": [0.7, 1.0], "rotate": 10.0, "translate": 0.1, "hflip": True,
+           "brightness": 0.2, "contrast": 0.2}
+STREAMS = {
+    # pml's DistanceWeightedMiner samples negatives from torch's global generator
+    "global_rng": {"train.miner": {"name": "DistanceWeightedMiner"}, "train.loss": {"name": "TripletMarginLoss", "margin": 0.2}},
+    # the cross-batch memory's queue: the next epoch mines against the last one's embeddings
+    "xbm": {"train.cross_batch_memory": 48, "train.miner": {"name": "MultiSimilarityMiner"},
+            "train.loss": {"name": "MultiSimilarityLoss"}},
+    "augmenter": {"train.augment": AUGMENT},
+}
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"))
+
+
+def _fresh(params, device):
+    torch.manual_seed(params.train.seed)  # as tasks.train._train does: weights, then the generators
+    return build(params.train, {"channels": 1, "height": 16, "n_train_classes": 8}, device, per_class=4)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("stream", STREAMS)
+def test_a_resumed_epoch_continues_every_random_stream(make_project, stream, device):
+    """Two epochs straight = one epoch, the state saved and loaded (as a new process would),
+    a fresh build restored, the second epoch: the same weights, bit for bit on a CPU."""
+    import numpy as np
+
+    from tasks.engine import train_epoch
+
+    params = load_params(make_project(FAST | {"train.precision": "fp32", "train.device": device} | STREAMS[stream]))
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 255, (64, 1, 16, 16), dtype=torch.uint8, generator=g).to(dev)
+    labels = torch.arange(8).repeat_interleave(8).to(dev)
+    plan = [[np.random.default_rng(10 * e + b).permutation(64)[:32] for b in range(3)] for e in range(2)]
+    straight = _fresh(params, dev)
+    for e in range(2):
+        train_epoch(straight.model, straight.compute, straight.optimizer, pixels, labels, plan[e], e)
+
+    first = _fresh(params, dev)
+    train_epoch(first.model, first.compute, first.optimizer, pixels, labels, plan[0], 0)
+    path = params.paths["train_state"]
+    resume.save(path, "fp", 0, first.stateful, [{"epoch": 0}], {"parent": "p", "child": "c"})
+    again = _fresh(params, dev)
+    state = resume.load(path, "fp", again.stateful)
+    resume.restore(state, again.stateful)
+    train_epoch(again.model, again.compute, again.optimizer, pixels, labels, plan[1], 1)
+
+    a, b = straight.model.state_dict(), again.model.state_dict()
+    exact = device == "cpu"
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6, msg=key)
+    resume.restore(state, first.stateful)  # the control: without the restore the streams differ
+    fresh = _fresh(params, dev)
+    train_epoch(fresh.model, fresh.compute, fresh.optimizer, pixels, labels, plan[1], 1)
+    assert any(not torch.equal(fresh.model.state_dict()[k], a[k]) for k in a)
+
+
+def test_a_state_saved_by_another_version_is_not_resumed(make_project, capsys):
+    params = _project(make_project, "v")
+    stateful = _fresh(params, torch.device("cpu")).stateful
+    resume.save(params.paths["train_state"], "fp", 0, {k: v for k, v in stateful.items() if k != "rng"}, [], {})
+    assert resume.load(params.paths["train_state"], "fp", stateful) is None
+    assert "another version" in capsys.readouterr().out
+
+
+def _ranks_resume_their_own_augmenter(rank: int, world_size: int, port: int, path) -> None:
+    """Under torchrun each rank's augmenter draws its own images; a resumed rank continues its own."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from tasks import distributed
+    from tasks.augment import Augmenter
+
+    world, _ = distributed.init("cpu")
+    aug = load_params(ROOT / "params.yaml", {"train.augment": AUGMENT}).train.augment
+    x = torch.randint(0, 255, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stateful = {"augment": Augmenter(aug, 7 + rank, torch.device("cpu")), "rng": resume.GlobalRng(torch.device("cpu"))}
+    torch.manual_seed(100 + rank)
+    stateful["augment"](x)
+    resume.save(path, "fp", 0, stateful, [], {}, world)
+    expected = stateful["augment"](x), torch.rand(3)
+    dist_barrier = torch.distributed.barrier
+    dist_barrier()
+    fresh = {"augment": Augmenter(aug, 7 + rank, torch.device("cpu")), "rng": resume.GlobalRng(torch.device("cpu"))}
+    resume.restore(resume.load(path, "fp", fresh), fresh, world)
+    got = fresh["augment"](x), torch.rand(3)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), f"rank {rank}"
+    gathered = distributed.gather_objects(got[0], world)
+    if world.main:  # the ranks' draws differ (seeds 7 and 8): each restored its own state
+        assert not torch.equal(gathered[0], gathered[1])
+    distributed.shutdown(world)
+
+
+def test_each_torchrun_rank_resumes_its_own_augmenter_and_generators(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ranks_resume_their_own_augmenter, args=(2, port, tmp_path / "state.pt"), nprocs=2, join=True)
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)["states"]
+    assert len(saved["augment"]) == len(saved["rng"]) == 2
+    assert not torch.equal(saved["augment"][0]["generator"], saved["augment"][1]["generator"])
+
+
+def test_killed_between_an_early_stop_and_the_model_the_restart_trains_no_further(make_project, monkeypatch):
+    """The state of the stopping epoch is saved before the model is written: a run killed in
+    between must not train on when restarted (it would, on a fresh validation improvement)."""
+    early = FAST | {
+        "make_batches.epochs": 6, "make_batches.val_fraction": 0.25, "make_batches.classes_per_batch": 2,
+        "train.optimizer": {"name": "SGD", "lr": 0.0}, "train.early_stopping_patience": 2,
+    }
+    runs = {}
+    for name in ("straight", "killed"):
+        params = load_params(make_project(early, name=name))
+        synthetic_items(params.paths["items"], n_classes=10, test_classes=2)
+        make_batches.run(params.make_batches, params.paths)
+        runs[name] = params
+    train.run(runs["straight"].train, runs["straight"].paths)
+    stopped_after = runs["straight"].paths["train_curve"].read_text().count("\n") - 1
+    assert stopped_after < 6
+
+    killed = runs["killed"]
+
+    def killed_here(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", killed_here)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(killed.train, killed.paths)
+    assert torch.load(killed.paths["train_state"], weights_only=True)["epochs_done"] == stopped_after
+    train.run(killed.train, killed.paths)
+    assert killed.paths["train_curve"].read_text().count("\n") - 1 == stopped_after
+    a, b = _weights(runs["straight"].paths["model"]), _weights(killed.paths["model"])
+    assert all(torch.equal(a[k], b[k]) for k in a)

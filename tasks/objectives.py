@@ -39,7 +39,12 @@ class PmlObjective:
         tuples = self.miner(emb, labels) if self.miner is not None else None  # None: every tuple
         loss = self.loss_fn(emb, labels, tuples)
         with torch.no_grad():
-            mined = tuples if tuples is not None else lmu.get_all_triplets_indices(labels)
+            if tuples is not None:
+                mined = tuples
+            elif isinstance(self.loss_fn, losses.GenericPairLoss):  # what a pair loss uses: every pair
+                mined = lmu.get_all_pairs_indices(labels)
+            else:
+                mined = lmu.get_all_triplets_indices(labels)
             stats = mining_stats(emb.detach(), mined, self.loss_fn)
         return loss, stats
 
@@ -108,10 +113,10 @@ class FusedSupervisedNTXent:
         loss = torch.where(pos, per_pair, 0.0).sum() / n_pos.clamp(min=1)
         with torch.no_grad():
             d = sim.detach()
-            stats = {
+            stats = {  # pml's pair statistics; 0/0 = NaN with no pair, as pml's empty mean
                 "mined": (n_pos + n_neg).to(d.dtype),
-                "pos_distance": torch.where(pos, d, 0.0).sum() / n_pos.clamp(min=1),
-                "neg_distance": torch.where(~same, d, 0.0).sum() / n_neg.clamp(min=1),
+                "pos_distance": torch.where(pos, d, 0.0).sum() / n_pos,
+                "neg_distance": torch.where(~same, d, 0.0).sum() / n_neg,
             }
         return loss, stats
 

@@ -230,13 +230,18 @@ def test_fused_supervised_ntxent_equals_pml(kind, temperature, device):
     spec = Component(name="NTXentLoss", temperature=temperature)
     fused = fused_equivalent(spec, None)
     assert isinstance(fused, FusedSupervisedNTXent)
-    ref_loss, ref_grad, _ = _loss_and_grad(PmlObjective(losses.NTXentLoss(temperature=temperature), None), emb, labels)
+    ref_loss, ref_grad, ref_stats = _loss_and_grad(PmlObjective(losses.NTXentLoss(temperature=temperature), None), emb, labels)
     loss, grad, stats = _loss_and_grad(fused, emb, labels)
     assert torch.isfinite(grad).all()
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9, abs=1e-12)
     assert torch.allclose(grad, ref_grad, rtol=1e-7, atol=1e-10)
     same = labels[:, None] == labels[None, :]
     assert stats["mined"].item() == same.sum().item() - len(labels) + (~same).sum().item()
+    # The curve means the same on both paths: pair counts and mean similarities (NaN: no pair).
+    assert stats.keys() == ref_stats.keys() == {"mined", "pos_distance", "neg_distance"}
+    for key in stats:
+        a, b = float(stats[key]), float(ref_stats[key])
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6), key
 
 
 def test_ntxent_with_other_arguments_or_a_miner_stays_pmls():

@@ -54,7 +54,7 @@ def build(vectors: np.ndarray, factory: str, metric: str, train_sample: int = 0,
     """
     try:
         index = faiss.index_factory(vectors.shape[1], factory, METRICS[metric])
-    except RuntimeError as err:
+    except RuntimeError as err:  # params checked it at train.embedding_dim; this is the vectors' own size
         raise ParamsError(f"build_index.factory: faiss cannot build {factory!r}: {err}") from None
     if not index.is_trained:
         # IVF/PQ need training vectors; too few for the requested lists is a user error, say so.

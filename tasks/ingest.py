@@ -116,9 +116,14 @@ def run(params: IngestParams, paths: Paths) -> dict:
         for table in _tables(kept, ids, splits, order, params, rejected):
             counts.update(zip(table[C.SPLIT].to_pylist(), table[C.LABEL].to_pylist()))
             w.write(table)
-        if not w.rows:
-            raise DatasetError(f"no usable image in source {params.source.model_dump()}")
-        classes.check_usable(counts)  # decode failures may have emptied classes
+        try:
+            if not w.rows:
+                raise DatasetError(f"no usable image in source {params.source.model_dump()}")
+            classes.check_usable(counts)  # decode failures or duplicates may have emptied classes
+        except DatasetError as err:  # say which files went, and why: the quarantine is the answer
+            _write_quarantine(rejected, paths["quarantine"])
+            raise DatasetError(f"{err}; {len(rejected):,} files were skipped ({_detail(rejected)}): "
+                               f"each with its reason in {paths['quarantine']}") from None
         summary = classes.summary(counts, rejected, len(params.train_rotations))
         w.finish({
             "height": params.image_size,
@@ -128,14 +133,19 @@ def run(params: IngestParams, paths: Paths) -> dict:
             "params": params.model_dump(exclude={"workers"}),
             "summary": summary,
         })
-    quarantine = pa.table(
-        {C.PATH: [r.source for r in rejected], C.REASON: [r.reason for r in rejected]},
-        schema=C.QUARANTINE.schema(),
-    )
-    C.write_table(quarantine, paths["quarantine"], C.QUARANTINE)
-    detail = ", ".join(f"{n} {why}" for why, n in Counter(r.category for r in rejected).most_common())
-    print(f"ingest: {w.rows:,} ingested, {len(rejected):,} skipped" + (f": {detail}" if detail else ""))
+    _write_quarantine(rejected, paths["quarantine"])
+    print(f"ingest: {w.rows:,} ingested, {len(rejected):,} skipped" + (f": {_detail(rejected)}" if rejected else ""))
     return summary
+
+
+def _write_quarantine(rejected: list[sources.Rejected], path: Path) -> None:
+    table = pa.table({C.PATH: [r.source for r in rejected], C.REASON: [r.reason for r in rejected]}, schema=C.QUARANTINE.schema())
+    C.write_table(table, path, C.QUARANTINE)
+
+
+def _detail(rejected: list[sources.Rejected]) -> str:
+    """"5 duplicate, 2 corrupt": the skipped files by category, most first."""
+    return ", ".join(f"{n} {why}" for why, n in Counter(r.category for r in rejected).most_common())
 
 
 def main(argv: list[str] | None = None) -> None:

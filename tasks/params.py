@@ -372,9 +372,58 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
         + _check_component(t.miner, "pytorch_metric_learning.miners", "train.miner")
         + _check_component(t.optimizer, "torch.optim", "train.optimizer")
     )
+    errors += _choice_errors(t.miner, "train.miner") + _cross_section_errors(params)
     if errors:
         raise ParamsError(f"{origin}: invalid params\n" + "\n".join(f"  {e}" for e in errors))
     return params
+
+
+# String arguments of pml classes that take one of a few words and would not check them
+# (TripletMarginMiner mines "all" triplets for any unknown type_of_triplets).
+_CHOICES = {
+    ("TripletMarginMiner", "type_of_triplets"): ("all", "hard", "semihard", "easy"),
+    ("BatchEasyHardMiner", "pos_strategy"): ("easy", "semihard", "hard", "all"),
+    ("BatchEasyHardMiner", "neg_strategy"): ("easy", "semihard", "hard", "all"),
+}
+
+
+def _choice_errors(spec: Component | None, key: str) -> list[str]:
+    if spec is None:
+        return []
+    return [
+        f"{key}.{kw}: {spec.name} takes one of {', '.join(_CHOICES[spec.name, kw])} (got {value!r})"
+        for kw, value in spec.kwargs.items()
+        if (spec.name, kw) in _CHOICES and value not in _CHOICES[spec.name, kw]
+    ]
+
+
+def _cross_section_errors(params: Params) -> list[str]:
+    """Choices that the library using them (torchvision, faiss) would only reject when their stage
+    starts — after the stages before it have rewritten their outputs. Asked of the library itself
+    (not of tasks.backbones / tasks.build_index: every stage loads params, and DVC would re-run
+    ingest whenever those changed)."""
+    errors = []
+    t = params.train
+    if t.backbone == "small_cnn":
+        if t.pretrained:
+            errors.append("train.pretrained: small_cnn has no pretrained weights (null)")
+    else:
+        import torchvision
+
+        if t.backbone not in torchvision.models.list_models(module=torchvision.models):
+            errors.append(f"train.backbone: unknown model {t.backbone!r} (small_cnn or a torchvision classification "
+                          "model: resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16...)")
+    b = params.build_index
+    if b.factory != "auto":
+        import faiss
+
+        metric = faiss.METRIC_INNER_PRODUCT if b.metric == "inner_product" else faiss.METRIC_L2
+        try:
+            faiss.index_factory(t.embedding_dim, b.factory, metric)
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[-1].split(": ", 1)[-1]  # "could not parse index string Foo"
+            errors.append(f"build_index.factory: faiss cannot build {b.factory!r} for {t.embedding_dim}-d vectors: {reason}")
+    return errors
 
 
 def read_yaml(path: Path, what: str) -> Any:

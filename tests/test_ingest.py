@@ -718,3 +718,23 @@ def test_train_rotations_refuse_labels_that_look_rotated(make_project):
     write_tree(path.parent / "imgs", {"a": 2, "b": 2, "c": 2, "d@rot180": 2})
     with pytest.raises(DatasetError, match=r"label 'd@rot180' looks like a rotated copy's"):
         run_ingest(path)
+
+
+def test_a_split_emptied_by_duplicates_says_so_and_keeps_the_quarantine(make_project):
+    """The same images as train and test (a common mistake): every train file is a duplicate of a
+    test one (test rows come first, so no test image is ever trained on). The error says how
+    many files went and why, and the quarantine lists each — it is written before the error."""
+    path = folder_project(make_project, {"train_root": "a", "test_root": "b"})
+    tree = write_tree(path.parent / "a", {f"c{i}": 3 for i in range(4)})
+    for label, images in tree.items():
+        (path.parent / "b" / label).mkdir(parents=True)
+        for i, data in enumerate(images):
+            (path.parent / "b" / label / f"img{i:03d}.png").write_bytes(data)
+    params = load_params(path)
+    with pytest.raises(DatasetError, match=r"train split has 0 classes.*12 files were skipped \(12 duplicate\)") as info:
+        ingest.run(params.ingest, params.paths)
+    assert str(params.paths["quarantine"]) in str(info.value)
+    quarantine, _ = C.read_table(params.paths["quarantine"], C.QUARANTINE)
+    assert quarantine.num_rows == 12
+    assert all(r.startswith("duplicate of b/") for r in quarantine[C.REASON].to_pylist())
+    assert not params.paths["items"].exists()

@@ -477,3 +477,33 @@ def test_component_kwarg_values_are_type_checked_against_the_constructor_default
 def test_train_rotations_are_distinct_right_angles(value, why):
     msg = _error({"ingest.train_rotations": value})
     assert "ingest.train_rotations" in msg and why in msg
+
+
+# ------------------------------------------------------------- choices the stage's library checks
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.miner.type_of_triplets": "semi"}, "train.miner.type_of_triplets: TripletMarginMiner takes one of all, hard, semihard, easy"),
+    ({"train.miner": {"name": "BatchEasyHardMiner", "neg_strategy": "hardest"}}, "train.miner.neg_strategy: BatchEasyHardMiner takes one of"),
+    ({"train.backbone": "resnet_18"}, "train.backbone: unknown model 'resnet_18'"),
+    ({"train.backbone": "fasterrcnn_resnet50_fpn"}, "train.backbone: unknown model"),  # not a classifier
+    ({"train.pretrained": "default"}, "train.pretrained: small_cnn has no pretrained weights"),
+    ({"build_index.factory": "Foo"}, "build_index.factory: faiss cannot build 'Foo' for 64-d vectors: could not parse index string Foo"),
+    ({"build_index.factory": "IVF16,PQ7"}, "build_index.factory: faiss cannot build 'IVF16,PQ7' for 64-d vectors"),
+])
+def test_choices_a_later_stage_would_reject_stop_when_params_load(overrides, message):
+    """Checked before any stage runs: found only when build_index starts, a typo would cost a
+    full training run and overwrite the outputs before it (and a miner typo would silently mine
+    every triplet)."""
+    assert message in _error(overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.miner.type_of_triplets": "hard"},
+    {"train.miner": {"name": "BatchEasyHardMiner", "pos_strategy": "easy", "neg_strategy": "semihard"}},
+    {"train.backbone": "resnet18", "train.pretrained": "default"},  # the weights file is looked for when training starts
+    {"build_index.factory": "IVF16,PQ8"},
+    {"build_index.factory": "HNSW32", "build_index.metric": "l2"},
+])
+def test_valid_choices_pass(overrides):
+    parse_params(apply_overrides(default_params(), overrides), Path("."))

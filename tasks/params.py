@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -445,6 +446,25 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
     if overrides:
         raw = apply_overrides(raw, overrides)
     return parse_params(raw, path.parent, origin=str(path))
+
+
+def project_origin(root: Path) -> Path:
+    """The project as the user sees it: ``root`` — except in a DVC experiment that runs in a
+    temporary copy of the repository (``dvc exp run --queue`` / ``--temp``), where it is the
+    original repository (DVC names it in DVC_ROOT): what lies beside the project (``../data``)
+    is beside the original, not beside the copy, and the MLflow store must outlive the copy."""
+    if os.environ.get("DVC_EXP_NAME") and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    return Path(root).resolve()
+
+
+def source_path(root: Path, rel: str) -> Path:
+    """A source's path in params (relative to ``root``, or absolute): one that leads out of the
+    project resolves against :func:`project_origin`."""
+    path = Path(root) / rel
+    if path.resolve().is_relative_to(Path(root).resolve()):
+        return path
+    return project_origin(root) / rel
 
 
 def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,26 +16,27 @@ from tqdm import tqdm
 
 from tasks import contracts as C
 from tasks import download, layouts, manifest, sources
-from tasks.params import IngestParams, Paths
+from tasks.params import IngestParams, Paths, source_path
 
 
 def records(p: IngestParams, root: Path) -> Iterable[sources.Record | sources.Rejected]:
-    """The configured source's items, lazily; ``root`` anchors its relative paths. A layout's
-    configured downloads are fetched (and checked) first."""
+    """The configured source's items, lazily; ``root`` anchors its relative paths (those leading
+    out of the project: :func:`tasks.params.source_path`). A layout's configured downloads are
+    fetched (and checked) first."""
     src = p.source
     if src.kind == "digits":
         return sources.digits()
     if src.kind == "manifest":
-        return manifest.manifest(root / src.path)
+        return manifest.manifest(source_path(root, src.path))
     if src.kind in layouts.READERS:
-        download.ensure(src.downloads, root / src.root)
-        return layouts.READERS[src.kind](root / src.root)
+        download.ensure(src.downloads, source_path(root, src.root))
+        return layouts.READERS[src.kind](source_path(root, src.root))
     if src.root is not None:
-        return sources.image_folder(root / src.root, split=None)
+        return sources.image_folder(source_path(root, src.root), split=None)
     return (
         r
         for split, rel in ((C.TRAIN, src.train_root), (C.TEST, src.test_root))
-        for r in sources.image_folder(root / rel, split=split)
+        for r in sources.image_folder(source_path(root, rel), split=split)
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks.contracts import write_json
-from tasks.params import Paths, flatten
+from tasks.params import Paths, flatten, project_origin
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -34,9 +34,7 @@ def store_dir(root: Path) -> Path:
     experiment that runs in a temporary copy of the repository (``dvc exp run --queue`` / ``--temp``),
     where it is the original repository (DVC names it in DVC_ROOT), so the experiment's runs are
     not deleted with the copy."""
-    if os.environ.get("DVC_EXP_NAME") and os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    return Path(root).resolve()
+    return project_origin(root)
 
 
 def tracking_uri(root: Path) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tasks import scan
 from tasks.params import load_params
 from test_ingest import SMALL, folder_project, write_tree
@@ -40,3 +42,27 @@ def test_outside_raw(make_project):
     assert scan.outside_raw(split.ingest, split.paths) == ["/b"]
     digits = load_params(make_project(SMALL, name="d"))
     assert scan.outside_raw(digits.ingest, digits.paths) == []
+
+
+def test_in_a_dvc_temporary_copy_paths_beside_the_project_are_the_originals(make_project, monkeypatch, tmp_path):
+    """``dvc exp run --queue/--temp`` runs the stages in a copy under .dvc/tmp/exps/...: a
+    source ``../data`` means the folder beside the user's repository, not beside the copy;
+    paths inside the project stay the copy's own."""
+    path = folder_project(make_project, {"root": "../beside"}, name="repo")
+    repo = path.parent
+    write_tree(repo.parent / "beside", {f"c{i}": 2 for i in range(3)})
+    copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmp123"
+    copy.mkdir(parents=True)
+    (copy / "params.yaml").write_text(path.read_text())
+    write_tree(copy / "inside", {"x": 2, "y": 2})
+    params = load_params(copy / "params.yaml")
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    with pytest.raises(FileNotFoundError, match="tmp123/../beside"):  # beside the copy: nothing there
+        list(scan.records(params.ingest, copy))
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    got = list(scan.records(params.ingest, copy))
+    assert len(got) == 6 and all(Path(r.origin).resolve().is_relative_to((repo.parent / "beside").resolve()) for r in got)
+    inside = load_params(copy / "params.yaml", {"ingest.source.root": "inside"})
+    assert all(Path(r.origin).resolve().is_relative_to(copy.resolve() / "inside") for r in scan.records(inside.ingest, copy))

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 # Offline-friendly defaults (a user's own settings win): no analytics, and time for the ephemeral
 # API server's first start on a slow machine (~17 s measured; Prefect's default limit is 20 s).
@@ -32,7 +31,7 @@ from prefect.runtime import flow_run  # noqa: E402
 
 from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, tracking, train  # noqa: E402
 from tasks.errors import UserInputError  # noqa: E402
-from tasks.params import flatten, load_params  # noqa: E402
+from tasks.params import flatten, load_params, yaml_load  # noqa: E402
 from tasks.params_preset import with_preset  # noqa: E402
 
 
@@ -125,15 +124,23 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects key=value, got {item!r}")
-        out[key] = yaml.safe_load(value)  # so 0.1 is a float and [1, 5] a list, as in params.yaml
+        out[key] = yaml_load(value)  # as params.yaml reads: 0.1 and 3e-4 are floats, [1, 5] a list
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=pipeline.__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--preset", default=None, help="a params preset file (params/omniglot.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.pipeline",
+        description="ingest → make_batches → train → export_embeddings → build_index → evaluate as a "
+        "Prefect flow (offline, ephemeral API); prints the metrics and the MLflow run id as JSON.",
+    )
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
+    parser.add_argument("--preset", default=None,
+                        help="a params preset file applied before the --set values (params/omniglot.yaml; "
+                        "relative to the current folder)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one dotted key, the value read as YAML (train.optimizer.lr=3e-4, "
+                        "evaluate.recall_at=[1,5]); repeatable")
     args = parser.parse_args(argv)
     from tasks.cli import USER_ERRORS
 

@@ -120,10 +120,10 @@ def run(params: IngestParams, paths: Paths) -> dict:
             if not w.rows:
                 raise DatasetError(f"no usable image in source {params.source.model_dump()}")
             classes.check_usable(counts)  # decode failures or duplicates may have emptied classes
-        except DatasetError as err:  # say which files went, and why: the quarantine is the answer
-            _write_quarantine(rejected, paths["quarantine"])
-            raise DatasetError(f"{err}; {len(rejected):,} files were skipped ({_detail(rejected)}): "
-                               f"each with its reason in {paths['quarantine']}") from None
+        except DatasetError as err:  # say which files went, and why (no output is written)
+            examples = "; ".join(f"{r.source}: {r.reason}" for r in rejected[:5])
+            raise DatasetError(f"{err}; {len(rejected):,} files were skipped ({_detail(rejected)})"
+                               + (f", e.g. {examples}" if rejected else "")) from None
         summary = classes.summary(counts, rejected, len(params.train_rotations))
         w.finish({
             "height": params.image_size,

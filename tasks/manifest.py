@@ -85,9 +85,12 @@ def manifest(path: Path) -> Iterator[Record | Rejected]:
     if flags and "split" not in columns:
         raise DatasetError(f"manifest {path}: is_query/is_gallery need a split column")
     root = path.parent
-    for n, row in enumerate(rows, start=1):
+    # The report names a row as an editor would find it: a CSV's line (its header is line 1), a
+    # Parquet file's row number.
+    first = 1 if path.suffix.lower() == ".parquet" else 2
+    for n, row in enumerate(rows, start=first):
         rel = _text(row.get("path"))
-        where = display(f"{path.name}:{n}:{rel}")  # the row, for the report
+        where = display(f"{path.name}:{n}:{rel}")
         if not rel:
             yield Rejected(where, "no path in this row", "bad row")
             continue

@@ -11,6 +11,7 @@ import copy
 import importlib
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -181,10 +182,10 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
     defaults = _defaults(cls)
     for kw, value in spec.kwargs.items():
         want = type(defaults.get(kw))
-        # YAML reads `1e-3` (no dot) as a string; catch that here rather than deep in torch.
+        # A quoted number is a string; catch that here rather than deep in torch.
         # An int default (momentum=0) is a number too: 0.9 is fine there.
         if want in (float, int) and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            hint = " (YAML reads 1e-3 as a string: write 1.0e-3)" if _looks_numeric(value) else ""
+            hint = " (a string: write the number without quotes)" if _looks_numeric(value) else ""
             errors.append(f"{key}.{kw}: expected a number, got {value!r}{hint}")
         elif want in (bool, str) and not isinstance(value, want):
             errors.append(f"{key}.{kw}: expected {want.__name__}, got {value!r}")
@@ -427,11 +428,26 @@ def _cross_section_errors(params: Params) -> list[str]:
     return errors
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``3e-4`` (no dot) as a number as YAML 1.2 does — and DVC, which
+    reads params.yaml too (PyYAML follows YAML 1.1: the string '3e-4')."""
+
+
+_YamlLoader.add_implicit_resolver(  # after int's and float's: tried only where they do not match
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML text -> Python values, as params files are read (:class:`_YamlLoader`)."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content; a missing or malformed file is a ParamsError naming it (``what``: the
     kind of file, for the message)."""
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml_load(path.read_text())
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such {what} file") from None
     except yaml.YAMLError as err:

@@ -82,3 +82,10 @@ def test_only_transient_failures_are_retried():
 
     assert not is_transient(None, None, Failed(data=DatasetError("1 class")))
     assert is_transient(None, None, Failed(data=OSError("NFS hiccup")))
+
+
+def test_set_values_are_read_as_params_yaml_reads_them():
+    from flows.pipeline import parse_set
+
+    got = parse_set(["train.optimizer.lr=3e-4", "evaluate.recall_at=[1, 5]", "train.backbone=resnet18", "train.miner=null"])
+    assert got == {"train.optimizer.lr": 3e-4, "evaluate.recall_at": [1, 5], "train.backbone": "resnet18", "train.miner": None}

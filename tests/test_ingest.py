@@ -496,7 +496,7 @@ def test_manifest_with_official_query_gallery_protocol(make_project):
     assert flags["te/1/0.png"] == (True, False) and flags["te/1/2.png"] == (False, True)
     assert flags["tr/3/1.png"] == (False, False)
     assert summary["skipped_by_reason"] == {"outside root": 1, "missing": 1}
-    assert sorted(quarantine[C.PATH].to_pylist()) == ["list.csv:22:../params.yaml", "tr/0/9.png"]
+    assert sorted(quarantine[C.PATH].to_pylist()) == ["list.csv:23:../params.yaml", "tr/0/9.png"]
 
 
 def test_manifest_without_split_uses_test_fraction(make_project):
@@ -720,21 +720,17 @@ def test_train_rotations_refuse_labels_that_look_rotated(make_project):
         run_ingest(path)
 
 
-def test_a_split_emptied_by_duplicates_says_so_and_keeps_the_quarantine(make_project):
+def test_a_split_emptied_by_duplicates_says_which_files_went_and_why(make_project):
     """The same images as train and test (a common mistake): every train file is a duplicate of a
     test one (test rows come first, so no test image is ever trained on). The error says how
-    many files went and why, and the quarantine lists each — it is written before the error."""
+    many files went, why, with examples; no output is written."""
     path = folder_project(make_project, {"train_root": "a", "test_root": "b"})
     tree = write_tree(path.parent / "a", {f"c{i}": 3 for i in range(4)})
     for label, images in tree.items():
         (path.parent / "b" / label).mkdir(parents=True)
         for i, data in enumerate(images):
             (path.parent / "b" / label / f"img{i:03d}.png").write_bytes(data)
-    params = load_params(path)
-    with pytest.raises(DatasetError, match=r"train split has 0 classes.*12 files were skipped \(12 duplicate\)") as info:
-        ingest.run(params.ingest, params.paths)
-    assert str(params.paths["quarantine"]) in str(info.value)
-    quarantine, _ = C.read_table(params.paths["quarantine"], C.QUARANTINE)
-    assert quarantine.num_rows == 12
-    assert all(r.startswith("duplicate of b/") for r in quarantine[C.REASON].to_pylist())
-    assert not params.paths["items"].exists()
+    with pytest.raises(DatasetError, match=r"train split has 0 classes.*12 files were skipped \(12 duplicate\), "
+                       r"e\.g\. a/c0/img000\.png: duplicate of b/c0/img000\.png; "):
+        run_ingest(path)
+    _assert_no_outputs(path)

@@ -79,7 +79,7 @@ def test_bad_rows_are_rejected_with_a_reason(tmp_path):
         "ok", "outside root", "outside root", "outside root", "no label", "missing", "bad row", "bad row",
         "bad row", "bad row", "bad row", "empty", "ok",
     ]
-    assert out[1].source == "m.csv:2:../outside.png" and "escapes" in out[1].reason
+    assert out[1].source == "m.csv:3:../outside.png" and "escapes" in out[1].reason  # line 3: after the header
     assert out[-1].source == "sub/ok2.png" and (out[-1].query, out[-1].gallery) == (True, False)
     assert (out[0].split, out[0].query, out[0].gallery) == ("train", False, False)
     assert all(r.reason for r in out if isinstance(r, Rejected))
@@ -99,6 +99,7 @@ def test_parquet_manifest_with_typed_columns(tmp_path):
     out = list(manifest(tmp_path / "m.parquet"))
     assert [(r.label, r.query, r.gallery) for r in out[:2]] == [("1", True, False), ("2", False, True)]
     assert isinstance(out[2], Rejected) and out[2].kind == "no label"
+    assert out[2].source == "m.parquet:3:c.png"  # a Parquet file has no header line: its row number
 
 
 @pytest.mark.parametrize(

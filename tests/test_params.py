@@ -22,6 +22,7 @@ from tasks.params import (
     flatten,
     load_params,
     parse_params,
+    yaml_load,
 )
 
 
@@ -461,16 +462,34 @@ def test_stage_main_valid_params_runs(make_project, capsys):
 
 
 def test_component_kwarg_values_are_type_checked_against_the_constructor_defaults(tmp_path):
-    # YAML reads `1e-3` as the string '1e-3'; torch would fail deep inside AdamW.
+    # A quoted number is a string: torch would fail deep inside AdamW.
     path = tmp_path / "params.yaml"
     raw = default_params()
     raw["train"]["optimizer"]["lr"] = "1e-3"
     raw["train"]["miner"]["type_of_triplets"] = 3
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw).replace("lr: 1e-3", "lr: '1e-3'"))
     with pytest.raises(ParamsError) as err:
         load_params(path)
-    assert "train.optimizer.lr: expected a number, got '1e-3'" in str(err.value)
+    assert "train.optimizer.lr: expected a number, got '1e-3' (a string: write the number without quotes)" in str(err.value)
     assert "train.miner.type_of_triplets: expected str" in str(err.value)
+
+
+@pytest.mark.parametrize("text,value", [
+    ("3e-4", 3e-4), ("1E3", 1000.0), ("-2.5e+2", -250.0), ("1.0e-3", 1e-3), ("3", 3), ("0x10", 16),
+    ("1e", "1e"), ("e3", "e3"), ("1_000", 1000), (".5", 0.5), ("'3e-4'", "3e-4"), ("v1e3", "v1e3"),
+])
+def test_numbers_read_as_yaml_1_2_and_dvc_read_them(text, value):
+    """PyYAML (YAML 1.1) reads 3e-4 as a string; DVC's YAML 1.2 reader as a float: params files
+    and --set values are read the way DVC reads them."""
+    got = yaml_load(f"x: {text}")["x"]
+    assert got == value and type(got) is type(value)
+
+
+def test_an_exponent_without_a_dot_in_params_yaml_is_a_number(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(default_params()).replace("lr: 0.0003", "lr: 3e-4"))
+    assert "lr: 3e-4" in path.read_text()
+    assert load_params(path).train.optimizer.kwargs["lr"] == 3e-4
 
 
 @pytest.mark.parametrize("value, why", [([45], "should be 90, 180 or 270"), ([90, 90], "repeats a value")])

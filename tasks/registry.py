@@ -89,7 +89,8 @@ def register(paths: Paths, name: str, run_id: str, metrics: dict) -> dict:
     if champ is None:
         alias, why = CHAMPION, "first registered version"
     elif champ.tags.get("evaluation_set") != eval_set:
-        alias, why = CHALLENGER, f"champion v{champ.version} was evaluated on another evaluation set"
+        alias, why = CHALLENGER, (f"champion v{champ.version} was evaluated on another evaluation set: not comparable; "
+                                  "another dataset wants its own evaluate.registered_model")
     elif score > float(champ.tags[METRIC]):
         alias, why = CHAMPION, f"mAP@R {score:.4f} beats champion v{champ.version}'s {float(champ.tags[METRIC]):.4f}"
     else:

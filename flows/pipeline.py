@@ -77,19 +77,19 @@ def report(metrics: dict[str, Any], run_id: str, root: Path) -> str:
 
 @flow(name="tripletflow", log_prints=True)
 def pipeline(
-    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, preset: str | None = None
+    params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, preset: str | list[str] | None = None
 ) -> dict[str, Any]:
     """ingest → make_batches → train → export_embeddings → build_index → evaluate; returns the
     metrics and the MLflow run id. ``preset``: a params preset file (``params/omniglot.yaml``;
-    relative to the params file's folder) applied before ``overrides``."""
-    preset_file = _preset_path(params_file, preset)
-    params = load_params(params_file, with_preset(preset_file, overrides))  # invalid params: fail before any output
+    relative to the params file's folder) or a list of them, applied in order before ``overrides``."""
+    preset_files = _preset_paths(params_file, preset)
+    params = load_params(params_file, with_preset(preset_files, overrides))  # invalid params: fail before any output
     paths = params.paths
     root = Path(paths.root)
     logger = get_run_logger()
     run_id = tracking.start_pipeline_run(
         root, params.train.experiment, {"prefect.flow_run_id": str(flow_run.id or ""), "tripletflow.runner": "prefect"}
-        | ({"tripletflow.preset": preset} if preset else {})
+        | ({"tripletflow.preset": preset if isinstance(preset, str) else ",".join(preset)} if preset else {})
     )
     tracking.Tracker(root, run_id).params(flatten(params.model_dump(exclude={"paths"})))
     logger.info("MLflow run %s (%s)", run_id, tracking.tracking_uri(root))
@@ -112,10 +112,9 @@ def pipeline(
     return {"run_id": run_id, "metrics": metrics}
 
 
-def _preset_path(params_file: str, preset: str | None) -> Path | None:
-    if preset is None:
-        return None
-    return Path(params_file).parent / preset  # an absolute preset stays absolute
+def _preset_paths(params_file: str, preset: str | list[str] | None) -> list[Path]:
+    presets = [preset] if isinstance(preset, str) else preset or []
+    return [Path(params_file).parent / p for p in presets]  # an absolute preset stays absolute
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -135,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         "Prefect flow (offline, ephemeral API); prints the metrics and the MLflow run id as JSON.",
     )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: %(default)s)")
-    parser.add_argument("--preset", default=None,
+    parser.add_argument("--preset", action="append", default=[],
                         help="a params preset file applied before the --set values (params/omniglot.yaml; "
-                        "relative to the current folder)")
+                        "relative to the current folder); again for another, applied after it "
+                        "(params/mining/batch-hard.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one dotted key, the value read as YAML (train.optimizer.lr=3e-4, "
                         "evaluate.recall_at=[1,5]); repeatable")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
         params_file = str(Path(args.params).resolve())
-        preset = str(Path(args.preset).resolve()) if args.preset else None
+        preset = [str(Path(p).resolve()) for p in args.preset] or None
         overrides = parse_set(args.overrides)
         load_params(params_file, with_preset(preset, overrides))
         result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)

@@ -24,12 +24,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="nightly-retrain", help="deployment name")
     parser.add_argument("--cron", default="0 3 * * *", help="schedule (cron, UTC)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--preset", default=None, help="a params preset file (params/omniglot.yaml)")
+    parser.add_argument("--preset", action="append", default=[],
+                        help="a params preset file (params/omniglot.yaml); again for another, applied after it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     overrides = parse_set(args.overrides)
     params_file = Path(args.params).resolve()
-    preset = str(Path(args.preset).resolve()) if args.preset else None
+    preset = [str(Path(p).resolve()) for p in args.preset] or None
     try:
         load_params(params_file, with_preset(preset, overrides))
     except USER_ERRORS as err:  # a typo must not become a deployment that fails every night

@@ -5,8 +5,9 @@ A preset (``params/omniglot.yaml``) has params.yaml's shape but only the keys it
 ``train.loss`` mapping, not a merge into the default's kwargs), so params.yaml stays the one
 source of every other default. ``extends: omniglot.yaml`` builds a preset on another one. The same preset reaches both runners:
 
-- the Prefect flow: ``python -m flows.pipeline --preset params/omniglot.yaml`` (dotted
-  ``--set`` overrides then apply on top; :func:`with_preset`);
+- the Prefect flow: ``python -m flows.pipeline --preset params/omniglot.yaml`` (``--preset``
+  again adds another, e.g. a loss + miner preset of ``params/mining/``; dotted ``--set``
+  overrides then apply on top; :func:`with_preset`);
 - DVC: ``python -m tasks.params_preset params/omniglot.yaml [-- dvc exp run args]`` runs
   ``dvc exp run`` with one ``--set-param`` per key, so the experiment's params.yaml — what DVC
   versions and ``dvc exp show`` lists — holds the preset's values.
@@ -48,9 +49,14 @@ def read_preset(path: str | Path, _chain: frozenset[Path] = frozenset()) -> dict
     return out
 
 
-def with_preset(preset: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The overrides for ``load_params``: the preset's keys (if any), then ``overrides`` on top."""
-    return (read_preset(preset) if preset is not None else {}) | (overrides or {})
+def with_preset(preset: str | Path | list[str | Path] | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The overrides for ``load_params``: the preset's keys (if any; several presets in order, a
+    later one winning: ``[params/omniglot.yaml, params/mining/batch-hard.yaml]``), then
+    ``overrides`` on top."""
+    out: dict[str, Any] = {}
+    for path in [preset] if isinstance(preset, (str, Path)) else preset or []:
+        out |= read_preset(path)
+    return out | (overrides or {})
 
 
 def _hydra(value: Any) -> str:
@@ -90,7 +96,7 @@ def dvc_set_params(preset: dict[str, Any], params_yaml: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tasks.params_preset",
                                 description="run a DVC experiment with a params preset")
-    p.add_argument("preset", type=Path)
+    p.add_argument("preset", type=Path, nargs="+", help="preset files, applied in order (a later one wins)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--print", action="store_true", help="print the dvc exp run arguments (JSON) instead of running")
     p.epilog = "Arguments after -- go to `dvc exp run` (--queue, -n NAME, -S key=value ...)."
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     args, extra = p.parse_args(argv[:split]), argv[split + 1 :]
     try:
-        sets = dvc_set_params(read_preset(args.preset), args.params)
+        sets = dvc_set_params(with_preset(args.preset), args.params)
     except ParamsError as err:
         print(f"tripletflow: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

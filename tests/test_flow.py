@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -89,3 +90,11 @@ def test_set_values_are_read_as_params_yaml_reads_them():
 
     got = parse_set(["train.optimizer.lr=3e-4", "evaluate.recall_at=[1, 5]", "train.backbone=resnet18", "train.miner=null"])
     assert got == {"train.optimizer.lr": 3e-4, "evaluate.recall_at": [1, 5], "train.backbone": "resnet18", "train.miner": None}
+
+
+def test_presets_are_relative_to_the_params_file_and_may_be_several():
+    from flows.pipeline import _preset_paths
+
+    assert _preset_paths("/p/params.yaml", None) == []
+    assert _preset_paths("/p/params.yaml", "params/omniglot.yaml") == [Path("/p/params/omniglot.yaml")]
+    assert _preset_paths("/p/params.yaml", ["a.yaml", "/abs/b.yaml"]) == [Path("/p/a.yaml"), Path("/abs/b.yaml")]

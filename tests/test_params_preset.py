@@ -16,7 +16,7 @@ from tasks.errors import ParamsError
 from tasks.params import load_params
 from tasks.params_preset import dvc_set_params, main, read_preset, with_preset
 
-SHIPPED = sorted((ROOT / "params").glob("*.yaml"))
+SHIPPED = sorted((ROOT / "params").rglob("*.yaml"))  # datasets, and loss + miner presets in mining/
 
 
 def _write(path: Path, data) -> Path:
@@ -65,7 +65,7 @@ def test_unknown_key_in_a_preset_is_named(tmp_path):
 
 
 def test_shipped_presets_exist():
-    assert [p.name for p in SHIPPED] and all(p.parent.name == "params" for p in SHIPPED)
+    assert {p.parent.name for p in SHIPPED} == {"params", "mining"}
 
 
 KINDS = {  # every kind of value a preset holds: mapping replacing a mapping, null for a mapping, list, bool, quotes
@@ -87,7 +87,8 @@ def test_dvc_set_params_give_the_same_params_as_the_flow(tmp_path, preset):
     via_dvc = load_params(tmp_path / "params.yaml").model_dump(exclude={"paths"})
     via_flow = load_params(ROOT / "params.yaml", with_preset(preset)).model_dump(exclude={"paths"})
     assert via_dvc == via_flow
-    assert via_flow != load_params(ROOT / "params.yaml").model_dump(exclude={"paths"})
+    default = load_params(ROOT / "params.yaml").model_dump(exclude={"paths"})
+    assert (via_flow == default) is (getattr(preset, "name", "") == "semi-hard.yaml")  # params.yaml's own mining
 
 
 def test_cli_prints_the_dvc_command(tmp_path, capsys):
@@ -103,3 +104,18 @@ def test_cli_error_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path / "none.yaml"), "--print"])
     assert info.value.code == 2 and "no such preset" in capsys.readouterr().err
+
+
+def test_presets_apply_in_order_a_later_one_winning(tmp_path, capsys):
+    """A dataset preset, then a loss + miner preset: both through the flow's loader and through
+    the DVC command."""
+    omniglot, hard = ROOT / "params" / "omniglot.yaml", ROOT / "params" / "mining" / "batch-hard.yaml"
+    both = load_params(ROOT / "params.yaml", with_preset([omniglot, hard]))
+    alone = load_params(ROOT / "params.yaml", with_preset(omniglot))
+    assert both.train.miner.name == "BatchHardMiner" and both.train.loss.name == "TripletMarginLoss"
+    assert alone.train.loss != both.train.loss
+    assert both.ingest == alone.ingest and both.train.embedding_dim == alone.train.embedding_dim
+    assert with_preset([omniglot, hard], {"train.width": 3})["train.width"] == 3  # overrides win over both
+    main([str(omniglot), str(hard), "--params", str(ROOT / "params.yaml"), "--print"])
+    cmd = json.loads(capsys.readouterr().out)
+    assert "+train.miner={name:'BatchHardMiner'}" in cmd and "++ingest.image_size=36" in cmd

@@ -4,9 +4,10 @@
 
 Loads what the pipeline saved — the model (``paths.model``), the index (``paths.index``, searched
 as built, with its nprobe/efSearch) and its id map (``paths.index_ids``) — and decodes each image
-exactly as ingest does (:func:`tasks.sources.decode` at ``ingest.image_size`` / ``ingest.channels``).
-Prints ``{"query": [{"image", "results": [{"rank", "item_id", "label", "score"}, ...]}, ...]}``;
-scores are "higher is more similar" (inner product, or minus the squared L2 distance).
+exactly as ingest does (:func:`tasks.sources.decode`, at the size and channels the model takes).
+Prints ``{"query": [{"image", "results": [{"rank", "item_id", "label", "source", "score"}, ...]},
+...]}`` — ``source``: where ingest read the item (its file, or zip member); scores are "higher is
+more similar" (inner product, or minus the squared L2 distance).
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ BATCH = 512  # images per forward pass
 
 def query(params: Params, images: list[Path], k: int, out: Path | None = None, device: str = "cpu") -> list[dict]:
     """Top-``k`` gallery items for each image file; writes a grid PNG to ``out`` when given."""
-    paths, size, channels = params.paths, params.ingest.image_size, params.ingest.channels
+    paths = params.paths
     ids_table, ids_meta = C.read_table(paths["index_ids"], C.INDEX_IDS)
     # The index must come from this model's embeddings, or the scores mean nothing.
     if ids_meta["model_sha256"] != C.file_digest(paths["model"]):
         raise ContractError(f"{paths['index']} was built from another model than {paths['model']}: re-run export_embeddings and build_index")
     model = load_checkpoint(paths["model"], pick_device(device))
-    if (model.config["image_size"], model.config["in_channels"]) != (size, channels):
-        raise ContractError(f"{paths['model']} takes {model.config['image_size']}px × {model.config['in_channels']} channels, params.yaml ingest says {size}px × {channels}")
+    size, channels = model.config["image_size"], model.config["in_channels"]  # what it was trained on
     pixels = []
     for image in images:
         try:
@@ -59,9 +59,12 @@ def query(params: Params, images: list[Path], k: int, out: Path | None = None, d
     labels = ids_table[C.LABEL].to_numpy(zero_copy_only=False)
     found_ids = np.where(chunk.pos >= 0, item_ids[np.maximum(chunk.pos, 0)], None)
     found_labels = np.where(chunk.pos >= 0, labels[np.maximum(chunk.pos, 0)], "")
+    items, _ = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.SOURCE])
+    source_of = dict(zip(items[C.ITEM_ID].to_pylist(), items[C.SOURCE].to_pylist()))
     results = [
         {"image": str(image), "results": [
-            {"rank": j + 1, "item_id": found_ids[i, j], "label": found_labels[i, j], "score": float(chunk.scores[i, j])}
+            {"rank": j + 1, "item_id": found_ids[i, j], "label": found_labels[i, j],
+             "source": source_of.get(found_ids[i, j]), "score": float(chunk.scores[i, j])}
             for j in range(chunk.pos.shape[1]) if chunk.pos[i, j] >= 0
         ]}
         for i, image in enumerate(images)

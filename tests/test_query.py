@@ -38,7 +38,8 @@ def test_query_finds_the_item_an_image_came_from(pipeline, tmp_path, capsys):
         assert [r["rank"] for r in a["results"]] == [1, 2, 3]
         top = a["results"][0]
         assert top["item_id"] == item_id and top["score"] == pytest.approx(1.0, abs=1e-4)  # itself
-        assert top["label"] == test.filter(test[C.ITEM_ID].to_numpy(zero_copy_only=False) == item_id)[C.LABEL][0].as_py()
+        row = test.filter(test[C.ITEM_ID].to_numpy(zero_copy_only=False) == item_id)
+        assert top["label"] == row[C.LABEL][0].as_py() and top["source"] == row[C.SOURCE][0].as_py()
         assert a["results"][0]["score"] >= a["results"][1]["score"] >= a["results"][2]["score"]
     assert out.read_bytes()[:4] == b"\x89PNG"
 
@@ -64,3 +65,16 @@ def test_more_images_than_one_search_chunk_all_get_answers(pipeline, tmp_path):
     answer = query.query(pipeline, files, 2)
     assert len(answer) == 4100
     assert answer[-1]["results"][0]["item_id"] == items[C.ITEM_ID][0].as_py()
+
+
+def test_images_are_read_at_the_size_the_model_takes(pipeline, tmp_path, capsys):
+    """params.yaml's ingest section may have moved on since the model was trained: the model's
+    own input size decides how a query image is decoded."""
+    items, meta = C.read_table(pipeline.paths["items"], C.ITEMS)
+    items = items.filter(items[C.SPLIT].to_numpy(zero_copy_only=False) == C.TEST)  # the gallery
+    px = C.pixels_numpy(items[C.PIXELS])[-1].reshape(meta["height"], meta["width"])
+    big = tmp_path / "q.png"
+    Image.fromarray(px, mode="L").save(big)  # at 64 px (params' size now) it would not be itself
+    params = pipeline.model_copy(update={"ingest": pipeline.ingest.model_copy(update={"image_size": 64})})
+    top = query.query(params, [big], 1)[0]["results"][0]
+    assert top["item_id"] == items[C.ITEM_ID][-1].as_py() and top["score"] == pytest.approx(1.0, abs=1e-4)

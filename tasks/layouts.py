@@ -44,8 +44,10 @@ NO_LANDMARK = "__no_landmark__"  # GLDv2 queries whose landmark is in no gallery
 
 def omniglot(root: Path) -> Iterator[Item]:
     for name, split in (("images_background", "train"), ("images_evaluation", "test")):
-        zipped = root / f"{name}.zip"
-        yield from image_folder(zipped if zipped.exists() else root / name, split)
+        zipped, folder = root / f"{name}.zip", root / name
+        if not zipped.exists() and not folder.is_dir():
+            raise DatasetError(f"omniglot: neither {zipped} (the official zip) nor the folder {folder} exists")
+        yield from image_folder(zipped if zipped.exists() else folder, split)
 
 
 def _lines(path: Path, skip: int = 0) -> Iterator[tuple[int, list[str]]]:

@@ -461,7 +461,8 @@ def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Pa
     raw = read_yaml(path, "params")
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return parse_params(raw, path.parent, origin=str(path))
+    # The values may come from a preset or --set, not the file: say so where the error names it.
+    return parse_params(raw, path.parent, origin=f"{path} with the preset / --set values" if overrides else str(path))
 
 
 def project_origin(root: Path) -> Path:

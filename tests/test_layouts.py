@@ -301,3 +301,8 @@ def test_fashion_mnist_real_files():
     recs = records(layouts.fashion_mnist(FASHION))
     assert len(recs) == 70_000
     assert Counter(r.label for r in recs) == {c: 7_000 for c in layouts.FASHION_CLASSES}
+
+
+def test_omniglot_missing_names_the_zip_it_expects(tmp_path):
+    with pytest.raises(DatasetError, match=r"neither .*images_background\.zip \(the official zip\) nor the folder"):
+        list(layouts.omniglot(tmp_path))

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tasks import ingest, scan, sources  # noqa: E402
-from tasks.params import load_params  # noqa: E402
+from tasks.params import load_params, yaml_load  # noqa: E402
 
 SIDE = 64  # source images: 64×64 RGB JPEGs of ~2–3 KB, "small JPEGs"
 BASES = 256
@@ -157,7 +157,7 @@ def main() -> None:
     own_core = single_core_rate(images, args.image_size, own=True)
     cores_now = all_cores_rate(images, args.image_size, cores)
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml_load((REPO / "params.yaml").read_text())
     raw["ingest"].update(source={"kind": "image_folder", "root": str(images)}, image_size=args.image_size,
                          channels=3, workers=0)
     (work / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -25,8 +25,10 @@ _TRUE, _FALSE = {"true", "1", "yes", "t", "y"}, {"false", "0", "no", "f", "n", "
 _BATCH_ROWS = 65_536  # Parquet rows read at a time: a million-row manifest is never all in memory
 
 
-def _rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
-    """(column names, row dicts) streamed from a .csv or .parquet manifest."""
+def _rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
+    """(column names, (where, row dict) pairs) streamed from a .csv or .parquet manifest; ``where``
+    is the row as an editor finds it: a CSV's line (of the row's last line, should a quoted field
+    span several; blank lines counted), a Parquet file's row number."""
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -34,7 +36,7 @@ def _rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
             pf = pq.ParquetFile(path)
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise DatasetError(f"manifest {path}: not a readable Parquet file: {err}") from None
-        return pf.schema_arrow.names, (r for b in pf.iter_batches(_BATCH_ROWS) for r in b.to_pylist())
+        return pf.schema_arrow.names, enumerate((r for b in pf.iter_batches(_BATCH_ROWS) for r in b.to_pylist()), start=1)
     def reader(handle) -> csv.DictReader:
         rd = csv.DictReader(handle)
         try:
@@ -48,11 +50,12 @@ def _rows(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         columns = list(reader(handle).fieldnames)
 
-    def rows() -> Iterator[dict[str, Any]]:
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rd = reader(handle)
             try:
-                yield from rd
+                for row in rd:
+                    yield rd.line_num, row
             except (UnicodeDecodeError, csv.Error) as err:
                 raise DatasetError(f"manifest {path}: line {rd.line_num}: {err}") from None
 
@@ -85,10 +88,7 @@ def manifest(path: Path) -> Iterator[Record | Rejected]:
     if flags and "split" not in columns:
         raise DatasetError(f"manifest {path}: is_query/is_gallery need a split column")
     root = path.parent
-    # The report names a row as an editor would find it: a CSV's line (its header is line 1), a
-    # Parquet file's row number.
-    first = 1 if path.suffix.lower() == ".parquet" else 2
-    for n, row in enumerate(rows, start=first):
+    for n, row in rows:  # n: the row's line (CSV) or number (Parquet), for the report
         rel = _text(row.get("path"))
         where = display(f"{path.name}:{n}:{rel}")
         if not rel:

@@ -380,23 +380,30 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
     return params
 
 
-# String arguments of pml classes that take one of a few words and would not check them
+# String arguments of pml classes that take one of a few words and do not check them
 # (TripletMarginMiner mines "all" triplets for any unknown type_of_triplets).
-_CHOICES = {
-    ("TripletMarginMiner", "type_of_triplets"): ("all", "hard", "semihard", "easy"),
-    ("BatchEasyHardMiner", "pos_strategy"): ("easy", "semihard", "hard", "all"),
-    ("BatchEasyHardMiner", "neg_strategy"): ("easy", "semihard", "hard", "all"),
-}
+_CHOICES = {("TripletMarginMiner", "type_of_triplets"): ("all", "hard", "semihard", "easy")}
 
 
 def _choice_errors(spec: Component | None, key: str) -> list[str]:
+    """Word-valued arguments, then the miner's own checks (pml's constructors validate some
+    arguments — BatchEasyHardMiner's strategies and their combinations — when train builds it)."""
     if spec is None:
         return []
-    return [
+    errors = [
         f"{key}.{kw}: {spec.name} takes one of {', '.join(_CHOICES[spec.name, kw])} (got {value!r})"
         for kw, value in spec.kwargs.items()
         if (spec.name, kw) in _CHOICES and value not in _CHOICES[spec.name, kw]
     ]
+    if not errors:
+        from pytorch_metric_learning import miners
+
+        try:
+            getattr(miners, spec.name)(**spec.kwargs)  # cheap: a miner holds no weights
+        except Exception as err:  # pml raises ValueError, AssertionError, ...
+            errors.append(f"{key}: {spec.name}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}): "
+                          f"{' '.join(str(err).split())}")
+    return errors
 
 
 def _cross_section_errors(params: Params) -> list[str]:
@@ -412,7 +419,9 @@ def _cross_section_errors(params: Params) -> list[str]:
     else:
         import torchvision
 
-        if t.backbone not in torchvision.models.list_models(module=torchvision.models):
+        known = torchvision.models.list_models(module=torchvision.models) + torchvision.models.list_models(
+            module=torchvision.models.quantization)  # classifiers; get_model lowercases the name
+        if t.backbone.lower() not in known:
             errors.append(f"train.backbone: unknown model {t.backbone!r} (small_cnn or a torchvision classification "
                           "model: resnet18, resnet50, efficientnet_b0, convnext_tiny, vit_b_16...)")
     b = params.build_index

@@ -22,8 +22,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def default_params() -> dict:
-    """params.yaml of the repository, as a dict."""
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    """params.yaml of the repository, as a dict (read as the stages read it)."""
+    from tasks.params import yaml_load
+
+    return yaml_load((ROOT / "params.yaml").read_text())
 
 
 def set_dotted(raw: dict, dotted: str, value) -> None:

@@ -132,3 +132,11 @@ def test_bom_and_spaces_in_header(tmp_path):
     (tmp_path / "m.csv").write_bytes("\ufeffpath , label\na.png , x \n".encode("utf-8"))
     (rec,) = manifest(tmp_path / "m.csv")
     assert (rec.source, rec.label) == ("a.png", "x")
+
+
+def test_a_rejected_csv_row_is_named_by_its_line_in_the_file(tmp_path):
+    """Blank lines and a quoted field over two lines: the line an editor shows, not a row count."""
+    images(tmp_path, ["a.png", "b\nc.png"])
+    (tmp_path / "m.csv").write_text('path,label\na.png,x\n\n../out.png,y\n"b\nc.png",z\n../out2.png,w\n')
+    rejected = [r for r in manifest(tmp_path / "m.csv") if isinstance(r, Rejected)]
+    assert [r.source for r in rejected] == ["m.csv:4:../out.png", "m.csv:7:../out2.png"]

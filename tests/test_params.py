@@ -503,7 +503,9 @@ def test_train_rotations_are_distinct_right_angles(value, why):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"train.miner.type_of_triplets": "semi"}, "train.miner.type_of_triplets: TripletMarginMiner takes one of all, hard, semihard, easy"),
-    ({"train.miner": {"name": "BatchEasyHardMiner", "neg_strategy": "hardest"}}, "train.miner.neg_strategy: BatchEasyHardMiner takes one of"),
+    ({"train.miner": {"name": "BatchEasyHardMiner", "neg_strategy": "hardest"}}, 'neg_strategy must be one of "hard" or'),
+    ({"train.miner": {"name": "BatchEasyHardMiner", "pos_strategy": "semihard", "neg_strategy": "semihard"}},
+     "train.miner: BatchEasyHardMiner(pos_strategy='semihard', neg_strategy='semihard'): pos_strategy and neg_strategy cannot both be"),
     ({"train.backbone": "resnet_18"}, "train.backbone: unknown model 'resnet_18'"),
     ({"train.backbone": "fasterrcnn_resnet50_fpn"}, "train.backbone: unknown model"),  # not a classifier
     ({"train.pretrained": "default"}, "train.pretrained: small_cnn has no pretrained weights"),
@@ -521,6 +523,8 @@ def test_choices_a_later_stage_would_reject_stop_when_params_load(overrides, mes
     {"train.miner.type_of_triplets": "hard"},
     {"train.miner": {"name": "BatchEasyHardMiner", "pos_strategy": "easy", "neg_strategy": "semihard"}},
     {"train.backbone": "resnet18", "train.pretrained": "default"},  # the weights file is looked for when training starts
+    {"train.backbone": "ResNet18"},  # torchvision's get_model lowercases
+    {"train.backbone": "quantized_resnet18"},
     {"build_index.factory": "IVF16,PQ8"},
     {"build_index.factory": "HNSW32", "build_index.metric": "l2"},
 ])

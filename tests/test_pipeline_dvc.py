@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import copy_repo
+from tasks.params import yaml_load
 
 pytestmark = pytest.mark.slow
 FIRST: dict = {}  # metrics of the default run, for the untrained-baseline comparison
@@ -50,7 +51,7 @@ def test_dvc_repro_runs_all_then_nothing_then_only_downstream(repo: Path):
 
     assert _ran(_run(dvc + ["repro"], repo)) == []  # nothing changed: nothing runs
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml_load((repo / "params.yaml").read_text())
     params["train"]["miner"]["type_of_triplets"] = "hard"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_run(dvc + ["repro"], repo)) == STAGES[2:]
@@ -127,7 +128,7 @@ def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Pat
     measured: thread count, the objective's order of operations; seed 1's by 0.0004), against
     0.609 untrained; the two seeds' mean was 0.715 at 53782d4."""
     def repro_with(seed: int, epochs: int) -> dict:
-        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params = yaml_load((repo / "params.yaml").read_text())
         params["train"]["miner"]["type_of_triplets"] = "semihard"
         params["make_batches"]["epochs"], params["make_batches"]["seed"], params["train"]["seed"] = epochs, seed, seed
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -135,7 +136,7 @@ def test_the_default_beats_the_same_pipeline_with_an_untrained_network(repo: Pat
         return json.loads((repo / "metrics.json").read_text())
 
     assert FIRST, "runs after test_dvc_repro_runs_all_then_nothing_then_only_downstream"
-    epochs = yaml.safe_load((repo / "params.yaml").read_text())["make_batches"]["epochs"]
+    epochs = yaml_load((repo / "params.yaml").read_text())["make_batches"]["epochs"]
     seed1 = repro_with(1, epochs)
     untrained = repro_with(0, 0)
     trained = {k: (FIRST[k] + seed1[k]) / 2 for k in ("map_at_r", "r_precision")}
@@ -263,7 +264,7 @@ def test_a_new_dataset_drop_reruns_ingest_and_an_old_tag_comes_back(tmp_path):
         return pq.read_metadata(root / "data" / "items.parquet").num_rows
 
     (root / "dvc.lock").unlink()  # a project that has run nothing yet
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = yaml_load((root / "params.yaml").read_text())
     params["ingest"].update(source={"kind": "image_folder", "root": "data/raw/toy"}, image_size=8, workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)

@@ -479,9 +479,12 @@ def project_origin(root: Path) -> Path:
     temporary copy of the repository (``dvc exp run --queue`` / ``--temp``), where it is the
     original repository (DVC names it in DVC_ROOT): what lies beside the project (``../data``)
     is beside the original, not beside the copy, and the MLflow store must outlive the copy."""
+    root = Path(root).resolve()
     if os.environ.get("DVC_EXP_NAME") and os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    return Path(root).resolve()
+        # The copy holds the repository from its top (where .dvc/ is); params.yaml may sit below it.
+        top = next((d for d in (root, *root.parents) if (d / ".dvc").is_dir()), root)
+        return Path(os.environ["DVC_ROOT"]).resolve() / root.relative_to(top)
+    return root
 
 
 def source_path(root: Path, rel: str) -> Path:

@@ -52,7 +52,7 @@ def test_in_a_dvc_temporary_copy_paths_beside_the_project_are_the_originals(make
     repo = path.parent
     write_tree(repo.parent / "beside", {f"c{i}": 2 for i in range(3)})
     copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmp123"
-    copy.mkdir(parents=True)
+    (copy / ".dvc").mkdir(parents=True)  # a copy of the repository, .dvc/ included
     (copy / "params.yaml").write_text(path.read_text())
     write_tree(copy / "inside", {"x": 2, "y": 2})
     params = load_params(copy / "params.yaml")
@@ -66,3 +66,17 @@ def test_in_a_dvc_temporary_copy_paths_beside_the_project_are_the_originals(make
     assert len(got) == 6 and all(Path(r.origin).resolve().is_relative_to((repo.parent / "beside").resolve()) for r in got)
     inside = load_params(copy / "params.yaml", {"ingest.source.root": "inside"})
     assert all(Path(r.origin).resolve().is_relative_to(copy.resolve() / "inside") for r in scan.records(inside.ingest, copy))
+
+
+def test_a_project_below_the_repository_top_maps_to_the_same_folder_of_the_original(tmp_path, monkeypatch):
+    from tasks.params import project_origin
+
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "standalone" / "tmp1"
+    (copy / ".dvc").mkdir(parents=True)
+    (copy / "sub" / "project").mkdir(parents=True)
+    monkeypatch.setenv("DVC_EXP_NAME", "e")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert project_origin(copy / "sub" / "project") == (tmp_path / "repo" / "sub" / "project").resolve()
+    assert project_origin(copy) == (tmp_path / "repo").resolve()
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert project_origin(copy / "sub") == (copy / "sub").resolve()

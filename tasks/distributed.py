@@ -100,12 +100,28 @@ def launch(module: str, params, paths, parent_run_id: str | None) -> dict:
 
 def run_job(job_file: str, run: Callable[..., dict], params_type, paths_type) -> None:
     """The other side of :func:`launch`, in each torchrun process: rank 0 writes the result."""
+    _die_with_parent()
     job = json.loads(Path(job_file).read_text())
     params = params_type.model_validate_json(json.dumps(job["params"]))
     paths = paths_type.model_validate_json(json.dumps(job["paths"]))
     result = run(params, paths) if job["parent_run_id"] is None else run(params, paths, job["parent_run_id"])
     if os.environ.get("RANK", "0") == "0":
         Path(job["result"]).write_text(json.dumps(result, default=str))
+
+
+def _die_with_parent() -> None:
+    """This rank dies with its torchrun agent (Linux: PR_SET_PDEATHSIG). An agent killed with
+    SIGKILL cannot stop its workers, and orphaned ranks would go on training and write the stage's
+    outputs under a restarted run's feet."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the agent died before the call: nobody would signal us
+        os._exit(1)
 
 
 def gather_rows(part: np.ndarray, beside: Path, world: World) -> np.ndarray:
@@ -133,6 +149,16 @@ def gather_objects(obj: Any, world: World) -> list[Any] | None:
     out = [None] * world.size if world.main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    """Rank 0's ``obj`` on every rank (a collective: every rank calls it; the others pass None).
+    Rank 0 decides what all must agree on: a file only its machine may see, a stopping decision."""
+    if world.size == 1:
+        return obj
+    box = [obj if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown(world: World) -> None:

@@ -60,7 +60,8 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     stopper = stateful["early_stopping"] = EarlyStopping(params.early_stopping_patience)
     digests = resume.input_digests(paths)
     fp = resume.fingerprint(params, digests)
-    state = resume.load(paths["train_state"], fp, stateful)
+    # Rank 0 reads the state: on several machines only its own disk holds the file it wrote.
+    state = distributed.broadcast_object(resume.load(paths["train_state"], fp, stateful) if world.main else None, world)
     curve: list[dict[str, float]] = state["curve"] if state else []
     if state:
         resume.restore(state, stateful, world)
@@ -94,6 +95,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
             if len(val_idx):
                 row["val_recall_at_1"] = recall_at_1(model, pixels[val_idx], labels[val_idx])
                 stop = bool(params.early_stopping_patience) and stopper.update(epoch, row["val_recall_at_1"], model)
+                stop = distributed.broadcast_object(stop, world)  # one decision, or ranks would wait on each other
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
             logged = {f"train.{k}": v for k, v in row.items()}

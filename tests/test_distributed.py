@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +147,123 @@ def test_all_reduce_batchnorm_under_bf16_autocast_keeps_float32_statistics(tmp_p
         torch.testing.assert_close(synced.running_var, plain.running_var, atol=1e-2, rtol=1e-2)
     finally:
         dist.destroy_process_group()
+
+
+def _broadcast_rank0(rank: int, world_size: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    world, _ = distributed.init("cpu")
+    got = distributed.broadcast_object({"rank": rank, "t": torch.full((2,), float(rank))} if world.main else None, world)
+    gathered = distributed.gather_objects((rank, got["rank"], got["t"].tolist()), world)
+    if world.main:
+        torch.save(gathered, out)
+    distributed.shutdown(world)
+
+
+def test_broadcast_object_gives_every_rank_rank_0s_value_and_gather_objects_collects_in_rank_order(tmp_path):
+    """What resume and early stopping rely on: rank 0 reads the state file (on several machines
+    only its disk has it) and decides when to stop; every rank gets the same."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_broadcast_rank0, args=(2, port, tmp_path / "out.pt"), nprocs=2, join=True)
+    assert torch.load(tmp_path / "out.pt") == [(0, 0, [0.0, 0.0]), (1, 0, [0.0, 0.0])]
+    assert distributed.broadcast_object("x", distributed.SINGLE) == "x"
+    assert distributed.gather_objects("x", distributed.SINGLE) == ["x"]
+
+
+@pytest.mark.slow
+def test_two_processes_killed_mid_training_resume_to_the_uninterrupted_weights(make_project, tmp_path):
+    """``train.processes: 2`` with supervised augmentation (each rank draws its own): the whole
+    torchrun group SIGKILLed after an epoch's state was saved, then restarted, ends with the
+    weights of an uninterrupted 2-process run — rank 0 reads and broadcasts the state, and each
+    rank restores its own augmenter and generators."""
+    import signal
+    import time
+
+    aug = {"supervised": True, "crop_scale": [0.7, 1.0], "rotate": 10.0, "translate": 0.1, "hflip": False,
+           "brightness": 0.0, "contrast": 0.0}
+    runs = {}
+    for name in ("straight", "killed"):
+        path = make_project(FAST | {"make_batches.epochs": 5, "train.processes": 2, "train.augment": aug,
+                                    "train.precision": "fp32"}, name=name)
+        params = load_params(path)
+        ingest.run(params.ingest, params.paths)
+        make_batches.run(params.make_batches, params.paths)
+        runs[name] = (path, params)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = lambda path: [sys.executable, "-m", "tasks.train", "--params", str(path)]  # noqa: E731
+    subprocess.run(cmd(runs["straight"][0]), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+
+    path, params = runs["killed"]
+    proc = subprocess.Popen(cmd(path), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done, deadline = 0, time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if params.paths["train_state"].exists():
+            done = torch.load(params.paths["train_state"], weights_only=True)["epochs_done"]
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    for pid in _process_tree(proc.pid):  # torchrun starts its workers in their own sessions
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    time.sleep(1)  # the workers' exits reach the kernel
+    assert 2 <= done < 5 and not params.paths["model"].exists(), f"killed after {done} epochs"
+    again = subprocess.run(cmd(path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after epoch" in again.stdout, again.stdout[-3000:]
+    a = torch.load(runs["straight"][1].paths["model"], weights_only=True)["state_dict"]
+    b = torch.load(params.paths["model"], weights_only=True)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc: parents, whatever their session)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+@pytest.mark.slow
+def test_ranks_die_with_their_torchrun_agent(make_project):
+    """SIGKILL of the torchrun agent (it cannot pass that on): its ranks go too, rather than
+    train on and write the model after the stage has failed."""
+    import signal
+    import time
+
+    path = make_project(FAST | {"make_batches.epochs": 30, "train.processes": 2})
+    params = load_params(path)
+    ingest.run(params.ingest, params.paths)
+    make_batches.run(params.make_batches, params.paths)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.train", "--params", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not params.paths["train_state"].exists():
+        time.sleep(0.05)
+    tree = _process_tree(proc.pid)
+    agents = [p for p in tree if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    ranks = [p for p in tree if b"--job" in Path(f"/proc/{p}/cmdline").read_bytes() and p not in agents]
+    assert len(agents) == 1 and len(ranks) == 2, (agents, ranks)
+    os.kill(agents[0], signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0  # the stage fails
+    time.sleep(2)
+    alive = [p for p in ranks if Path(f"/proc/{p}").exists() and b"Z" not in Path(f"/proc/{p}/stat").read_bytes().split(b") ")[1][:1]]
+    assert alive == []
+    assert not params.paths["model"].exists()

@@ -41,7 +41,7 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
 def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: World, device: torch.device) -> dict:
     torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
-    plan, plan_meta = load_plan(paths, row_of)
+    plan, plan_meta = load_plan(paths, row_of, labels.cpu().numpy())
 
     weights = params.pretrained
     if weights not in (None, "default") and not Path(weights).is_absolute():

@@ -26,8 +26,11 @@ def load_train_data(paths: Paths, device: torch.device):
     return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
 
 
-def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarray]], dict]:
-    """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,)."""
+def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = None) -> tuple[list[list[np.ndarray]], dict]:
+    """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,). With the train rows'
+    ``labels`` (N,), each batch is checked to hold exactly ``images_per_class`` rows of each of its
+    classes — what the fused objective's static shapes take for granted (a short class would
+    make it pick a non-positive as a positive, silently)."""
     table, meta = C.read_table(paths["batches"], C.BATCHES)
     try:
         rows = np.fromiter((row_of[i] for i in table[C.ITEM_ID].to_pylist()), np.int64, table.num_rows)
@@ -40,4 +43,12 @@ def load_plan(paths: Paths, row_of: dict[str, int]) -> tuple[list[list[np.ndarra
         b = batches[in_epoch]
         r = rows[in_epoch]
         plan.append([r[b == i] for i in range(int(b.max()) + 1 if len(b) else 0)])
+    if labels is not None:
+        k = meta["images_per_class"]
+        for e, epoch in enumerate(plan):
+            for i, batch in enumerate(epoch):
+                counts = np.unique(labels[batch], return_counts=True)[1]
+                if (counts != k).any():
+                    raise C.ContractError(f"{paths['batches']}: epoch {e} batch {i} is not P×K: its classes have "
+                                          f"{sorted(set(counts.tolist()))} images, not {k} each")
     return plan, meta

@@ -117,6 +117,11 @@ def _preset_paths(params_file: str, preset: str | list[str] | None) -> list[Path
     return [Path(params_file).parent / p for p in presets]  # an absolute preset stays absolute
 
 
+def resolve_presets(files: list[str]) -> list[str] | None:
+    """The command line's ``--preset`` files as absolute paths (a flow run may start elsewhere)."""
+    return [str(Path(p).resolve()) for p in files] or None
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
         params_file = str(Path(args.params).resolve())
-        preset = [str(Path(p).resolve()) for p in args.preset] or None
+        preset = resolve_presets(args.preset)
         overrides = parse_set(args.overrides)
         load_params(params_file, with_preset(preset, overrides))
         result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.pipeline import parse_set, pipeline
+from flows.pipeline import parse_set, pipeline, resolve_presets
 from tasks.cli import USER_ERRORS
 from tasks.params import load_params
 from tasks.params_preset import with_preset
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = parse_set(args.overrides)
     params_file = Path(args.params).resolve()
-    preset = [str(Path(p).resolve()) for p in args.preset] or None
+    preset = resolve_presets(args.preset)
     try:
         load_params(params_file, with_preset(preset, overrides))
     except USER_ERRORS as err:  # a typo must not become a deployment that fails every night

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from tasks import contracts as C
@@ -60,7 +62,8 @@ def query(params: Params, images: list[Path], k: int, out: Path | None = None, d
     found_ids = np.where(chunk.pos >= 0, item_ids[np.maximum(chunk.pos, 0)], None)
     found_labels = np.where(chunk.pos >= 0, labels[np.maximum(chunk.pos, 0)], "")
     items, _ = C.read_table(paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.SOURCE])
-    source_of = dict(zip(items[C.ITEM_ID].to_pylist(), items[C.SOURCE].to_pylist()))
+    found = items.filter(pc.is_in(items[C.ITEM_ID], value_set=pa.array(np.unique(item_ids[chunk.pos[chunk.pos >= 0]]))))
+    source_of = dict(zip(found[C.ITEM_ID].to_pylist(), found[C.SOURCE].to_pylist()))  # the results' only
     results = [
         {"image": str(image), "results": [
             {"rank": j + 1, "item_id": found_ids[i, j], "label": found_labels[i, j],

@@ -72,11 +72,12 @@ def save(
     differs between torchrun's ranks (each rank's augmenter draws its own images): every rank's
     state is kept, in rank order. A collective — every rank calls it; rank 0 writes. Plain
     tensors and containers only, so it loads with ``weights_only=True``."""
-    states = {}
-    for name, obj in stateful.items():
-        states[name] = gather_objects(obj.state_dict(), world) if getattr(obj, "per_rank", False) else obj.state_dict()
+    # In stateful's order, the same on every rank (a set's order differs between processes).
+    per_rank = [name for name, obj in stateful.items() if getattr(obj, "per_rank", False)]
+    states = {name: gather_objects(stateful[name].state_dict(), world) for name in per_rank}
     if not world.main:
         return
+    states |= {name: obj.state_dict() for name, obj in stateful.items() if name not in per_rank}
     state = {
         "fingerprint": fp,
         "epochs_done": epoch + 1,

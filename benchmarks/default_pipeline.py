@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tasks.params import yaml_load  # noqa: E402  (as params.yaml reads: 3e-4 is a float)
 
 
 def sh(cmd: list[str], cwd: Path) -> None:
@@ -30,7 +32,7 @@ def sh(cmd: list[str], cwd: Path) -> None:
 
 
 def repro_with(clone: Path, changes: dict[str, dict]) -> tuple[dict, float]:
-    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params = yaml_load((clone / "params.yaml").read_text())
     for section, values in changes.items():
         params[section].update(values)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -21,9 +21,22 @@ from tasks.params import IngestParams
 
 def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
     """Keep a source's own split; otherwise send a seeded ``test_fraction`` of classes to test
-    (at least one class to each side)."""
+    (at least one class to each side).
+
+    A source's split that puts a class on both sides (a manifest's ``split`` column, train_root and
+    test_root holding the same class folder) is a DatasetError unless ``p.shared_classes`` is
+    ``allow``: the test metrics would measure classes seen in training, not the open set."""
     if all(s is not None for s in splits):
-        return [s for s in splits if s is not None]
+        given = [s for s in splits if s is not None]
+        shared = sorted({lb for lb, s in zip(labels, given) if s == C.TRAIN} & {lb for lb, s in zip(labels, given) if s == C.TEST})
+        if shared and p.shared_classes == "error":
+            raise DatasetError(
+                f"the source's split puts {len(shared):,} classes in both train and test "
+                f"(e.g. {', '.join(map(repr, shared[:5]))}): test classes must be unseen in training. "
+                "Give each class one split, or drop the split (ingest then splits by class), or set "
+                "ingest.shared_classes: allow to evaluate on classes seen in training"
+            )
+        return given
     classes = sorted(set(labels))
     rng = np.random.default_rng(p.seed)
     n_test = min(max(1, round(len(classes) * p.test_fraction)), len(classes) - 1)
@@ -72,6 +85,8 @@ def summary(counts: Counter, rejected: list[sources.Rejected], rotations: int) -
         # Kept: a test singleton is a gallery distractor (and a query with no positive, which
         # evaluation must allow); in train, make_batches.small_classes decides.
         "single_image_classes": sum(1 for n in counts.values() if n == 1),
+        # Non-zero only with ingest.shared_classes: allow (the test metrics then include seen classes).
+        "classes_in_both_splits": len({lb for s, lb in counts if s == C.TRAIN} & {lb for s, lb in counts if s == C.TEST}),
         # Included in the train counts above: each train image has one copy per angle.
         "rotated_copies": sum(n for (s, _), n in counts.items() if s == C.TRAIN) * rotations // (rotations + 1),
     }

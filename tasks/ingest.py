@@ -99,13 +99,16 @@ def run(params: IngestParams, paths: Paths) -> dict:
     for name in scan.outside_raw(params, paths):
         print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
     if not kept:
-        raise DatasetError(f"no usable image in source {params.source.model_dump()}")
+        raise _explained(DatasetError(f"no usable image in source {params.source.model_dump()}"), rejected)
     clash = next((r.label for r in kept if C.unrotated(r.label) != r.label), None) if params.train_rotations else None
     if clash is not None:
         raise DatasetError(f"label {clash!r} looks like a rotated copy's; with ingest.train_rotations, "
                            f"no source label may end in {C.ROTATED}90/180/270")
     splits = classes.split_by_class([r.label for r in kept], [r.split for r in kept], params)
-    classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
+    try:
+        classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
+    except DatasetError as err:
+        raise _explained(err, rejected) from None
     # Deterministic row order whatever the file-system order: by split, label, then source path.
     # Known before decoding (content ids are not: workers hash what they decode), so rows stream
     # out as they are decoded; of duplicate files, the first in this order is kept.
@@ -120,10 +123,8 @@ def run(params: IngestParams, paths: Paths) -> dict:
             if not w.rows:
                 raise DatasetError(f"no usable image in source {params.source.model_dump()}")
             classes.check_usable(counts)  # decode failures or duplicates may have emptied classes
-        except DatasetError as err:  # say which files went, and why (no output is written)
-            examples = "; ".join(f"{r.source}: {r.reason}" for r in rejected[:5])
-            raise DatasetError(f"{err}; {len(rejected):,} files were skipped ({_detail(rejected)})"
-                               + (f", e.g. {examples}" if rejected else "")) from None
+        except DatasetError as err:  # no output is written
+            raise _explained(err, rejected) from None
         summary = classes.summary(counts, rejected, len(params.train_rotations))
         w.finish({
             "height": params.image_size,
@@ -141,6 +142,15 @@ def run(params: IngestParams, paths: Paths) -> dict:
 def _write_quarantine(rejected: list[sources.Rejected], path: Path) -> None:
     table = pa.table({C.PATH: [r.source for r in rejected], C.REASON: [r.reason for r in rejected]}, schema=C.QUARANTINE.schema())
     C.write_table(table, path, C.QUARANTINE)
+
+
+def _explained(err: DatasetError, rejected: list[sources.Rejected]) -> DatasetError:
+    """``err`` saying which files were skipped, and why: "no usable image" alone leaves a user to
+    guess whether every row was a missing file or a path outside the root."""
+    if not rejected:
+        return err
+    examples = "; ".join(f"{r.source}: {r.reason}" for r in rejected[:5])
+    return DatasetError(f"{err}; {len(rejected):,} files were skipped ({_detail(rejected)}), e.g. {examples}")
 
 
 def _detail(rejected: list[sources.Rejected]) -> str:

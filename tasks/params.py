@@ -132,6 +132,8 @@ class IngestParams(_Strict):
     # Rotated copies of every train image, each angle a new class ("<label>@rot<deg>"): 4× the
     # training classes for rotation-sensitive data such as characters. Test images never.
     train_rotations: Annotated[list[Literal[90, 180, 270]], AfterValidator(_distinct)]
+    # A source's own split with a class on both sides: an error (open-set protocol), or allowed.
+    shared_classes: Literal["error", "allow"]
     seed: int
 
 

@@ -123,7 +123,10 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
 
     ``root`` may be a directory or a ``.zip`` of one; a zip whose entries all sit under a single
     top folder (as the official Omniglot zips do) is read as that folder. Files that are not images
-    or sit directly in ``root`` (no label) are yielded as :class:`Rejected`.
+    or sit directly in ``root`` (no label) are yielded as :class:`Rejected`, and so is each folder
+    not read: hidden (``.ipynb_checkpoints``, ``.thumbnails``: never a class), unreadable, or a
+    symlink back into a folder already read. Symlinked folders are followed (as torchvision's
+    ImageFolder does): a class kept elsewhere and linked in is a class.
     """
     if root.is_file() and zipfile.is_zipfile(root):
         yield from _zip_folder(root, split)
@@ -133,8 +136,21 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
     # Plain strings, not Path objects, and per-folder work done once per folder: at a million
     # files this loop is the part of the first pass that cannot be spread across cores.
     top = str(root)
-    for dirpath, dirnames, filenames in os.walk(top):
+    errors: list[OSError] = []  # os.walk skips a folder it cannot list; onerror says which
+    seen: set[str] = set()  # real paths of the folders read: a link back to one is not followed
+    for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append, followlinks=True):
+        yield from _unlisted(errors, root, top)
+        seen.add(os.path.realpath(dirpath))
         dirnames.sort()  # deterministic order
+        for name in list(dirnames):
+            sub = os.path.join(dirpath, name)
+            where = display(f"{root.name}/{os.path.relpath(sub, top)}/")
+            if name.startswith("."):
+                dirnames.remove(name)
+                yield Rejected(where, "hidden folder: not read", "hidden")
+            elif os.path.islink(sub) and os.path.realpath(sub) in seen:  # e.g. a link to its parent
+                dirnames.remove(name)
+                yield Rejected(where, f"symlink to a folder already read: {display(os.path.realpath(sub))}", "symlink loop")
         folder = os.path.relpath(dirpath, top).replace(os.sep, "/")
         label = "" if folder == "." else folder
         # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.
@@ -143,6 +159,15 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         for name in sorted(filenames):
             source = prefix + (name if name.isascii() else display(name))
             yield _unusable(source, name, label) or Record(source, shown, split, None, origin=base + name)
+    yield from _unlisted(errors, root, top)  # the last folders' errors come after their walk
+
+
+def _unlisted(errors: list[OSError], root: Path, top: str) -> Iterator[Rejected]:
+    """The folders os.walk could not list since last asked (and forget them)."""
+    for err in errors:
+        yield Rejected(display(f"{root.name}/{os.path.relpath(err.filename, top)}/"),
+                       f"unreadable folder: {display(err.strerror or str(err))}", "unreadable")
+    errors.clear()
 
 
 def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
@@ -156,7 +181,11 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         tops = {PurePosixPath(i.filename).parts[0] for i in infos}
         strip = 1 if len(tops) == 1 and all(len(PurePosixPath(i.filename).parts) > 1 for i in infos) else 0
         for info in infos:
-            rel = PurePosixPath(*PurePosixPath(info.filename).parts[strip:]).as_posix()
+            parts = PurePosixPath(info.filename).parts[strip:]
+            if any(p.startswith(".") for p in parts[:-1]):  # as a folder's hidden subfolders
+                yield Rejected(display(f"{root.name}/{info.filename}"), "in a hidden folder: not read", "hidden")
+                continue
+            rel = PurePosixPath(*parts).as_posix()
             read = lambda info=info: zf.read(info)  # noqa: E731
             yield _record(display(f"{root.name}/{info.filename}"), rel, split, read, str(root), info.filename)
 

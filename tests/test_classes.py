@@ -24,6 +24,15 @@ def test_a_sources_own_split_is_kept():
     assert split_by_class(labels, [C.TEST, C.TEST, C.TRAIN, C.TRAIN], _ingest()) == [C.TEST, C.TEST, C.TRAIN, C.TRAIN]
 
 
+def test_a_sources_split_sharing_classes_is_refused_unless_allowed():
+    labels, splits = ["a", "a", "b", "b", "c"], [C.TRAIN, C.TEST, C.TRAIN, C.TEST, C.TEST]
+    with pytest.raises(DatasetError, match=r"puts 2 classes in both train and test \(e.g. 'a', 'b'\).*shared_classes: allow"):
+        split_by_class(labels, splits, _ingest())
+    assert split_by_class(labels, splits, _ingest(shared_classes="allow")) == splits
+    counts = Counter(zip(splits, labels))
+    assert summary(counts, [], 0)["classes_in_both_splits"] == 2
+
+
 @pytest.mark.parametrize("fraction", [0.01, 0.3, 0.99])
 def test_split_is_class_disjoint_seeded_and_leaves_a_class_on_each_side(fraction):
     labels = [f"c{i % 10}" for i in range(60)]
@@ -74,5 +83,5 @@ def test_summary_counts_classes_images_singletons_and_rotations():
     assert got == {
         "ingested": 11, "skipped": 2, "skipped_by_reason": {"corrupt": 1, "duplicate": 1},
         "classes": {C.TRAIN: 2, C.TEST: 2}, "images": {C.TRAIN: 8, C.TEST: 3},
-        "single_image_classes": 1, "rotated_copies": 4,
+        "single_image_classes": 1, "rotated_copies": 4, "classes_in_both_splits": 0,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -385,6 +386,18 @@ def test_nothing_decodable_is_dataset_error(make_project):
     _assert_no_outputs(path)
 
 
+def test_no_usable_file_listed_says_why_each_was_skipped(make_project):
+    """A flat folder (no class folders) and a stray text file: nothing is decoded, and the error
+    gives the reasons (found before decoding), not only "no usable image"."""
+    path = folder_project(make_project, {"root": "imgs"})
+    write_tree(path.parent / "imgs", {".": 3})
+    (path.parent / "imgs" / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match=r"no usable image.*4 files were skipped \(3 no label, 1 not an image\), "
+                       r"e\.g\. imgs/img000\.png: no label: the file is not inside a class folder"):
+        run_ingest(path)
+    _assert_no_outputs(path)
+
+
 def test_classes_emptied_by_decode_failures_are_caught_after_decoding(make_project):
     # 5 classes pass the check on the file list; all but one of the train classes' files are junk
     path = folder_project(make_project, {"root": "imgs"}, **{"ingest.test_fraction": 0.4})
@@ -721,16 +734,33 @@ def test_train_rotations_refuse_labels_that_look_rotated(make_project):
 
 
 def test_a_split_emptied_by_duplicates_says_which_files_went_and_why(make_project):
-    """The same images as train and test (a common mistake): every train file is a duplicate of a
-    test one (test rows come first, so no test image is ever trained on). The error says how
-    many files went, why, with examples; no output is written."""
+    """The same images as train and test under other class names (a common mistake): every train
+    file is a duplicate of a test one (test rows come first, so no test image is ever trained on).
+    The error says how many files went, why, with examples; no output is written."""
     path = folder_project(make_project, {"train_root": "a", "test_root": "b"})
     tree = write_tree(path.parent / "a", {f"c{i}": 3 for i in range(4)})
     for label, images in tree.items():
-        (path.parent / "b" / label).mkdir(parents=True)
+        (path.parent / "b" / f"test-{label}").mkdir(parents=True)
         for i, data in enumerate(images):
-            (path.parent / "b" / label / f"img{i:03d}.png").write_bytes(data)
+            (path.parent / "b" / f"test-{label}" / f"img{i:03d}.png").write_bytes(data)
     with pytest.raises(DatasetError, match=r"train split has 0 classes.*12 files were skipped \(12 duplicate\), "
-                       r"e\.g\. a/c0/img000\.png: duplicate of b/c0/img000\.png; "):
+                       r"e\.g\. a/c0/img000\.png: duplicate of b/test-c0/img000\.png; "):
         run_ingest(path)
     _assert_no_outputs(path)
+
+
+def test_train_and_test_roots_sharing_class_folders_are_refused(make_project):
+    """train_root and test_root with the same class folders: the test classes would have been seen
+    in training. The error names them (no output), unless ingest.shared_classes: allow."""
+    path = folder_project(make_project, {"train_root": "a", "test_root": "b"})
+    write_tree(path.parent / "a", {f"c{i}": 3 for i in range(4)})
+    write_tree(path.parent / "b", {"c0": 2, "c1": 2, "x": 2}, seed=1)
+    with pytest.raises(DatasetError, match=r"puts 2 classes in both train and test \(e\.g\. 'c0', 'c1'\)"):
+        run_ingest(path)
+    _assert_no_outputs(path)
+    allowed = folder_project(make_project, {"train_root": "a", "test_root": "b"}, name="allowed",
+                             **{"ingest.shared_classes": "allow"})
+    for side in ("a", "b"):
+        shutil.copytree(path.parent / side, allowed.parent / side)
+    summary = run_ingest(allowed)[0]
+    assert summary["classes_in_both_splits"] == 2 and summary["classes"] == {C.TRAIN: 4, C.TEST: 3}

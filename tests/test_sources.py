@@ -155,6 +155,52 @@ def test_image_folder_zip_without_top_folder(tmp_path):
     check_outcome(outcome(list(sources.image_folder(archive, None)), "flat.zip/"), expected)
 
 
+def test_image_folder_follows_symlinked_class_folders_and_stops_at_loops(tmp_path):
+    """A class folder linked in from elsewhere is a class (as in torchvision's ImageFolder); a link
+    back to a folder already read is reported, not walked for ever."""
+    root, elsewhere = tmp_path / "imgs", tmp_path / "elsewhere" / "kept"
+    for folder, seed in ((root / "a", 1), (elsewhere, 2)):
+        folder.mkdir(parents=True)
+        for i in range(2):
+            (folder / f"{i}.png").write_bytes(encode(noise(seed * 10 + i)))
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "a" / "up").symlink_to(root, target_is_directory=True)
+    items = list(sources.image_folder(root, None))
+    assert sorted((r.label, r.source) for r in items if isinstance(r, Record)) == [
+        ("a", "imgs/a/0.png"), ("a", "imgs/a/1.png"), ("linked", "imgs/linked/0.png"), ("linked", "imgs/linked/1.png")]
+    assert [(r.source, r.category) for r in items if isinstance(r, Rejected)] == [("imgs/a/up/", "symlink loop")]
+
+
+def test_image_folder_reports_hidden_and_unreadable_folders(tmp_path, monkeypatch):
+    """``.ipynb_checkpoints`` and the like are not classes; a folder that cannot be listed is
+    reported (os.walk alone skips both silently: their images would vanish from every count)."""
+    import os
+
+    root = tmp_path / "imgs"
+    for folder in ("a", "a/.ipynb_checkpoints", ".thumbnails", "locked"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / "x.png").write_bytes(encode(noise(len(folder))))
+    scandir = os.scandir
+
+    def refusing(path="."):  # root may read any folder: refuse one the way a mode of 000 would
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    items = list(sources.image_folder(root, None))
+    assert [r.source for r in items if isinstance(r, Record)] == ["imgs/a/x.png"]
+    assert sorted((r.source, r.reason) for r in items if isinstance(r, Rejected)) == [
+        ("imgs/.thumbnails/", "hidden folder: not read"), ("imgs/a/.ipynb_checkpoints/", "hidden folder: not read"),
+        ("imgs/locked/", "unreadable folder: Permission denied")]
+    monkeypatch.undo()
+    archive = zip_dir(root, tmp_path / "imgs.zip", top="imgs")
+    zipped = list(sources.image_folder(archive, None))
+    assert sorted(r.label for r in zipped if isinstance(r, Record)) == ["a", "locked"]
+    assert sorted((r.source, r.category) for r in zipped if isinstance(r, Rejected)) == [
+        ("imgs.zip/imgs/.thumbnails/x.png", "hidden"), ("imgs.zip/imgs/a/.ipynb_checkpoints/x.png", "hidden")]
+
+
 def test_image_folder_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a directory nor a zip"):
         list(sources.image_folder(tmp_path / "absent", None))

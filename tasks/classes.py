@@ -19,17 +19,18 @@ from tasks.errors import DatasetError
 from tasks.params import IngestParams
 
 
-def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
+def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams, shared_ok: bool = False) -> list[str]:
     """Keep a source's own split; otherwise send a seeded ``test_fraction`` of classes to test
     (at least one class to each side).
 
     A source's split that puts a class on both sides (a manifest's ``split`` column, train_root and
     test_root holding the same class folder) is a DatasetError unless ``p.shared_classes`` is
-    ``allow``: the test metrics would measure classes seen in training, not the open set."""
+    ``allow`` (or ``shared_ok``: a benchmark's official protocol): the test metrics would measure
+    classes seen in training, not the open set."""
     if all(s is not None for s in splits):
         given = [s for s in splits if s is not None]
         shared = sorted({lb for lb, s in zip(labels, given) if s == C.TRAIN} & {lb for lb, s in zip(labels, given) if s == C.TEST})
-        if shared and p.shared_classes == "error":
+        if shared and p.shared_classes == "error" and not shared_ok:
             raise DatasetError(
                 f"the source's split puts {len(shared):,} classes in both train and test "
                 f"(e.g. {', '.join(map(repr, shared[:5]))}): test classes must be unseen in training. "

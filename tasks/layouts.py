@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +41,9 @@ from tasks.sources import Record, Rejected, file_record, image_folder
 
 Item = Record | Rejected
 NO_LANDMARK = "__no_landmark__"  # GLDv2 queries whose landmark is in no gallery image
+# Benchmarks whose official protocol may put a class in train and test: GLDv2's index landmarks
+# share train.csv's landmark ids (ingest counts them, as ``classes_in_both_splits``, and goes on).
+SHARES_CLASSES = frozenset({"gldv2"})
 
 
 def omniglot(root: Path) -> Iterator[Item]:
@@ -54,8 +58,12 @@ def _lines(path: Path, skip: int = 0) -> Iterator[tuple[int, list[str]]]:
     """(line number, whitespace-separated fields) of a list file, blank lines skipped."""
     if not path.is_file():
         raise DatasetError(f"{path}: missing (is the dataset's root right?)")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded a line at a time: an error can name its line
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"{path}:{n}: not UTF-8 text ({err.reason})") from None
             if n > skip and line.strip():
                 yield n, line.split()
 
@@ -73,9 +81,12 @@ def _split_by_class_id(cls: int, last_train: int) -> str:
 def cub200(root: Path) -> Iterator[Item]:
     if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
         root = root / "CUB_200_2011"  # the archive's own top folder
-    labels = {}
-    for n, f in _lines(root / "image_class_labels.txt"):
-        labels[f[0]] = int(_fields(root / "image_class_labels.txt", n, f, 2)[1])
+    labels, path = {}, root / "image_class_labels.txt"
+    for n, f in _lines(path):
+        image_id, cls = _fields(path, n, f, 2)[:2]
+        if not cls.isdigit():
+            raise DatasetError(f"{path}:{n}: class id {cls!r} is not a whole number")
+        labels[image_id] = int(cls)
     for n, f in _lines(root / "images.txt"):
         image_id, rel = _fields(root / "images.txt", n, f, 2)[:2]
         if image_id not in labels:
@@ -88,6 +99,7 @@ def cub200(root: Path) -> Iterator[Item]:
 def cars196(root: Path) -> Iterator[Item]:
     """cars_annos.mat (MATLAB, read with scipy.io): ``annotations`` with relative_im_path and class."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     mat_path = root / "cars_annos.mat"
     if not mat_path.is_file():
@@ -95,7 +107,7 @@ def cars196(root: Path) -> Iterator[Item]:
     try:
         annos = loadmat(mat_path, squeeze_me=True)["annotations"]
         rows = [(str(a["relative_im_path"]), int(a["class"])) for a in np.atleast_1d(annos)]
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, OSError, MatReadError) as err:
         raise DatasetError(f"{mat_path}: no readable annotations (relative_im_path, class): {err}") from None
     for rel, cls in rows:
         yield file_record(root / rel, rel, f"{cls:03d}", _split_by_class_id(cls, 98))
@@ -122,11 +134,19 @@ def inshop(root: Path) -> Iterator[Item]:
             yield Rejected(rel, f"evaluation_status {status!r} is not train, query or gallery", "bad row")
 
 
-def _csv(path: Path) -> Iterator[dict[str, str]]:
+def _csv(path: Path, columns: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """The rows of a CSV list file that must have ``columns``."""
     if not path.is_file():
         raise DatasetError(f"{path}: missing (is the dataset's root right?)")
     with open(path, newline="", encoding="utf-8") as f:
-        yield from csv.DictReader(f)
+        rows = csv.DictReader(f)
+        try:
+            missing = [c for c in columns if c not in (rows.fieldnames or [])]
+            if missing:
+                raise DatasetError(f"{path}: no column {missing} (has {rows.fieldnames})")
+            yield from rows
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DatasetError(f"{path}: line {rows.line_num + 1}: not a readable CSV file: {err}") from None
 
 
 def _gld_file(root: Path, split: str, image_id: str) -> tuple[Path, str]:
@@ -143,7 +163,7 @@ def gldv2(root: Path) -> Iterator[Item]:
     if not solutions:
         raise DatasetError(f"{root}: no retrieval_solution*.csv")
     relevant = {}
-    for row in _csv(solutions[-1]):
+    for row in _csv(solutions[-1], ("id", "images")):
         ids = (row.get("images") or "").split()
         relevant[row["id"]] = [] if ids in ([], ["None"]) else ids
     parent: dict[str, str] = {}  # union-find over index ids
@@ -159,20 +179,20 @@ def gldv2(root: Path) -> Iterator[Item]:
             a, b = find(ids[0]), find(other)
             parent[max(a, b)] = min(a, b)
     mapping = root / "index_image_to_landmark.csv"
-    landmark = {r["id"]: r["landmark_id"] for r in _csv(mapping)} if mapping.exists() else None
+    landmark = {r["id"]: r["landmark_id"] for r in _csv(mapping, ("id", "landmark_id"))} if mapping.exists() else None
 
     def gallery_label(image_id: str) -> str:
         if landmark is not None:
             return landmark.get(image_id, f"index/{image_id}")
         return f"group/{find(image_id)}" if image_id in parent else f"index/{image_id}"
 
-    for row in _csv(root / "train.csv"):
+    for row in _csv(root / "train.csv", ("id", "landmark_id")):
         path, rel = _gld_file(root, "train", row["id"])
         yield file_record(path, rel, row["landmark_id"], "train")
-    for row in _csv(root / "index.csv"):
+    for row in _csv(root / "index.csv", ("id",)):
         path, rel = _gld_file(root, "index", row["id"])
         yield file_record(path, rel, gallery_label(row["id"]), "test", False, True)
-    for row in _csv(root / "test.csv"):
+    for row in _csv(root / "test.csv", ("id",)):
         path, rel = _gld_file(root, "test", row["id"])
         if row["id"] not in relevant:
             yield Rejected(rel, f"not in {solutions[-1].name}: no ground truth", "no label")
@@ -190,7 +210,10 @@ def _idx(root: Path, stem: str, magic: int) -> tuple[np.ndarray, str]:
     for name in (stem, f"{stem}.gz"):
         path = root / name
         if path.is_file():
-            raw = (gzip.decompress if name.endswith(".gz") else bytes)(path.read_bytes())
+            try:
+                raw = (gzip.decompress if name.endswith(".gz") else bytes)(path.read_bytes())
+            except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; EOFError: cut short
+                raise DatasetError(f"{path}: not a readable gzip file (an interrupted download?): {err}") from None
             break
     else:
         raise DatasetError(f"{root}: neither {stem} nor {stem}.gz")

@@ -88,7 +88,7 @@ def test_an_index_from_another_model_is_refused(make_project):
         evaluate.run(params.evaluate, params.paths)
 
 
-def _embeddings_project(make_project, rows, factory="Flat", metric="inner_product"):
+def _embeddings_project(make_project, rows, factory="Flat", metric="inner_product", name="project", **extra):
     """A project whose embeddings table is ``rows`` = [(item_id, label, is_query, is_gallery, vector)]
     (no model, no items: the index is built and evaluated from it directly)."""
     import pyarrow as pa
@@ -98,7 +98,7 @@ def _embeddings_project(make_project, rows, factory="Flat", metric="inner_produc
 
     params = load_params(make_project({"evaluate.grid_queries": 0, "evaluate.worst_queries": 0, "evaluate.few_shot.ways": [],
                                        "evaluate.registered_model": None,  # no model to register
-                                       "build_index.factory": factory, "build_index.metric": metric}))
+                                       "build_index.factory": factory, "build_index.metric": metric} | extra, name))
     vectors = np.stack([r[4] for r in rows]).astype(np.float32)
     dim = vectors.shape[1]
     table = pa.table(
@@ -135,6 +135,23 @@ def test_separate_query_and_gallery_sets_with_an_absent_class(make_project):
     assert result["precision_at_1"] == pytest.approx(0.5)
     assert result["recall_at_5"] == pytest.approx(1.0)
     assert json.loads(params.paths["metrics"].read_text()) == result
+
+
+def test_few_shot_leaves_out_query_classes_the_gallery_lacks(make_project):
+    """GLDv2's queries without a landmark share one label no gallery item has: not a class to
+    tell apart in few-shot episodes (nor in any retrieval metric). Here, with it, 3 classes
+    would make a 3-way task; without it there are 2."""
+    from tasks.errors import DatasetError
+
+    e = np.eye(3, dtype=np.float32)
+    rows = [("g1", "a", False, True, e[0]), ("g2", "b", False, True, e[1])]
+    rows += [(f"q{c}{i}", c, True, False, e[n] + 0.01 * i) for n, c in enumerate("abz") for i in range(3)]
+    two = _embeddings_project(make_project, rows, **{"evaluate.few_shot": {"ways": [2], "shots": [1], "queries": 1, "episodes": 20}})
+    assert evaluate.run(two.evaluate, two.paths)["few_shot_2way_1shot"] == pytest.approx(1.0)
+    three = _embeddings_project(make_project, rows, name="three",
+                                **{"evaluate.few_shot": {"ways": [3], "shots": [1], "queries": 1, "episodes": 20}})
+    with pytest.raises(DatasetError, match="evaluate.few_shot.*only 2 of 2 classes"):
+        evaluate.run(three.evaluate, three.paths)
 
 
 def test_queries_without_a_gallery_is_a_named_error(make_project):

@@ -128,6 +128,12 @@ def test_cub200_malformed_list_is_dataset_error(tmp_path):
         list(layouts.cub200(tmp_path))
     with pytest.raises(DatasetError, match="missing"):
         list(layouts.cub200(tmp_path / "nowhere"))
+    (tmp_path / "image_class_labels.txt").write_text("1 1\n2 abc\n")
+    with pytest.raises(DatasetError, match=r"image_class_labels.txt:2: class id 'abc' is not a whole number"):
+        list(layouts.cub200(tmp_path))
+    (tmp_path / "image_class_labels.txt").write_bytes(b"1 1\n2 \xff\n")
+    with pytest.raises(DatasetError, match=r"image_class_labels.txt:2: not UTF-8 text"):
+        list(layouts.cub200(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------- Cars196
@@ -152,6 +158,9 @@ def test_cars196_without_annotations(tmp_path):
 
     savemat(tmp_path / "cars_annos.mat", {"something": [1, 2]})
     with pytest.raises(DatasetError, match="annotations"):
+        list(layouts.cars196(tmp_path))
+    (tmp_path / "cars_annos.mat").write_bytes(b"not a MATLAB file at all" * 10)
+    with pytest.raises(DatasetError, match="cars_annos.mat: no readable annotations"):
         list(layouts.cars196(tmp_path))
 
 
@@ -238,8 +247,24 @@ def test_gldv2_retrieval_protocol(tmp_path, with_mapping):
         assert recs["c001"].label == "50"
 
 
+def test_gldv2_index_landmarks_seen_in_training_are_its_protocol(make_project):
+    """GLDv2's index landmarks share train.csv's ids: ingest keeps the official split (not the
+    error a user's own split gets) and counts the shared classes."""
+    path = project(make_project, "gldv2")
+    _gld(path.parent / "ds", with_mapping=True)
+    mapping = path.parent / "ds" / "index_image_to_landmark.csv"
+    mapping.write_text(mapping.read_text().replace(",50\n", ",7\n"))  # train.csv has landmark 7
+    summary, items, _ = run(path)
+    assert summary["classes_in_both_splits"] == 1
+    assert {r["split"] for r in items if r["label"] == "7"} == {"train", "test"}
+
+
 def test_gldv2_needs_its_solution(tmp_path):
     with pytest.raises(DatasetError, match="retrieval_solution"):
+        list(layouts.gldv2(tmp_path))
+    _gld(tmp_path, with_mapping=False)
+    (tmp_path / "train.csv").write_text("ID,url,landmark_id\na000,http://x,7\n")  # a column misnamed
+    with pytest.raises(DatasetError, match=r"train.csv: no column \['id'\]"):
         list(layouts.gldv2(tmp_path))
 
 
@@ -290,6 +315,10 @@ def test_fashion_mnist_bad_idx(tmp_path):
         list(layouts.fashion_mnist(tmp_path))
     (tmp_path / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DatasetError, match="neither"):
+        list(layouts.fashion_mnist(tmp_path))
+    write_fashion(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes((tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes()[:-9])
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte.gz: not a readable gzip file \(an interrupted download\?\)"):
         list(layouts.fashion_mnist(tmp_path))
 
 

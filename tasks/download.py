@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tarfile
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -26,6 +27,10 @@ def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
         return dest
     if dest.exists():
         raise DatasetError(f"{dest} exists but its sha256 is not {sha256}: remove it to download again")
+    if not urllib.parse.urlsplit(url).scheme:  # a local file, as a user with the archive at hand gives it
+        if not Path(url).is_absolute():
+            raise DatasetError(f"download url {url!r}: give a URL (https://, file://) or an absolute path")
+        url = Path(url).as_uri()
     with atomic_path(dest) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
@@ -39,24 +44,39 @@ def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
 
 
 def extract(archive: Path, into: Path) -> None:
-    """Unpack a .zip or .tar(.gz|.bz2|.xz) into ``into`` once (a marker file remembers it). Tar
+    """Unpack a .zip or .tar(.gz|.bz2|.xz) into ``into`` once per archive version: a marker file
+    holds the archive's sha256 and the files it unpacked. A new version (another sha256, as when
+    a ``downloads`` entry is updated) is unpacked again, and the files only the old one had are
+    removed — else ingest would read the old data, or a class the new version dropped. Tar
     members that would land outside ``into`` (``..``, absolute, links) are refused by the 'data'
     filter."""
     marker = into / f".{archive.name}.extracted"
-    if marker.exists():
+    digest = file_digest(archive)
+    old = marker.read_text().split("\n") if marker.exists() else []
+    if old and old[0] == digest:
         return
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
+            members = [i.filename for i in zf.infolist() if not i.is_dir()]
             zf.extractall(into)  # zipfile drops '..' and absolute prefixes itself
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
+            members = [m.name for m in tf.getmembers() if not m.isdir()]
             try:
                 tf.extractall(into, filter="data")
             except tarfile.FilterError as err:
                 raise DatasetError(f"{archive}: unsafe member refused: {err}") from None
     else:
         raise DatasetError(f"{archive}: extract is set but it is neither a zip nor a tar archive")
-    marker.write_text(file_digest(archive) + "\n")
+    stale = {m for m in old[1:] if m} - set(members)  # the previous version's files this one lacks
+    for name in stale:
+        path = (into / name).resolve()
+        if path.is_relative_to(into.resolve()) and path.is_file():
+            path.unlink()
+    if old:
+        print(f"download: {archive.name} changed (sha256 {digest[:12]}, was {old[0][:12]}): unpacked again, "
+              f"{len(stale)} files of the old version removed")
+    marker.write_text("\n".join([digest, *members]) + "\n")
 
 
 def ensure(downloads: list, root: Path) -> None:

@@ -61,7 +61,7 @@ def _tables(
             if error is not None:
                 rejected.append(sources.Rejected(rec.source, error, _category(error)))
             elif item_id in first:
-                rejected.append(sources.Rejected(rec.source, f"duplicate of {kept[first[item_id]].source}", "duplicate"))
+                rejected.append(sources.Rejected(rec.source, _duplicate(rec, kept[first[item_id]]), "duplicate"))
             else:
                 first[item_id] = rows[j]
                 good.append(j)
@@ -83,6 +83,13 @@ def _tables(
     bar.close()
     if buffered:
         yield pa.concat_tables(buffered)
+
+
+def _duplicate(rec: sources.Record, kept: sources.Record) -> str:
+    """Why ``rec`` is dropped for ``kept`` (the same bytes), with the labels when they disagree:
+    one image under two labels is a labelling error the user will want to find."""
+    why = "listed twice" if rec.source == kept.source else f"duplicate of {kept.source}"
+    return why + (f" (labelled {kept.label!r} there, {rec.label!r} here)" if rec.label != kept.label else "")
 
 
 def _category(reason: str) -> str:

@@ -71,6 +71,10 @@ def _flag(value: Any) -> bool | None:
 
 
 def _text(value: Any) -> str:
+    """A cell as text: None and NaN (a float column's missing value, as numpy and polars write
+    it) are empty; a whole float (a label column read as float because of a NaN) loses its .0."""
+    if isinstance(value, float):
+        return "" if value != value else str(int(value)) if value.is_integer() else str(value)
     return "" if value is None else str(value).strip()
 
 

@@ -95,7 +95,8 @@ class ManifestSource(_Strict):
 
 class Download(_Strict):
     """A file fetched into the layout's ``root`` when it is missing, checked against its sha256.
-    ``url`` may be ``https://`` or ``file://``; ``extract`` unpacks a .zip/.tar(.gz) there."""
+    ``url`` may be ``https://``, ``file://`` or an absolute path; ``extract`` unpacks a .zip/.tar(.gz)
+    there (again when a new version, another sha256, is configured)."""
 
     url: str = Field(min_length=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

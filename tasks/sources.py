@@ -22,7 +22,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif",
+    ".pbm", ".pgm", ".ppm", ".pnm",  # Netpbm: what many scientific and older benchmark sets use
+})
 # Decompression-bomb guard: PIL warns at ~89 Mpx and raises at twice that; we refuse at the warning.
 MAX_PIXELS = 89_478_485
 
@@ -282,8 +285,11 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
             if img.mode.startswith("I;16") or img.mode == "I":
                 # 16-bit grayscale (PIL also opens it as 32-bit "I"): convert("L") would clip
                 # at 255 rather than scale, so scale 0..65535 to 0..255 ourselves.
-                wide = np.asarray(img, dtype=np.float64) / 257.0
-                img = Image.fromarray(np.clip(np.rint(wide), 0, 255).astype(np.uint8), mode="L")
+                raw = np.asarray(img)
+                grey = Image.fromarray(np.clip(np.rint(raw / 257.0), 0, 255).astype(np.uint8), mode="L")
+                clear = img.info.get("transparency")  # a grey value that means "transparent"
+                img = grey if not isinstance(clear, int) else \
+                    Image.merge("LA", (grey, Image.fromarray(np.where(raw == clear, 0, 255).astype(np.uint8), mode="L")))
             if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
                 # Transparent pixels hold arbitrary colour (often black): dropping alpha would show
                 # it. Composite on white, the background product and character images assume.

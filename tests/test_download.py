@@ -66,6 +66,33 @@ def test_ensure_fetches_and_extracts_zip_and_tar(tmp_path):
     assert not (root / "top" / "a.txt").exists()
 
 
+def test_a_new_version_of_an_archive_is_unpacked_again(tmp_path, capsys):
+    """The data was re-published: the downloads entry gets the new sha256, the old archive is
+    removed. The new version is unpacked over the old one, and files it no longer has go."""
+    from tasks.params import Download
+
+    def publish(files: dict[str, str]) -> list:
+        with zipfile.ZipFile(tmp_path / "remote.zip", "w") as zf:
+            for name, text in files.items():
+                zf.writestr(name, text)
+        return [Download(url=str(tmp_path / "remote.zip"), sha256=file_digest(tmp_path / "remote.zip"),
+                         file="data.zip", extract=True)]  # a plain absolute path is a url too
+
+    root = tmp_path / "root"
+    download.ensure(publish({"top/a/1.txt": "v1", "top/b/1.txt": "v1"}), root)
+    (root / "data.zip").unlink()
+    download.ensure(publish({"top/a/1.txt": "v2", "top/c/1.txt": "v2"}), root)
+    assert (root / "top/a/1.txt").read_text() == "v2" and (root / "top/c/1.txt").exists()
+    assert not (root / "top/b/1.txt").exists()
+    out = capsys.readouterr().out
+    assert "data.zip changed" in out and "1 files of the old version removed" in out
+
+
+def test_a_relative_path_is_no_download_url(tmp_path):
+    with pytest.raises(DatasetError, match="give a URL .* or an absolute path"):
+        download.fetch("data/x.zip", "0" * 64, tmp_path / "x.zip")
+
+
 def test_tar_members_escaping_the_root_are_refused(tmp_path):
     archive = tmp_path / "evil.tar"
     with tarfile.open(archive, "w") as tf:

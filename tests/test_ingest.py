@@ -305,7 +305,7 @@ def test_bad_files_are_quarantined(make_project):
     assert reasons["imgs/c1/garbage.png"].startswith("corrupt or unsupported image")
     assert reasons["imgs/c1/zero.png"] == "empty file"
     assert reasons["imgs/c2/notes.txt"].startswith("not an image file")
-    assert reasons["imgs/c3/copy.png"] == "duplicate of imgs/c0/img000.png"
+    assert reasons["imgs/c3/copy.png"] == "duplicate of imgs/c0/img000.png (labelled 'c0' there, 'c3' here)"
     assert reasons["imgs/stray.png"].startswith("no label")
     assert all(reasons.values())
     assert summary["skipped"] == 6 and summary["ingested"] == 15
@@ -526,6 +526,21 @@ def test_manifest_without_split_uses_test_fraction(make_project):
     assert_flags(items)
 
 
+def test_a_file_listed_twice_under_two_labels_says_so(make_project):
+    path = make_project({**SMALL, "ingest.source": {"kind": "manifest", "path": "m.csv"}})
+    lines = ["path,label"]
+    for c in range(5):
+        for i in range(2):
+            (path.parent / f"img_{c}_{i}.png").write_bytes(png(c * 10 + i))
+            lines.append(f"img_{c}_{i}.png,class {c}")
+    lines.append("img_0_0.png,class 4")  # a labelling error: the same file in another class
+    (path.parent / "m.csv").write_text("\n".join(lines) + "\n")
+    _, items, _, quarantine = run_ingest(path)
+    kept = items[C.LABEL].to_pylist()[items[C.SOURCE].to_pylist().index("img_0_0.png")]  # the first in row order
+    other = ({"class 0", "class 4"} - {kept}).pop()
+    assert quarantine.to_pylist() == [{C.PATH: "img_0_0.png", C.REASON: f"listed twice (labelled {kept!r} there, {other!r} here)"}]
+
+
 # ------------------------------------------------------------------------- bad input, nothing lost
 
 
@@ -669,7 +684,8 @@ def test_of_duplicate_files_the_first_in_row_order_is_kept(make_project):
     assert first.startswith("imgs/c0/") is (split_of["c0"] == C.TEST)  # not simply the first folder
     assert first in items[C.SOURCE].to_pylist()
     reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
-    assert reasons == {c: f"duplicate of {first}" for c in copies if c != first}
+    label = first.split("/")[1]
+    assert reasons == {c: f"duplicate of {first} (labelled {label!r} there, {c.split('/')[1]!r} here)" for c in copies if c != first}
     assert summary["ingested"] == 6 * len(tree["c0"]) + 1
 
 
@@ -744,7 +760,7 @@ def test_a_split_emptied_by_duplicates_says_which_files_went_and_why(make_projec
         for i, data in enumerate(images):
             (path.parent / "b" / f"test-{label}" / f"img{i:03d}.png").write_bytes(data)
     with pytest.raises(DatasetError, match=r"train split has 0 classes.*12 files were skipped \(12 duplicate\), "
-                       r"e\.g\. a/c0/img000\.png: duplicate of b/test-c0/img000\.png; "):
+                       r"e\.g\. a/c0/img000\.png: duplicate of b/test-c0/img000\.png \(labelled 'test-c0' there, 'c0' here\); "):
         run_ingest(path)
     _assert_no_outputs(path)
 

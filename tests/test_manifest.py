@@ -102,6 +102,18 @@ def test_parquet_manifest_with_typed_columns(tmp_path):
     assert out[2].source == "m.parquet:3:c.png"  # a Parquet file has no header line: its row number
 
 
+def test_a_float_label_column_with_nan_values(tmp_path):
+    """numpy and polars write a missing float as NaN, not null: that row has no label (not a class
+    called 'nan'), and the others' labels read as written (1, not 1.0)."""
+    images(tmp_path, ["a.png", "b.png", "c.png"])
+    labels = pa.array(np.array([1.0, np.nan, 2.5]), from_pandas=False)  # NaN kept as a value
+    assert labels.null_count == 0
+    pq.write_table(pa.table({"path": ["a.png", "b.png", "c.png"], "label": labels}), tmp_path / "m.parquet")
+    out = list(manifest(tmp_path / "m.parquet"))
+    assert [r.label for r in out if isinstance(r, Record)] == ["1", "2.5"]
+    assert [(r.source, r.kind) for r in out if isinstance(r, Rejected)] == [("m.parquet:2:b.png", "no label")]
+
+
 @pytest.mark.parametrize(
     "header, match",
     [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from tasks import sources
 from tasks.sources import Record, Rejected
@@ -307,7 +307,16 @@ def test_decode_rgba_and_palette():
     assert np.array_equal(sources.decode(data, 5, 3), want)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "BMP", "GIF", "WEBP", "TIFF"])
+def test_image_suffixes_are_what_pillow_opens():
+    from PIL import Image as PILImage
+
+    PILImage.init()
+    assert sources.IMAGE_SUFFIXES <= set(PILImage.EXTENSION)  # none we list but cannot open
+    assert {".jfif", ".pgm", ".ppm", ".avif"} <= sources.IMAGE_SUFFIXES
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM",
+                                 pytest.param("AVIF", marks=pytest.mark.skipif(not features.check("avif"), reason="Pillow without AVIF"))])
 def test_decode_other_formats(fmt):
     arr = np.full((6, 6, 3), (40, 120, 200), np.uint8)
     out = sources.decode(encode(arr, fmt), 6, 3)
@@ -339,6 +348,16 @@ def test_decode_16bit_grayscale_png_is_scaled():
     Image.fromarray(arr).save(buf, format="PNG")
     out = sources.decode(buf.getvalue(), 2, 1)[..., 0].astype(int)
     assert np.abs(out - np.rint(arr / 257)).max() <= 1, out
+
+
+def test_decode_16bit_grayscale_with_a_transparent_value_composites_on_white():
+    arr = np.array([[0, 30000], [60000, 0]], np.uint16)  # 0 marked transparent (PNG tRNS)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", transparency=0)
+    assert Image.open(io.BytesIO(buf.getvalue())).info["transparency"] == 0
+    out = sources.decode(buf.getvalue(), 2, 1)[..., 0].astype(int)
+    assert out[0, 0] == out[1, 1] == 255  # white, not black
+    assert abs(out[0, 1] - round(30000 / 257)) <= 1 and abs(out[1, 0] - round(60000 / 257)) <= 1
 
 
 def _png_with_size(width: int, height: int) -> bytes:

@@ -33,7 +33,7 @@ IN_FLIGHT_PER_WORKER = 4  # chunks queued per worker: keeps cores busy, bounds r
 
 
 def _read(origin: str | None, member: str | None, data: bytes | None) -> bytes | sources.Rejected:
-    """The job's bytes, or why a listed file has none (sources.read_file: missing, unreadable, empty)."""
+    """The job's bytes, or why a listed file or zip member has none (missing, unreadable, empty)."""
     if origin is None:
         return data or b""
     if member is None:
@@ -41,7 +41,7 @@ def _read(origin: str | None, member: str | None, data: bytes | None) -> bytes |
     zf = _ZIPS.get(origin)
     if zf is None:
         zf = _ZIPS[origin] = zipfile.ZipFile(origin)
-    return zf.read(member)
+    return sources.read_member(zf, member, origin)
 
 
 def decode_chunk(jobs: list[Job], size: int, channels: int, out: np.ndarray | None = None) -> Chunk:

@@ -15,7 +15,7 @@ import os
 import re
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -188,9 +188,7 @@ def _zip_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
             if any(p.startswith(".") for p in parts[:-1]):  # as a folder's hidden subfolders
                 yield Rejected(display(f"{root.name}/{info.filename}"), "in a hidden folder: not read", "hidden")
                 continue
-            rel = PurePosixPath(*parts).as_posix()
-            read = lambda info=info: zf.read(info)  # noqa: E731
-            yield _record(display(f"{root.name}/{info.filename}"), rel, split, read, str(root), info.filename)
+            yield _member(display(f"{root.name}/{info.filename}"), PurePosixPath(*parts).as_posix(), split, info, str(root))
 
 
 def suffix(name: str) -> str:
@@ -210,23 +208,29 @@ def _unusable(source: str, name: str, label: str) -> Rejected | None:
     return None
 
 
-def _record(
-    source: str, rel: str, split: str | None, read: Callable[[], bytes], origin: str, member: str
-) -> Record | Rejected:
-    """A zip member, read here (members are cheap to read from an open archive, and a damaged one
-    is best reported now). ``rel``: its path below the folder's root; its folder is the label."""
+def _member(source: str, rel: str, split: str | None, info: zipfile.ZipInfo, origin: str) -> Record | Rejected:
+    """A zip member, not read (a decode worker reads it, once: :func:`read_member`), or why it is
+    no image of a class. What the zip's directory tells — no image suffix, no class folder, an
+    empty or encrypted member — is known here; a damaged one shows when it is read."""
     folder, _, name = rel.rpartition("/")
     rejected = _unusable(source, name, folder)
     if rejected:
         return rejected
+    if info.file_size == 0:
+        return Rejected(source, "empty file", "empty")
+    if info.flag_bits & 0x1:
+        return Rejected(source, "unreadable: encrypted zip member", "unreadable")
+    return Record(source, display(folder), split, None, origin=origin, member=info.filename)
+
+
+def read_member(zf: zipfile.ZipFile, member: str, source: str) -> bytes | Rejected:
+    """A zip member's bytes, or why there are none (damaged, encrypted, empty)."""
     try:
-        data = read()
+        data = zf.read(member)
     # A damaged zip member raises BadZipFile/zlib.error, an encrypted one RuntimeError.
     except (OSError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
         return Rejected(source, f"unreadable: {display(str(err))}", "unreadable")
-    if not data:
-        return Rejected(source, "empty file", "empty")
-    return Record(source, display(folder), split, data, origin=origin, member=member)
+    return data if data else Rejected(source, "empty file", "empty")
 
 
 def file_record(
@@ -248,10 +252,15 @@ def read_file(path: str, source: str) -> bytes | Rejected:
 
 
 def load(rec: Record) -> Record | Rejected:
-    """``rec`` with its bytes read (itself if it has them), or why it cannot be read."""
+    """``rec`` with its bytes read (itself if it has them), or why it cannot be read. (Ingest's
+    decode workers read their own, keeping each zip open: tasks.decoding.)"""
     if rec.data is not None or rec.origin is None:
         return rec
-    data = read_file(rec.origin, rec.source)
+    if rec.member is not None:
+        with zipfile.ZipFile(rec.origin) as zf:
+            data = read_member(zf, rec.member, rec.source)
+    else:
+        data = read_file(rec.origin, rec.source)
     return data if isinstance(data, Rejected) else dataclasses.replace(rec, data=data)
 
 

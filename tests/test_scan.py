@@ -32,6 +32,24 @@ def test_first_pass_reads_no_file_and_keeps_no_bytes_it_can_read_again(make_proj
     assert digit_ids == [r.item_id for r in digits]
 
 
+def test_first_pass_reads_no_zip_member(make_project, monkeypatch):
+    """A zipped folder is listed from the zip's directory: its members are read (decompressed)
+    once, by the decode workers, not also here (which cost more than the listing itself)."""
+    import shutil
+    import zipfile
+
+    path = folder_project(make_project, {"root": "imgs.zip"})
+    write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(3)})
+    (path.parent / "imgs" / "c0" / "empty.png").write_bytes(b"")
+    shutil.make_archive(str(path.parent / "imgs"), "zip", root_dir=path.parent, base_dir="imgs")
+    reads = []
+    real_read = zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, pwd=None: reads.append(name) or real_read(self, name, pwd))
+    kept, ids, rejected = scan.first_pass(load_params(path).ingest, path.parent)
+    assert reads == [] and len(kept) == 6 and all(r.member and r.data is None for r in kept)
+    assert [(r.source, r.category) for r in rejected] == [("imgs.zip/imgs/c0/empty.png", "empty")]  # from the directory
+
+
 def test_outside_raw(make_project):
     path = folder_project(make_project, {"root": "imgs"})
     params = load_params(path)

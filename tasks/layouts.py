@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.errors import DatasetError
-from tasks.sources import Record, Rejected, file_record, image_folder
+from tasks.sources import Record, Rejected, file_record, image_folder, pixel_id
 
 Item = Record | Rejected
 NO_LANDMARK = "__no_landmark__"  # GLDv2 queries whose landmark is in no gallery image
@@ -241,7 +241,7 @@ def fashion_mnist(root: Path) -> Iterator[Item]:
                 continue
             buf = io.BytesIO()
             Image.fromarray(img, mode="L").save(buf, format="PNG", compress_level=1)
-            yield Record(f"{name}[{i}]", FASHION_CLASSES[label], None, buf.getvalue())
+            yield Record(f"{name}[{i}]", FASHION_CLASSES[label], None, buf.getvalue(), pixel_id=pixel_id(img))
 
 
 READERS = {

@@ -50,10 +50,15 @@ class Record:
     gallery: bool | None = None
     origin: str | None = None
     member: str | None = None
+    pixel_id: str | None = None  # images made in memory: the id of their pixels (:func:`pixel_id`)
 
     @property
     def item_id(self) -> str:
-        """Stable id: a content hash, so the same image gets the same id in every dataset drop."""
+        """Stable id: a content hash, so the same image gets the same id in every dataset drop —
+        of a file's bytes, or of the pixels of an image made in memory (whose PNG bytes would
+        change with Pillow's zlib, and every id with them)."""
+        if self.pixel_id is not None:
+            return self.pixel_id
         if self.data is None:
             raise ValueError(f"{self.source}: not read yet (sources.load)")
         return content_id(self.data)
@@ -62,6 +67,11 @@ class Record:
 def content_id(data: bytes) -> str:
     """16 hex digits of blake2b over the encoded bytes (the ITEMS item_id)."""
     return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def pixel_id(pixels: np.ndarray) -> str:
+    """The ITEMS item_id of an image made in memory: blake2b of its uint8 pixels and shape."""
+    return content_id(np.ascontiguousarray(pixels, np.uint8).tobytes() + repr(pixels.shape).encode())
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,7 @@ def digits() -> Iterator[Record]:
     for i, (img, target) in enumerate(zip(pixels, data.target)):
         buf = io.BytesIO()
         Image.fromarray(img, mode="L").save(buf, format="PNG")
-        yield Record(source=f"digits/{i:04d}", label=str(int(target)), split=None, data=buf.getvalue())
+        yield Record(source=f"digits/{i:04d}", label=str(int(target)), split=None, data=buf.getvalue(), pixel_id=pixel_id(img))
 
 
 def _read_file(path: str) -> bytes:

@@ -18,6 +18,7 @@ from tasks import contracts as C
 from tasks import ingest, layouts
 from tasks.errors import DatasetError
 from tasks.params import load_params
+from tasks import sources
 from tasks.sources import Record, Rejected, load
 
 SMALL = {"ingest.image_size": 8, "ingest.channels": 3, "ingest.workers": 1, "ingest.test_fraction": 0.3}
@@ -295,6 +296,7 @@ def test_fashion_mnist_idx(tmp_path, gz):
     assert all(r.split is None for r in recs)
     with Image.open(io.BytesIO(recs[0].data)) as img:
         assert img.size == (28, 28) and img.mode == "L"
+        assert recs[0].item_id == sources.pixel_id(np.asarray(img))  # of the pixels, not the PNG bytes
 
 
 def test_fashion_mnist_class_disjoint_split(make_project):

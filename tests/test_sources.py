@@ -462,6 +462,9 @@ def test_digits():
         assert records[i].label == str(data.target[i])
         px = sources.decode(records[i].data, 8, 1)[..., 0]
         assert np.array_equal(px, np.rint(data.images[i] * 255 / 16).astype(np.uint8))
+        # the id is of the pixels, not of the PNG bytes (which Pillow's zlib may compress otherwise)
+        assert records[i].item_id == sources.pixel_id(px) != sources.content_id(records[i].data)
+    assert records[0].item_id == "14f9d5005b4be4a6"  # fixed: ids key every artifact
 
 
 def test_macos_resource_forks_in_a_zip_are_rejected_and_do_not_break_top_folder_stripping(tmp_path):

@@ -48,6 +48,20 @@ def test_split_is_class_disjoint_seeded_and_leaves_a_class_on_each_side(fraction
     assert len(others) > 1  # the seed decides which classes
 
 
+def test_a_new_class_in_the_next_drop_moves_at_most_one_old_class_across():
+    """Versioned drops: the split of the classes a drop shares with the one before stays put."""
+    p = _ingest(test_fraction=0.3, seed=0)
+    moved = []
+    def split(n: int) -> dict[str, str]:
+        labels = [f"c{i:02d}" for i in range(n)]
+        return dict(zip(labels, split_by_class(labels, [None] * n, p)))
+
+    for n in range(10, 60):
+        before, after = split(n), split(n + 1)
+        moved.append(sum(before[c] != after[c] for c in before))
+    assert max(moved) <= 1 and sum(moved) > 0  # and some drops do move one (the test share is kept)
+
+
 @pytest.mark.parametrize("counts,error", [
     ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 2, (C.TEST, "d"): 1}, None),
     ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 1, (C.TEST, "c"): 2, (C.TEST, "d"): 1}, "train split has 2 classes, 1 with"),

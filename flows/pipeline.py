@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 # Offline-friendly defaults (a user's own settings win): no analytics, and time for the ephemeral
 # API server's first start on a slow machine (~17 s measured; Prefect's default limit is 20 s).
@@ -30,7 +32,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, tracking, train  # noqa: E402
-from tasks.errors import UserInputError  # noqa: E402
+from tasks.errors import ParamsError, UserInputError  # noqa: E402
 from tasks.params import flatten, load_params, yaml_load  # noqa: E402
 from tasks.params_preset import with_preset  # noqa: E402
 
@@ -123,12 +125,16 @@ def resolve_presets(files: list[str]) -> list[str] | None:
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set`` values: ``key=value``, the value read as YAML (ParamsError when it is not)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects key=value, got {item!r}")
-        out[key] = yaml_load(value)  # as params.yaml reads: 0.1 and 3e-4 are floats, [1, 5] a list
+        try:
+            out[key] = yaml_load(value)  # as params.yaml reads: 0.1 and 3e-4 are floats, [1, 5] a list
+        except yaml.YAMLError as err:
+            raise ParamsError(f"--set {key}: {value!r} is not valid YAML ({getattr(err, 'problem', None) or err})") from None
     return out
 
 
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="override one dotted key, the value read as YAML (train.optimizer.lr=3e-4, "
                         "evaluate.recall_at=[1,5]); repeatable")
     args = parser.parse_args(argv)
-    from tasks.cli import USER_ERRORS
+    from tasks.cli import USER_ERRORS, json_line
 
     try:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
-    print(json.dumps(result, default=str))
+    print(json_line(result))
 
 
 if __name__ == "__main__":

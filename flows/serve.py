@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="a params preset file (params/omniglot.yaml); again for another, applied after it")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    overrides = parse_set(args.overrides)
     params_file = Path(args.params).resolve()
     preset = resolve_presets(args.preset)
     try:
+        overrides = parse_set(args.overrides)
         load_params(params_file, with_preset(preset, overrides))
     except USER_ERRORS as err:  # a typo must not become a deployment that fails every night
         raise SystemExit(f"tripletflow: error: {err}") from None

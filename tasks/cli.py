@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,4 +36,19 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
     except USER_ERRORS as err:
         print(f"tripletflow {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(json.dumps({name: result}, default=str))
+    print(json_line({name: result}))
+
+
+def json_line(obj: object) -> str:
+    """``obj`` as strict JSON: NaN and ±inf (an epoch that mined nothing has no mean distance)
+    become null — ``json.dumps`` would write NaN, which no JSON parser but Python's reads."""
+    def finite(x: object) -> object:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+
+    return json.dumps(finite(obj), default=str, allow_nan=False)

@@ -37,8 +37,10 @@ def pixels_of(paths: Paths, item_ids: np.ndarray) -> np.ndarray:
 
 def _grid(paths: Paths, pick: np.ndarray, ret: Retrieval, query_ids, query_labels, gallery_ids, k: int, out: Path, ap=None) -> None:
     """Draw queries ``pick`` with their top ``k`` results (pixels read from ``paths.items``);
-    ``ap`` (len(pick),): AP@R to print under each query label."""
+    ``ap`` (len(pick),): AP@R to print under each query label. No query: no picture (and none
+    left from an earlier run: the flow, unlike DVC, does not empty the folder first)."""
     if len(pick) == 0:
+        out.unlink(missing_ok=True)
         return
     k = min(k, ret.top_pos.shape[1])
     nb_pos = ret.top_pos[pick, :k]
@@ -75,6 +77,8 @@ def draw(params: EvaluateParams, paths: Paths, ret: Retrieval, queries: np.ndarr
         sample = np.sort(rng.choice(len(queries), size=m, replace=False))
         xy = _project(queries[sample], params.projection, params.seed)
         figures.projection(xy, np.asarray(query_labels)[sample].astype(str), fig_dir / "projection.png", f"{params.projection.upper()} of {m} query embeddings")
+    else:
+        (fig_dir / "projection.png").unlink(missing_ok=True)
 
 
 def _csv(label: str) -> str:

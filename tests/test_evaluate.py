@@ -49,6 +49,10 @@ def test_evaluate_on_a_trained_model_writes_metrics_plots_and_pictures(make_proj
     assert sum(int(line.split(",")[2]) for line in per_class[1:]) == 24
     for png in ("recall_at_k.png", "retrieval_grid.png", "worst_queries.png", "per_class_ap.png", "projection.png"):
         assert (params.paths["figures"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Pictures turned off on a re-run (the flow's: DVC empties the folder itself) are gone, not stale.
+    off = params.evaluate.model_copy(update={"grid_queries": 0, "worst_queries": 0, "projection_sample": 0})
+    evaluate.run(off, params.paths)
+    assert sorted(p.name for p in params.paths["figures"].iterdir()) == ["per_class_ap.png", "recall_at_k.png"]
 
 
 def test_evaluate_through_an_approximate_index(make_project):

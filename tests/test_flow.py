@@ -92,6 +92,15 @@ def test_set_values_are_read_as_params_yaml_reads_them():
     assert got == {"train.optimizer.lr": 3e-4, "evaluate.recall_at": [1, 5], "train.backbone": "resnet18", "train.miner": None}
 
 
+@pytest.mark.parametrize("module", ["flows.pipeline", "flows.serve"])
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_the_key(make_project, module):
+    params_file = make_project(FAST)
+    proc = subprocess.run([sys.executable, "-m", module, "--params", str(params_file), "--set", "evaluate.recall_at=[1,5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--set evaluate.recall_at: '[1,5' is not valid YAML" in proc.stderr
+
+
 def test_presets_are_relative_to_the_params_file_and_may_be_several():
     from flows.pipeline import _preset_paths
 

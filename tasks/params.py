@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 import os
 import re
 from pathlib import Path
@@ -192,7 +193,22 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
             errors.append(f"{key}.{kw}: expected a number, got {value!r}{hint}")
         elif want in (bool, str) and not isinstance(value, want):
             errors.append(f"{key}.{kw}: expected {want.__name__}, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):  # .nan is YAML: no library checks it
+            errors.append(f"{key}.{kw}: expected a finite number, got {value!r}")
     return errors
+
+
+def _optimizer_errors(spec: Component, key: str) -> list[str]:
+    """The optimizer's own checks (torch's constructors refuse a negative lr, betas outside
+    [0, 1), ...), asked of it on a stand-in parameter: else train would find them after ingest
+    and make_batches had rewritten their outputs."""
+    import torch
+
+    try:
+        getattr(torch.optim, spec.name)([torch.nn.Parameter(torch.zeros(1))], **spec.kwargs)
+    except Exception as err:  # torch raises ValueError, TypeError, ...
+        return [f"{key}: {spec.name}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}): {' '.join(str(err).split())}"]
+    return []
 
 
 def _looks_numeric(value: Any) -> bool:
@@ -378,6 +394,7 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
         + _check_component(t.optimizer, "torch.optim", "train.optimizer")
     )
     errors += _choice_errors(t.miner, "train.miner") + _cross_section_errors(params)
+    errors += [] if errors else _optimizer_errors(t.optimizer, "train.optimizer")
     if errors:
         raise ParamsError(f"{origin}: invalid params\n" + "\n".join(f"  {e}" for e in errors))
     return params

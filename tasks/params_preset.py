@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import ParamsError
-from tasks.params import read_yaml
+from tasks.params import load_params, read_yaml
 
 
 def read_preset(path: str | Path, _chain: frozenset[Path] = frozenset()) -> dict[str, Any]:
@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     args, extra = p.parse_args(argv[:split]), argv[split + 1 :]
     try:
-        sets = dvc_set_params(with_preset(args.preset), args.params)
+        preset = with_preset(args.preset)
+        # Checked as the flow checks it, before DVC rewrites params.yaml and deletes outputs.
+        load_params(args.params, preset)
+        sets = dvc_set_params(preset, args.params)
     except ParamsError as err:
         print(f"tripletflow: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

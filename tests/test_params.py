@@ -530,3 +530,14 @@ def test_choices_a_later_stage_would_reject_stop_when_params_load(overrides, mes
 ])
 def test_valid_choices_pass(overrides):
     parse_params(apply_overrides(default_params(), overrides), Path("."))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"train.optimizer": {"name": "AdamW", "lr": -1.0}}, "train.optimizer: AdamW(lr=-1.0): Invalid learning rate: -1.0"),
+    ({"train.optimizer": {"name": "Adam", "lr": 0.001, "betas": [1.5, 0.9]}}, "train.optimizer: Adam(lr=0.001, betas=[1.5, 0.9]): Invalid beta parameter"),
+    ({"train.loss": {"name": "TripletMarginLoss", "margin": float("nan")}}, "train.loss.margin: expected a finite number, got nan"),
+])
+def test_values_the_optimizer_or_no_library_checks_are_refused_at_load(overrides, expected):
+    """Found when params load, not when train builds the optimizer after ingest and
+    make_batches have rewritten their outputs (a NaN margin is checked by nothing downstream)."""
+    assert expected in _error(overrides)

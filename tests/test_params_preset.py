@@ -106,6 +106,18 @@ def test_cli_error_exits_2(tmp_path, capsys):
     assert info.value.code == 2 and "no such preset" in capsys.readouterr().err
 
 
+def test_cli_validates_the_merged_params_before_running_dvc(tmp_path, capsys, monkeypatch):
+    """A bad preset must not reach `dvc exp run`, which rewrites params.yaml and deletes the
+    stages' outputs before train finds the error."""
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("dvc exp run started"))
+    preset = _write(tmp_path / "bad.yaml", {"train": {"loss": {"name": "Foo"}}})
+    with pytest.raises(SystemExit) as info:
+        main([str(preset), "--params", str(ROOT / "params.yaml")])
+    assert info.value.code == 2 and "train.loss" in capsys.readouterr().err
+
+
 def test_presets_apply_in_order_a_later_one_winning(tmp_path, capsys):
     """A dataset preset, then a loss + miner preset: both through the flow's loader and through
     the DVC command."""

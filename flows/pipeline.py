@@ -31,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, tracking, train  # noqa: E402
+from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, project_lock, tracking, train  # noqa: E402
 from tasks.errors import ParamsError, UserInputError  # noqa: E402
 from tasks.params import flatten, load_params, yaml_load  # noqa: E402
 from tasks.params_preset import with_preset  # noqa: E402
@@ -89,29 +89,31 @@ def pipeline(
     paths = params.paths
     root = Path(paths.root)
     logger = get_run_logger()
-    run_id = tracking.start_pipeline_run(
-        root, params.train.experiment, {"prefect.flow_run_id": str(flow_run.id or ""), "tripletflow.runner": "prefect"}
-        | ({"tripletflow.preset": preset if isinstance(preset, str) else ",".join(preset)} if preset else {})
-    )
-    tracking.Tracker(root, run_id).params(flatten(params.model_dump(exclude={"paths"})))
-    logger.info("MLflow run %s (%s)", run_id, tracking.tracking_uri(root))
-    try:
-        ingest_task(params.ingest, paths)
-        make_batches_task(params.make_batches, paths)
-        train_task(params.train, paths, parent_run_id=run_id)
-        export_task(params.export_embeddings, paths)
-        index_task(params.build_index, paths)
-        metrics = evaluate_task(params.evaluate, paths)
-    except BaseException:
-        tracking.finish_pipeline_run(root, run_id, "FAILED")
-        raise
-    logger.info("metrics: %s", json.dumps(metrics))
-    if "model_alias" in metrics:
-        logger.info("model registry: %s v%s is the %s (%s)", metrics["registered_model"], metrics["model_version"],
-                    metrics["model_alias"], metrics["alias_reason"])
-    create_markdown_artifact(report(metrics, run_id, root), key="tripletflow-metrics",
-                             description="Retrieval metrics of this pipeline run")
-    return {"run_id": run_id, "metrics": metrics}
+    # Before the MLflow run: a second run in this project stops here, leaving no run behind.
+    with project_lock.hold(root, f"flow run {flow_run.name or flow_run.id}"):
+        run_id = tracking.start_pipeline_run(
+            root, params.train.experiment, {"prefect.flow_run_id": str(flow_run.id or ""), "tripletflow.runner": "prefect"}
+            | ({"tripletflow.preset": preset if isinstance(preset, str) else ",".join(preset)} if preset else {})
+        )
+        tracking.Tracker(root, run_id).params(flatten(params.model_dump(exclude={"paths"})))
+        logger.info("MLflow run %s (%s)", run_id, tracking.tracking_uri(root))
+        try:
+            ingest_task(params.ingest, paths)
+            make_batches_task(params.make_batches, paths)
+            train_task(params.train, paths, parent_run_id=run_id)
+            export_task(params.export_embeddings, paths)
+            index_task(params.build_index, paths)
+            metrics = evaluate_task(params.evaluate, paths)
+        except BaseException:
+            tracking.finish_pipeline_run(root, run_id, "FAILED")
+            raise
+        logger.info("metrics: %s", json.dumps(metrics))
+        if "model_alias" in metrics:
+            logger.info("model registry: %s v%s is the %s (%s)", metrics["registered_model"], metrics["model_version"],
+                        metrics["model_alias"], metrics["alias_reason"])
+        create_markdown_artifact(report(metrics, run_id, root), key="tripletflow-metrics",
+                                 description="Retrieval metrics of this pipeline run")
+        return {"run_id": run_id, "metrics": metrics}
 
 
 def _preset_paths(params_file: str, preset: str | list[str] | None) -> list[Path]:
@@ -160,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         params_file = str(Path(args.params).resolve())
         preset = resolve_presets(args.preset)
         overrides = parse_set(args.overrides)
-        load_params(params_file, with_preset(preset, overrides))
+        root = Path(load_params(params_file, with_preset(preset, overrides)).paths.root)
+        with project_lock.hold(root, "python -m flows.pipeline (starting)"):
+            pass  # another run in this project: say so now (the flow run takes the lock itself)
         result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tasks import project_lock
 from tasks.errors import UserInputError
 from tasks.params import Paths, load_params
 
@@ -32,7 +33,8 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
         params = load_params(args.params)
         section = getattr(params, name)
         paths: Paths = params.paths
-        result = run(section, paths)
+        with project_lock.hold(Path(paths.root), f"python -m tasks.{name}"):
+            result = run(section, paths)
     except USER_ERRORS as err:
         print(f"tripletflow {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

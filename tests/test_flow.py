@@ -64,6 +64,23 @@ def test_invalid_override_fails_before_any_output(make_project):
     assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]
 
 
+def test_a_flow_run_holds_the_project_for_its_whole_run(make_project):
+    """A deployment's run (no CLI before it) meets another run's lock too: it stops before it
+    opens an MLflow run — two runs in a project logged into each other's runs."""
+    from tasks.project_lock import ProjectBusyError
+    from test_project_lock import _holder
+
+    params_file = make_project(FAST)
+    proc = _holder(params_file.parent)
+    try:
+        with pytest.raises(ProjectBusyError, match=f"pid {proc.pid}: the holder"):
+            pipeline(params_file=str(params_file))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (params_file.parent / "mlflow.db").exists()
+
+
 def test_cli_rejects_a_bad_value_naming_the_key(make_project):
     params_file = make_project(FAST)
     proc = subprocess.run(

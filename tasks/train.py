@@ -82,6 +82,10 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         parent.tags(tracking.provenance(Path(paths.root), digests, upstream | {"train": params.model_dump()}))
         _log_ingest(parent, items_meta.get("summary", {}), paths["quarantine"])
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
+        # Resumed: the restored epochs go to this attempt's child run, and to the pipeline run if
+        # it is a new one (a new flow run's): each run then holds the whole curve.
+        for row in curve:
+            _log_epoch(child, parent if state["run_ids"]["parent"] != run_id else None, row)
         done = len(curve)
         # Killed after the state of an early-stopped run was saved but before its model was.
         stopped = bool(done and params.early_stopping_patience) and stopper.exhausted(done - 1)
@@ -98,9 +102,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
                 stop = distributed.broadcast_object(stop, world)  # one decision, or ranks would wait on each other
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
-            logged = {f"train.{k}": v for k, v in row.items()}
-            child.metrics(logged, step=epoch)
-            parent.metrics(logged, step=epoch)
+            _log_epoch(child, parent, curve[-1])
             resume.save(paths["train_state"], fp, epoch, stateful, curve, {"parent": run_id, "child": child.run_id}, world)
             if stop and world.main:
                 print(f"train: no better validation Recall@1 for {params.early_stopping_patience} epochs; "
@@ -120,6 +122,13 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         parent.tags({"model_sha256": sha})
     last = curve[-1] if curve else {}
     return {"run_id": run_id, "epochs": len(plan), "steps": steps, "device": str(device), "model_sha256": sha, **last}
+
+
+def _log_epoch(child, parent, row: dict[str, float]) -> None:
+    """One epoch of the curve (``row``: epoch + its figures) as ``train.*`` metrics at that step."""
+    logged = {f"train.{k}": v for k, v in row.items() if k != "epoch"}
+    for run in (child, parent) if parent is not None else (child,):
+        run.metrics(logged, step=row["epoch"])
 
 
 def _log_ingest(parent, summary: dict, quarantine: Path) -> None:

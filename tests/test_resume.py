@@ -228,3 +228,30 @@ def test_killed_between_an_early_stop_and_the_model_the_restart_trains_no_furthe
     assert killed.paths["train_curve"].read_text().count("\n") - 1 == stopped_after
     a, b = _weights(runs["straight"].paths["model"]), _weights(killed.paths["model"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_under_a_new_pipeline_run_the_restored_epochs_are_logged_there(make_project, monkeypatch):
+    """A flow run killed in train, then run again: the new flow opens a new pipeline run, which
+    must hold the epochs trained before the kill as well (they were only in the failed run)."""
+    params = _project(make_project, "flow")
+    root, experiment = params.paths.root, params.train.experiment
+    first = tracking.start_pipeline_run(root, experiment)
+    save = resume.save
+
+    def save_then_die(path, fp, epoch, *args, **kwargs):
+        save(path, fp, epoch, *args, **kwargs)
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(resume, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(params.train, params.paths, parent_run_id=first)
+    second = tracking.start_pipeline_run(root, experiment)
+    train.run(params.train, params.paths, parent_run_id=second)
+    client = MlflowClient(tracking.tracking_uri(root))
+    assert [m.step for m in client.get_metric_history(second, "train.loss")] == list(range(EPOCHS))
+    child = [r for r in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+             if r.data.tags.get("mlflow.parentRunId") == second]
+    assert len(child) == 1 and [m.step for m in client.get_metric_history(child[0].info.run_id, "train.loss")] == list(range(EPOCHS))
+    assert len(client.get_metric_history(first, "train.loss")) == 3  # the failed run keeps what it saw

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     try:
         params = load_params(args.params)
         section = getattr(params, name)
@@ -38,7 +40,20 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
     except USER_ERRORS as err:
         print(f"tripletflow {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once the stage has cleaned up (no half file)
+        print(f"tripletflow {name}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     print(json_line({name: result}))
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a job scheduler, a container stopping) unwinds like Ctrl-C: Python's
+    default ends the process on the spot, leaving atomic writes' temporary files behind and
+    MLflow runs RUNNING; as KeyboardInterrupt, every ``finally`` and ``with`` cleans up."""
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def json_line(obj: object) -> str:

@@ -13,3 +13,30 @@ def test_json_line_is_strict_json_with_null_for_non_finite_numbers():
     got = json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # refuse NaN/Infinity
     assert got["train"]["pos_distance"] is None and got["train"]["rows"] == [1.0, None]
     assert got["train"]["loss"] == 0.5 and got["train"]["dev"].startswith("<class")
+
+
+def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path):
+    """Python's default SIGTERM ends the process on the spot: an atomic write's temporary file
+    stayed beside its output. Here the stage is stopped inside one, and cleans up."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom tasks import cli, contracts\n"
+        "def run(params, paths):\n"
+        "    with contracts.atomic_path(Path(paths.root) / 'out.bin') as tmp:\n"
+        "        tmp.write_bytes(b'half'); print('writing', flush=True); time.sleep(600)\n"
+        "cli.stage_main('ingest', run, ['--params', sys.argv[1]])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "params.yaml")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.glob(".out.bin.*.tmp")]  # the half-written file, as it is being written
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "tripletflow ingest: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".tripletflow.lock") == ["params.yaml"]

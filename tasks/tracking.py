@@ -152,11 +152,15 @@ def mark_killed(root: Path, run_id: str) -> None:
         pass  # not in this store (e.g. a fresh mlflow.db): nothing to end
 
 
-def provenance(root: Path, md5: dict[str, str], params: dict[str, Any]) -> dict[str, str]:
+def provenance(root: Path, md5: dict[str, str], params: dict[str, Any], written: tuple[str, ...] = ()) -> dict[str, str]:
     """Tags that make a run reproducible: the git commit of the project (``mlflow.source.git.commit``,
     plus whether the tree had uncommitted changes), ``md5`` — each data file's MD5, the hash DVC keys
     its cache by, so ``dvc.md5.items`` names the exact dataset in the DVC cache/remote — and a
-    SHA-256 of the flattened params that produced the model."""
+    SHA-256 of the flattened params that produced the model.
+
+    ``written``: files the pipeline itself rewrites (paths relative to ``root``: metrics.json, the
+    curves; and DVC's dvc.lock), which do not make the tree dirty — under ``dvc repro`` they have
+    changed by the time train runs, and the tag was then always true."""
     import hashlib
     import subprocess
 
@@ -166,7 +170,9 @@ def provenance(root: Path, md5: dict[str, str], params: dict[str, Any]) -> dict[
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
         if commit.returncode == 0:
             tags["mlflow.source.git.commit"] = commit.stdout.strip()
-            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30)
+            keep = [".", *(f":(exclude){w}" for w in ("dvc.lock", *written))]  # pathspecs, relative to root
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", *keep],
+                                   capture_output=True, text=True, timeout=30)
             tags["tripletflow.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
     except (OSError, subprocess.TimeoutExpired):
         pass  # no git here: the data hashes and params still identify the run

@@ -94,6 +94,8 @@ def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
     assert tags["dvc.md5.items"] == outs["data/items.parquet"]
     assert tags["dvc.md5.batches"] == outs["data/batches.parquet"]
     first = parents[0].data.tags
+    # The first repro only rewrote the pipeline's own files (dvc.lock, curves, metrics): clean.
+    assert first["tripletflow.git_dirty"] == "false"
     assert first["tripletflow.params_sha256"] != tags["tripletflow.params_sha256"]  # the miner changed
     assert first["dvc.md5.items"] == tags["dvc.md5.items"]  # the data did not
 

@@ -91,7 +91,7 @@ def summary(counts: Counter, rejected: list[sources.Rejected], rotations: int) -
         # Kept: a test singleton is a gallery distractor (and a query with no positive, which
         # evaluation must allow); in train, make_batches.small_classes decides.
         "single_image_classes": sum(1 for n in counts.values() if n == 1),
-        # Non-zero only with ingest.shared_classes: allow (the test metrics then include seen classes).
+        # Non-zero only with ingest.shared_classes: allow or GLDv2 (test metrics then include seen classes).
         "classes_in_both_splits": len({lb for s, lb in counts if s == C.TRAIN} & {lb for s, lb in counts if s == C.TEST}),
         # Included in the train counts above: each train image has one copy per angle.
         "rotated_copies": sum(n for (s, _), n in counts.items() if s == C.TRAIN) * rotations // (rotations + 1),

@@ -43,15 +43,16 @@ def fetch(url: str, sha256: str, dest: Path, timeout: float = 60.0) -> Path:
     return dest
 
 
-def extract(archive: Path, into: Path) -> None:
+def extract(archive: Path, into: Path, digest: str | None = None) -> None:
     """Unpack a .zip or .tar(.gz|.bz2|.xz) into ``into`` once per archive version: a marker file
     holds the archive's sha256 and the files it unpacked. A new version (another sha256, as when
     a ``downloads`` entry is updated) is unpacked again, and the files only the old one had are
     removed — else ingest would read the old data, or a class the new version dropped. Tar
     members that would land outside ``into`` (``..``, absolute, links) are refused by the 'data'
-    filter."""
+    filter. ``digest``: the archive's sha256 when the caller has just checked it (a GB archive
+    takes seconds to hash again)."""
     marker = into / f".{archive.name}.extracted"
-    digest = file_digest(archive)
+    digest = digest or file_digest(archive)
     old = marker.read_text().split("\n") if marker.exists() else []
     if old and old[0] == digest:
         return
@@ -85,4 +86,4 @@ def ensure(downloads: list, root: Path) -> None:
     for d in downloads:
         path = fetch(d.url, d.sha256, root / d.file)
         if d.extract:
-            extract(path, root)
+            extract(path, root, d.sha256)  # fetch checked it

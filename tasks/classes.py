@@ -1,6 +1,7 @@
 """Which classes an ingested dataset has and where they go (tasks.ingest's class decisions).
 
 - :func:`split_by_class`: class-disjoint train/test split — a test class is never seen in training;
+- :func:`shared_labels`: the classes a split puts on both sides;
 - :func:`check_usable`: whether metric learning can use the splits at all;
 - :func:`rotated_copies`: train images turned by 90/180/270° as new classes;
 - :func:`summary`: the figures ingest reports (and stores in the table's metadata).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +32,7 @@ def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams,
     classes seen in training, not the open set."""
     if all(s is not None for s in splits):
         given = [s for s in splits if s is not None]
-        shared = sorted({lb for lb, s in zip(labels, given) if s == C.TRAIN} & {lb for lb, s in zip(labels, given) if s == C.TEST})
+        shared = sorted(shared_labels(zip(given, labels)))
         if shared and p.shared_classes == "error" and not shared_ok:
             raise DatasetError(
                 f"the source's split puts {len(shared):,} classes in both train and test "
@@ -48,6 +50,14 @@ def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams,
     ranked = sorted(classes, key=lambda c: hashlib.blake2b(f"{p.seed}\0{c}".encode(), digest_size=8).digest())
     test = set(ranked[:n_test])
     return [C.TEST if label in test else C.TRAIN for label in labels]
+
+
+def shared_labels(pairs: Iterable[tuple[str, str]]) -> set[str]:
+    """Labels of the (split, label) ``pairs`` that occur in both train and test."""
+    sides: dict[str, set[str]] = {C.TRAIN: set(), C.TEST: set()}
+    for split, label in pairs:
+        sides.setdefault(split, set()).add(label)
+    return sides[C.TRAIN] & sides[C.TEST]
 
 
 def check_usable(counts: Counter) -> None:
@@ -92,7 +102,7 @@ def summary(counts: Counter, rejected: list[sources.Rejected], rotations: int) -
         # evaluation must allow); in train, make_batches.small_classes decides.
         "single_image_classes": sum(1 for n in counts.values() if n == 1),
         # Non-zero only with ingest.shared_classes: allow or GLDv2 (test metrics then include seen classes).
-        "classes_in_both_splits": len({lb for s, lb in counts if s == C.TRAIN} & {lb for s, lb in counts if s == C.TEST}),
+        "classes_in_both_splits": len(shared_labels(counts)),
         # Included in the train counts above: each train image has one copy per angle.
         "rotated_copies": sum(n for (s, _), n in counts.items() if s == C.TRAIN) * rotations // (rotations + 1),
     }

@@ -204,10 +204,17 @@ def _optimizer_errors(spec: Component, key: str) -> list[str]:
     and make_batches had rewritten their outputs."""
     import torch
 
+    return _construct_errors(getattr(torch.optim, spec.name), spec, key, [torch.nn.Parameter(torch.zeros(1))])
+
+
+def _construct_errors(cls: type, spec: Component, key: str, *args: Any) -> list[str]:
+    """``cls(*args, **spec.kwargs)``; its error, if any, as ``key: Name(k=v, ...): message``.
+    Libraries raise ValueError, TypeError, AssertionError... for a bad argument: any is caught."""
     try:
-        getattr(torch.optim, spec.name)([torch.nn.Parameter(torch.zeros(1))], **spec.kwargs)
-    except Exception as err:  # torch raises ValueError, TypeError, ...
-        return [f"{key}: {spec.name}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}): {' '.join(str(err).split())}"]
+        cls(*args, **spec.kwargs)
+    except Exception as err:
+        call = f"{spec.name}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())})"
+        return [f"{key}: {call}: {' '.join(str(err).split())}"]
     return []
 
 
@@ -418,11 +425,8 @@ def _choice_errors(spec: Component | None, key: str) -> list[str]:
     if not errors:
         from pytorch_metric_learning import miners
 
-        try:
-            getattr(miners, spec.name)(**spec.kwargs)  # cheap: a miner holds no weights
-        except Exception as err:  # pml raises ValueError, AssertionError, ...
-            errors.append(f"{key}: {spec.name}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())}): "
-                          f"{' '.join(str(err).split())}")
+        cls = getattr(miners, spec.name, None)  # an unknown name: _check_component has said so
+        errors = _construct_errors(cls, spec, key) if cls is not None else []  # cheap: a miner holds no weights
     return errors
 
 

@@ -157,13 +157,14 @@ def image_folder(root: Path, split: str | None) -> Iterator[Record | Rejected]:
         dirnames.sort()  # deterministic order
         for name in list(dirnames):
             sub = os.path.join(dirpath, name)
-            where = display(f"{root.name}/{os.path.relpath(sub, top)}/")
             if name.startswith("."):
-                dirnames.remove(name)
-                yield Rejected(where, "hidden folder: not read", "hidden")
-            elif os.path.islink(sub) and os.path.realpath(sub) in seen:  # e.g. a link to its parent
-                dirnames.remove(name)
-                yield Rejected(where, f"symlink to a folder already read: {display(os.path.realpath(sub))}", "symlink loop")
+                reason, category = "hidden folder: not read", "hidden"
+            elif os.path.islink(sub) and (real := os.path.realpath(sub)) in seen:  # e.g. a link to its parent
+                reason, category = f"symlink to a folder already read: {display(real)}", "symlink loop"
+            else:
+                continue
+            dirnames.remove(name)
+            yield Rejected(display(f"{root.name}/{os.path.relpath(sub, top)}/"), reason, category)
         folder = os.path.relpath(dirpath, top).replace(os.sep, "/")
         label = "" if folder == "." else folder
         # Names that are not UTF-8 arrive as surrogate escapes: fine for open(), not for Arrow.

@@ -7,7 +7,9 @@ logged in MLflow's PyTorch flavour — signature uint8 images (-1, C, H, W) -> f
 (``mlflow.pyfunc.load_model("models:/tripletflow@champion").predict(uint8 array)``); the faiss index
 and id map are artifacts of the same run (build_index logs them).
 
-Promotion: a new version takes the alias ``champion`` only if its mAP@R beats the current
+Each model is registered once per evaluation set: evaluating the same weights again on the same
+items (evaluate re-run by ``dvc repro`` for an index or evaluate change) reports the version it
+already is. Promotion: a new version takes the alias ``champion`` only if its mAP@R beats the current
 champion's *on the same evaluation set* (same query and gallery item ids); otherwise it is the
 ``challenger``. A champion measured on another set (a new data drop) is not comparable: the new
 version becomes challenger and the reason says so — promote by hand after comparing.
@@ -19,6 +21,7 @@ import hashlib
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.compute as pc
@@ -28,6 +31,9 @@ from tasks import contracts as C
 from tasks import tracking
 from tasks.models import load_checkpoint
 from tasks.params import Paths
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC = "map_at_r"
@@ -72,15 +78,19 @@ def register(paths: Paths, name: str, run_id: str, metrics: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking.tracking_uri(Path(paths.root)))
-    source = log_model(paths, run_id)
     eval_set = evaluation_set_id(paths)
+    digest = C.file_digest(paths["model"])
     score = float(metrics[METRIC])
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="tripletflow embedding models (image -> embedding)")
+    known = already_registered(client, name, digest, eval_set)
+    if known is not None:
+        return known
+    source = log_model(paths, run_id)
     version = client.create_model_version(
-        name, source, run_id=run_id, tags={METRIC: repr(score), "evaluation_set": eval_set}
+        name, source, run_id=run_id, tags={METRIC: repr(score), "evaluation_set": eval_set, "model_sha256": digest}
     ).version
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
@@ -98,3 +108,23 @@ def register(paths: Paths, name: str, run_id: str, metrics: dict) -> dict:
     client.set_registered_model_alias(name, alias, version)
     print(f"registry: {name} v{version} is the {alias} ({why})")
     return {"registered_model": name, "model_version": int(version), "model_alias": alias, "alias_reason": why}
+
+
+def already_registered(client: MlflowClient, name: str, digest: str, eval_set: str) -> dict | None:
+    """The newest version of ``name`` with these weights (SHA-256 ``digest``) and evaluation set,
+    as :func:`register` reports one; None if there is none.
+
+    Evaluate runs again without train when only its own params, the index or the figures changed
+    (``dvc repro`` re-runs the stages downstream of a change): the model is the one already
+    registered, and a second version of it would crowd the registry and could take ``champion``
+    from itself. Its recorded mAP@R stays the one measured when it was registered."""
+    same = [v for v in client.search_model_versions(f"name = '{name}' and tags.model_sha256 = '{digest}'")
+            if v.tags.get("evaluation_set") == eval_set]
+    if not same:
+        return None
+    # search results carry no aliases (MLflow 3.17's SQL store): ask for the version itself
+    v = client.get_model_version(name, str(max(int(v.version) for v in same)))
+    alias = next((a for a in (CHAMPION, CHALLENGER) if a in v.aliases), "none")
+    why = f"same weights and evaluation set as v{v.version} (mAP@R {float(v.tags[METRIC]):.4f} when registered): not registered again"
+    print(f"registry: {name} v{v.version} ({alias}): {why}")
+    return {"registered_model": name, "model_version": int(v.version), "model_alias": alias, "alias_reason": why}

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import FAST, run_stages
 from tasks import evaluate, registry, tracking
-from tasks.models import load_checkpoint
+from tasks.models import load_checkpoint, save_checkpoint
 from tasks.params import load_params
 
 
@@ -42,20 +42,47 @@ def test_first_version_is_champion_and_its_pyfunc_maps_images_to_embeddings(eval
     np.testing.assert_allclose(mlflow_model.predict(images), want, rtol=1e-5, atol=1e-6)
 
 
+def _retrain(paths, seed: int) -> None:
+    """Other weights in ``paths.model`` (as a training run with another seed would leave)."""
+    model = load_checkpoint(paths["model"])
+    with torch.no_grad():
+        for t in model.parameters():
+            t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3)
+    save_checkpoint(model, paths["model"])
+
+
 def test_a_better_version_takes_champion_a_worse_one_is_challenger(evaluated):
     p = evaluated.paths
     first = evaluate.run(evaluated.evaluate, p)
     # Scores are compared as recorded on the versions: make the champion's look unbeatable.
     client = _client(evaluated)
     client.set_model_version_tag("embedder", "1", "map_at_r", "2.0")
+    _retrain(p, 1)
     second = evaluate.run(evaluated.evaluate, p)
     assert (second["model_version"], second["model_alias"]) == (2, "challenger")
     assert "does not beat champion v1" in second["alias_reason"]
     client.set_model_version_tag("embedder", "1", "map_at_r", repr(first["map_at_r"] - 0.1))
+    _retrain(p, 2)
     third = evaluate.run(evaluated.evaluate, p)
     assert (third["model_version"], third["model_alias"]) == (3, "champion")
     assert int(client.get_model_version_by_alias("embedder", "champion").version) == 3
     assert int(client.get_model_version_by_alias("embedder", "challenger").version) == 2
+
+
+def test_the_same_weights_on_the_same_set_are_registered_once(evaluated, capsys):
+    """Evaluate re-run for an evaluate-only change (dvc repro) reports the version the model is."""
+    p = evaluated.paths
+    first = evaluate.run(evaluated.evaluate, p)
+    _retrain(p, 1)
+    second = evaluate.run(evaluated.evaluate, p)
+    assert second["model_version"] == 2
+    again = evaluate.run(evaluated.evaluate.model_copy(update={"recall_at": [1, 2]}), p)
+    assert (again["model_version"], again["model_alias"]) == (2, second["model_alias"])
+    assert "same weights and evaluation set as v2" in again["alias_reason"]
+    assert "not registered again" in capsys.readouterr().out
+    versions = _client(evaluated).search_model_versions("name = 'embedder'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert first["model_alias"] == "champion"
 
 
 def test_a_champion_from_another_evaluation_set_is_not_compared(evaluated):

@@ -283,11 +283,39 @@ def _rotated(img: Image.Image) -> bool:
 _ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
+def _deep_grey(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or 32-bit float grey -> 8-bit ``L`` (``LA`` when a grey value means
+    transparent), scaled: ``convert("L")`` clips at 255 instead, which leaves a 16-bit image
+    nearly white and a 0..1 float image black.
+
+    Integers are 0..65535 (16-bit; PIL opens 16-bit PNGs as 32-bit ``I``), scaled by 1/257.
+    Floats are 0..1 (the convention of torchvision and scikit-image), scaled by 255, or 0..255 as
+    they are. Any other range is a ValueError: a guessed scale would change what the image shows."""
+    raw = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(raw).all():
+            raise ValueError("float image with NaN or infinite values")
+        lo, hi = float(raw.min()), float(raw.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"float image with values {lo:g}..{hi:g}: expected 0..1 or 0..255")
+        scaled = raw * 255.0 if hi <= 1 else raw
+    else:
+        lo, hi = int(raw.min()), int(raw.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"32-bit image with values {lo}..{hi}: expected 0..65535 (16-bit)")
+        scaled = raw / 257.0
+    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    clear = img.info.get("transparency")  # a grey value that means "transparent"
+    if not isinstance(clear, (int, float)):
+        return grey
+    return Image.merge("LA", (grey, Image.fromarray(np.where(raw == clear, 0, 255).astype(np.uint8), mode="L")))
+
+
 def decode(data: bytes, size: int, channels: int) -> np.ndarray:
     """Encoded image -> uint8 array (size, size, channels), EXIF-rotated, resized with antialiasing.
 
-    CMYK, palette and 1-bit images are converted by PIL; 16-bit grey is scaled (not clipped) to
-    8 bits; transparency (RGBA, LA, palette or grey with a transparent colour) is composited on white.
+    CMYK, palette and 1-bit images are converted by PIL; 16-bit, 32-bit and float grey is scaled
+    (not clipped) to 8 bits (:func:`_deep_grey`); transparency (RGBA, LA, palette or grey with a transparent colour) is composited on white.
 
     Raises ValueError with a short reason for anything that is not a decodable image.
     """
@@ -302,14 +330,8 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
             img.load()
             if _rotated(img):  # exif_transpose costs as much as the rest when there is nothing to do
                 img = ImageOps.exif_transpose(img)
-            if img.mode.startswith("I;16") or img.mode == "I":
-                # 16-bit grayscale (PIL also opens it as 32-bit "I"): convert("L") would clip
-                # at 255 rather than scale, so scale 0..65535 to 0..255 ourselves.
-                raw = np.asarray(img)
-                grey = Image.fromarray(np.clip(np.rint(raw / 257.0), 0, 255).astype(np.uint8), mode="L")
-                clear = img.info.get("transparency")  # a grey value that means "transparent"
-                img = grey if not isinstance(clear, int) else \
-                    Image.merge("LA", (grey, Image.fromarray(np.where(raw == clear, 0, 255).astype(np.uint8), mode="L")))
+            if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+                img = _deep_grey(img)
             if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
                 # Transparent pixels hold arbitrary colour (often black): dropping alpha would show
                 # it. Composite on white, the background product and character images assume.

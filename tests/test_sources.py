@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import struct
 import warnings
@@ -360,6 +361,31 @@ def test_decode_16bit_grayscale_with_a_transparent_value_composites_on_white():
     out = sources.decode(buf.getvalue(), 2, 1)[..., 0].astype(int)
     assert out[0, 0] == out[1, 1] == 255  # white, not black
     assert abs(out[0, 1] - round(30000 / 257)) <= 1 and abs(out[1, 0] - round(60000 / 257)) <= 1
+
+
+@pytest.mark.parametrize("arr, want", [
+    (np.array([[0, 0.5], [1, 0.25]], np.float32), [[0, 128], [255, 64]]),  # 0..1: scaled
+    (np.array([[0, 100.0], [255, 7]], np.float32), [[0, 100], [255, 7]]),  # 0..255: as is
+    (np.array([[0, 30000], [65535, 257]], np.int32), [[0, 117], [255, 1]]),  # 32-bit holding 16 bits
+])
+def test_decode_float_and_32bit_tiffs_are_scaled_not_clipped(arr, want):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="TIFF")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode in ("F", "I")
+    assert sources.decode(buf.getvalue(), 2, 1)[..., 0].tolist() == want
+
+
+@pytest.mark.parametrize("arr, reason", [
+    (np.array([[0, 300.0], [1, 2]], np.float32), "float image with values 0..300: expected 0..1 or 0..255"),
+    (np.array([[-1, 0.5], [1, 2]], np.float32), "float image with values -1..2"),
+    (np.array([[0, np.nan], [1, 2]], np.float32), "NaN or infinite"),
+    (np.array([[0, 70000], [1, 2]], np.int32), "32-bit image with values 0..70000: expected 0..65535"),
+])
+def test_decode_refuses_deep_images_whose_scale_it_would_guess(arr, reason):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="TIFF")
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        sources.decode(buf.getvalue(), 2, 1)
 
 
 def _png_with_size(width: int, height: int) -> bytes:

@@ -7,6 +7,13 @@ registering one run's model under the other's metrics. So a run holds an exclusi
 ``<project>/.tripletflow.lock`` (``flock``: released by the kernel when the process ends, however
 it ends — no stale lock after a SIGKILL) and a second run stops at once with an error naming
 the first. A queued DVC experiment works in its own copy of the project, with its own lock.
+
+In a DVC project a run that DVC did not start (the flow, ``python -m tasks.<stage>``) also holds
+DVC's repository lock, ``.dvc/tmp/lock``: ``dvc repro`` deletes a stage's outputs *before* it
+starts the stage's command, so the stage finding our lock came too late — the flow had lost its
+model and run file. With DVC's lock held, ``dvc repro`` stops before touching anything ("Unable to
+acquire lock"). Stage commands that DVC runs (``DVC_STAGE`` set) leave it to DVC, which holds it
+while it removes and records outputs and releases it while the command runs.
 """
 
 from __future__ import annotations
@@ -29,21 +36,48 @@ class ProjectBusyError(UserInputError):
 
 @contextmanager
 def hold(root: Path, what: str) -> Iterator[None]:
-    """Hold the project's lock while the block runs; ``what`` (this run, for the other's
-    error message) is written into the lock file. Raises ProjectBusyError when it is held."""
+    """Hold the project's lock (and DVC's, see above) while the block runs; ``what`` (this run,
+    for the other's error message) is written into the lock file. Raises ProjectBusyError when
+    either is held."""
     path = Path(root) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    dvc_fd = None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_flock(fd):
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that did not say"
             raise ProjectBusyError(
                 f"another tripletflow run is using this project's outputs ({holder}): wait for it to end, "
                 f"or run in a copy (a queued DVC experiment: dvc exp run --queue). Lock: {path}"
-            ) from None
+            )
+        dvc_lock = _dvc_lock(Path(root))
+        if dvc_lock is not None:
+            dvc_fd = os.open(dvc_lock, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _try_flock(dvc_fd):
+                raise ProjectBusyError(
+                    f"a DVC command is running in this project (dvc repro, dvc exp run, ...: it holds {dvc_lock}): "
+                    "wait for it to end, or run in a copy"
+                )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race a third run)
+        for held in (dvc_fd, fd):
+            if held is not None:
+                os.close(held)  # releases the lock; the file stays (removing it would race a third run)
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _dvc_lock(root: Path) -> Path | None:
+    """DVC's repository lock file when ``root`` is a DVC project and this process is not a stage
+    command DVC runs; None otherwise. DVC (zc.lockfile) takes it with flock, as we do."""
+    if os.environ.get("DVC_STAGE") or not (root / ".dvc").is_dir():
+        return None
+    (root / ".dvc" / "tmp").mkdir(exist_ok=True)  # gitignored: absent in a fresh clone
+    return root / ".dvc" / "tmp" / "lock"

@@ -53,3 +53,54 @@ def test_a_stage_and_the_flow_stop_at_once_while_another_run_holds_the_project(m
     finally:
         proc.kill()
         proc.wait()
+
+
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    """A DVC project (no git) with one stage whose output exists: ``out.txt``, from ``dep.txt``.
+    Its command takes our lock as a stage does, to show that DVC's stage commands may."""
+    assert _dvc(tmp_path, "init", "--no-scm").returncode == 0
+    (tmp_path / "dep.txt").write_text("1")
+    (tmp_path / "stage.py").write_text(
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\nfrom pathlib import Path\nfrom tasks import project_lock\n"
+        "with project_lock.hold(Path('.'), 'stage'):\n    Path('out.txt').write_text(Path('dep.txt').read_text())\n")
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  copy:\n    cmd: {sys.executable} stage.py\n    deps: [dep.txt, stage.py]\n    outs: [out.txt]\n")
+    out = _dvc(tmp_path, "repro")
+    assert out.returncode == 0, out.stderr  # a stage command under dvc repro takes our lock, not DVC's
+    assert (tmp_path / "out.txt").read_text() == "1"
+    return tmp_path
+
+
+def test_dvc_repro_stops_before_deleting_outputs_while_a_flow_holds_the_project(dvc_repo):
+    """dvc repro removes a stage's outputs before its command could see our lock: the run that
+    holds the project (a flow) holds DVC's lock too, so dvc repro touches nothing."""
+    (dvc_repo / "dep.txt").write_text("2")  # the stage is out of date: repro would run it
+    proc = _holder(dvc_repo)
+    try:
+        out = _dvc(dvc_repo, "repro")
+        assert out.returncode != 0 and "Unable to acquire lock" in out.stderr, out.stderr
+        assert (dvc_repo / "out.txt").read_text() == "1"  # the running flow's output is still there
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _dvc(dvc_repo, "repro").returncode == 0  # the flow ended: DVC's lock is free
+    assert (dvc_repo / "out.txt").read_text() == "2"
+
+
+def test_a_flow_does_not_start_while_a_dvc_command_holds_the_project(dvc_repo):
+    import zc.lockfile  # what DVC takes its repository lock with
+
+    lock = zc.lockfile.LockFile(str(dvc_repo / ".dvc" / "tmp" / "lock"))
+    try:
+        with pytest.raises(ProjectBusyError, match="a DVC command is running in this project"):
+            with project_lock.hold(dvc_repo, "flow"):
+                pytest.fail("ran while DVC held its lock")
+    finally:
+        lock.close()
+    with project_lock.hold(dvc_repo, "flow"):  # ours was released when DVC's was refused
+        pass

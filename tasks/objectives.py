@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from tasks.errors import ParamsError
 from tasks.fused_triplet import FusedTriplet
 from tasks.params import Component
 
@@ -215,6 +216,10 @@ def build_objective(
     for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
         if name in takes and name not in kwargs:
             kwargs[name] = value
+    if "num_classes" in takes and num_classes and kwargs["num_classes"] < num_classes:
+        # Else the first batch fails inside pml ("Class values must be smaller than num_classes").
+        raise ParamsError(f"train.loss.num_classes: {kwargs['num_classes']} is fewer than the {num_classes} train "
+                          "classes: leave it out (it is filled from the data)")
     loss_fn = getattr(losses, loss.name)(**kwargs).to(device)
     fast = fused_equivalent(loss, miner, per_class) if fused and not memory_size else None
     if fast is not None:

@@ -401,6 +401,7 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
         + _check_component(t.optimizer, "torch.optim", "train.optimizer")
     )
     errors += _choice_errors(t.miner, "train.miner") + _cross_section_errors(params)
+    errors += [] if errors else _objective_errors(t)
     errors += [] if errors else _optimizer_errors(t.optimizer, "train.optimizer")
     if errors:
         raise ParamsError(f"{origin}: invalid params\n" + "\n".join(f"  {e}" for e in errors))
@@ -427,6 +428,32 @@ def _choice_errors(spec: Component | None, key: str) -> list[str]:
 
         cls = getattr(miners, spec.name, None)  # an unknown name: _check_component has said so
         errors = _construct_errors(cls, spec, key) if cls is not None else []  # cheap: a miner holds no weights
+    return errors
+
+
+def _objective_errors(t: TrainParams) -> list[str]:
+    """Loss, miner, memory and mode that pml would refuse (or ignore) once training starts:
+    self-supervised mode has no labels to mine or to fit class proxies to, and pml wraps only
+    some losses in its self-supervised and cross-batch-memory wrappers."""
+    from pytorch_metric_learning import losses
+
+    errors = []
+    if t.mode == "self_supervised":
+        if t.miner is not None:
+            errors.append(f"train.miner: self_supervised mode mines no pairs (each image's positive is its other "
+                          f"view): set it to null (got {t.miner.name})")
+        if t.cross_batch_memory:
+            errors.append("train.cross_batch_memory: not used in self_supervised mode: set it to 0")
+        if t.loss.name not in losses.SelfSupervisedLoss.supported_losses():
+            errors.append(f"train.loss: {t.loss.name} cannot learn from two views without labels (self_supervised "
+                          f"mode takes {', '.join(losses.SelfSupervisedLoss.supported_losses())})")
+    elif t.cross_batch_memory and t.loss.name not in losses.CrossBatchMemory.supported_losses():
+        errors.append(f"train.cross_batch_memory: pml's CrossBatchMemory cannot wrap {t.loss.name} (it takes "
+                      f"{', '.join(losses.CrossBatchMemory.supported_losses())}): set it to 0 or change train.loss")
+    size = t.loss.kwargs.get("embedding_size")
+    if size is not None and size != t.embedding_dim:
+        errors.append(f"train.loss.embedding_size: {size} is not train.embedding_dim ({t.embedding_dim}): "
+                      "leave it out (it is filled from train.embedding_dim)")
     return errors
 
 

@@ -278,3 +278,13 @@ def test_fused_triplet_stays_float32_under_autocast(per_class):
     torch.testing.assert_close(l_new, l_ref)
     torch.testing.assert_close(g_new, g_ref)
     _assert_same_stats(s_new, s_ref)
+
+
+def test_a_proxy_loss_with_fewer_classes_than_the_data_is_a_params_error():
+    """pml would fail on the first batch ("Class values must be smaller than num_classes")."""
+    from tasks.errors import ParamsError
+
+    loss = Component(name="ProxyAnchorLoss", num_classes=3)
+    with pytest.raises(ParamsError, match="train.loss.num_classes: 3 is fewer than the 7 train classes"):
+        build_objective(loss, None, True, torch.device("cpu"), num_classes=7, embedding_size=16)
+    build_objective(Component(name="ProxyAnchorLoss", num_classes=9), None, True, torch.device("cpu"), num_classes=7, embedding_size=16)

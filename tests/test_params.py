@@ -542,3 +542,31 @@ def test_values_the_optimizer_or_no_library_checks_are_refused_at_load(overrides
     """Found when params load, not when train builds the optimizer after ingest and
     make_batches have rewritten their outputs (a NaN margin is checked by nothing downstream)."""
     assert expected in _error(overrides)
+
+
+SSL = {"train.mode": "self_supervised", "train.loss": {"name": "NTXentLoss", "temperature": 0.1}, "train.miner": None}
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (SSL | {"train.miner": {"name": "TripletMarginMiner", "margin": 0.2}},
+     "train.miner: self_supervised mode mines no pairs (each image's positive is its other view): set it to null"),
+    (SSL | {"train.cross_batch_memory": 256}, "train.cross_batch_memory: not used in self_supervised mode"),
+    (SSL | {"train.loss": {"name": "ArcFaceLoss"}}, "train.loss: ArcFaceLoss cannot learn from two views without labels"),
+    ({"train.loss": {"name": "ArcFaceLoss"}, "train.miner": None, "train.cross_batch_memory": 256},
+     "train.cross_batch_memory: pml's CrossBatchMemory cannot wrap ArcFaceLoss"),
+    ({"train.loss": {"name": "ArcFaceLoss", "embedding_size": 128}, "train.miner": None},
+     "train.loss.embedding_size: 128 is not train.embedding_dim (64)"),
+])
+def test_loss_miner_memory_and_mode_that_pml_would_refuse_or_ignore_stop_at_load(overrides, expected):
+    """Found when params load: pml raised them with a traceback once training had started (or,
+    self-supervised, silently left the miner and the memory unused)."""
+    assert expected in _error(overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    SSL, SSL | {"train.loss": {"name": "TripletMarginLoss", "margin": 0.2}},
+    {"train.loss": {"name": "MultiSimilarityLoss"}, "train.cross_batch_memory": 256},
+    {"train.loss": {"name": "ArcFaceLoss", "embedding_size": 64}, "train.miner": None},
+])
+def test_objectives_pml_takes_pass(overrides):
+    parse_params(apply_overrides(default_params(), overrides), Path("."))

@@ -30,7 +30,8 @@ def test_compiled_step_equals_eager_on_the_same_weights(monkeypatch, make_projec
     weights — the default semi-hard objective (whose mining decisions a training run's 1e-7
     drift can flip, so it is compared here rather than over a run) and self-supervised mode."""
     params = load_params(make_project({"train.device": device, "train.precision": "fp32", "train.width": 16,
-                                       "train.embedding_dim": 16, "train.mode": mode})).train
+                                       "train.embedding_dim": 16, "train.mode": mode}
+                                      | ({"train.miner": None} if mode == "self_supervised" else {}))).train
     dev, meta = torch.device(device), {"channels": 1, "height": 16, "n_train_classes": 8}
     compiled_fns, real_compile = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_fns.append(fn) or real_compile(fn, **kw))

@@ -114,13 +114,20 @@ def train_epoch(
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     network = list(model.parameters())
     model.train()
+    for m in model.modules():
+        # A frozen part (freeze_backbone_epochs) keeps its BatchNorm statistics too: in train mode
+        # they would follow every batch's mean and variance, and the "frozen" backbone change.
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and own and not any(p.requires_grad for p in own):
+            m.eval()
     device = pixels.device
     # Each step's loss and statistics stacked into one float64 vector on the device: one kernel a
     # step instead of an add per figure; read once, at the end of the epoch.
     names: list[str] = []
     steps: list[torch.Tensor] = []
-    seen, start = 0, time.perf_counter()
+    seen, start, lr_sum = 0, time.perf_counter(), 0.0
     for step, idx in enumerate(batches):
+        lr_sum += optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it after)
         idx_t = torch.from_numpy(idx).to(device, non_blocking=True)
         mine = idx_t if world.size == 1 else torch.from_numpy(local_rows(idx, world)).to(device, non_blocking=True)
         loss, stats = compute(pixels[mine], labels[idx_t])
@@ -145,7 +152,8 @@ def train_epoch(
             raise FloatingPointError(f"train: loss is not finite at epoch {epoch}, step {int(bad[0, 0])}")
         row = dict(zip(names, table.mean(0).tolist()))
     row["img_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
-    row["lr"] = optimizer.param_groups[0]["lr"]
+    # The mean rate the epoch trained with: read after the last step it is the next epoch's.
+    row["lr"] = lr_sum / len(batches) if len(batches) else optimizer.param_groups[0]["lr"]
     return row
 
 

@@ -10,16 +10,14 @@ with torchrun like training): each embeds a contiguous slice, rank 0 writes the 
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import distributed, tracking
+from tasks import distributed, progress, tracking
 from tasks.cpu_memory import keep_freed_memory
 from tasks.models import load_checkpoint, pixels_to_tensor
 from tasks.params import ExportEmbeddingsParams, Paths
@@ -34,8 +32,12 @@ def embed(
     if device.type == "cpu":
         keep_freed_memory()  # a batch's first-block maps are far over 32 MiB: see tasks.cpu_memory
     out = []
-    for i in tqdm(range(0, len(pixels), batch_size), desc=desc, unit="batch", file=sys.stderr, disable=None):
+    starts = range(0, len(pixels), batch_size)
+    bar = progress.bar(desc, "batch", len(starts))
+    for i in starts:
         out.append(model(pixels[i : i + batch_size].to(device, non_blocking=True)).float().cpu())
+        bar.update(1)
+    bar.close()
     if not out:  # an empty slice (a rank with no rows): still (0, D), so shards concatenate
         return np.empty((0, model.config["embedding_dim"]), np.float32)
     return torch.cat(out).numpy()

@@ -21,13 +21,15 @@ def _top(chunks) -> np.ndarray:
 
 
 def index_report(index, gallery: np.ndarray, metric: str, n_queries: int, seed: int, k: int = 10) -> dict:
-    """gallery float32 (G, D) as indexed; -> {index_recall_at_10, queries_per_second, exact_queries_per_second, n_report_queries}."""
+    """gallery float32 (G, D) as indexed; -> {index_recall_at_10, queries_per_second, exact_queries_per_second,
+    n_report_queries}; the first three None when no query was measured."""
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(gallery), size=min(n_queries, len(gallery)), replace=False))
     queries, self_pos = gallery[pick], pick.astype(np.int64)
     k = min(k, len(gallery) - 1)
     if k < 1 or len(pick) == 0:
-        return {"index_recall_at_10": 1.0, "queries_per_second": 0.0, "exact_queries_per_second": 0.0, "n_report_queries": 0}
+        # Nothing measured (report_queries: 0, or a one-item gallery): null, not a perfect recall.
+        return {"index_recall_at_10": None, "queries_per_second": None, "exact_queries_per_second": None, "n_report_queries": 0}
     start = time.perf_counter()
     approx = _top(search.index_chunks(index, queries, k, self_pos, negate=metric == "l2"))
     t_index = time.perf_counter() - start

@@ -19,16 +19,14 @@ written) and writes the table row group by row group.
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import classes, decoding, layouts, scan, sources
+from tasks import classes, decoding, layouts, progress, scan, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
@@ -51,7 +49,7 @@ def _tables(
     chunks = [order[i : i + per_chunk] for i in range(0, len(order), per_chunk)]
     jobs = ([(kept[i].origin, kept[i].member, kept[i].data, ids[i]) for i in c] for c in chunks)
     workers = 1 if len(order) < PARALLEL_MIN_IMAGES else min(p.workers or os.cpu_count() or 1, len(chunks))
-    bar = tqdm(total=len(order), desc="ingest: decode", unit="img", file=sys.stderr, disable=None)
+    bar = progress.bar("ingest: decode", "img", len(order))
     first: dict[str, int] = {}  # content id -> index in kept of the copy written
     buffered: list[pa.Table] = []
     for rows, (pixels, got, errors) in zip(chunks, decoding.decode_chunks(jobs, p.image_size, p.channels, workers, per_chunk)):

@@ -8,14 +8,12 @@ flags — enough to decide the class split and the row order before any decoding
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import download, layouts, manifest, sources
+from tasks import download, layouts, manifest, progress, sources
 from tasks.params import IngestParams, Paths, source_path
 
 
@@ -59,7 +57,7 @@ def first_pass(p: IngestParams, root: Path) -> tuple[list[sources.Record], list[
     kept: list[sources.Record] = []
     ids: list[str | None] = []
     rejected: list[sources.Rejected] = []
-    bar = tqdm(desc="ingest: scan", unit="img", file=sys.stderr, disable=None)
+    bar = progress.bar("ingest: scan", "img")
     for n, rec in enumerate(records(p, root), 1):
         if n % 4096 == 0:  # tqdm.update costs as much as the rest of this loop
             bar.update(4096)

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from tasks import contracts as C
-from tasks import distributed, resume, tracking
+from tasks import distributed, progress, resume, tracking
 from tasks.distributed import World
 from tasks.engine import EarlyStopping, deterministic, make_scheduler, recall_at_1, train_epoch
 from tasks.errors import ParamsError
@@ -90,8 +89,10 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         done = len(curve)
         # Killed after the state of an early-stopped run was saved but before its model was.
         stopped = bool(done and params.early_stopping_patience) and stopper.exhausted(done - 1)
-        bar = tqdm(total=steps, initial=sum(len(e) for e in plan[:done]), desc=f"train ({device})",
-                   unit="batch", file=sys.stderr, disable=None if world.main else True)
+        if world.main and not stopped and params.freeze_backbone_epochs >= len(plan) > done:
+            print(f"train: freeze_backbone_epochs {params.freeze_backbone_epochs} covers all {len(plan)} epochs: "
+                  "only the head trains (the backbone keeps its initial weights)", file=sys.stderr)
+        bar = progress.bar(f"train ({device})", "batch", steps, sum(len(e) for e in plan[:done]), enabled=world.main)
         for epoch in range(done, done if stopped else len(plan)):
             model.trunk.requires_grad_(epoch >= params.freeze_backbone_epochs)
             row = train_epoch(model, compute, optimizer, pixels, labels, plan[epoch], epoch, lambda: bar.update(1),
@@ -111,18 +112,23 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
             if stop:
                 break
         bar.close()
-        if stopper.weights is not None:
+        # Early stopping keeps its best epoch's weights: the checkpoint and the summary say which
+        # epochs ran and which one the model is (not the plan's length and the last epoch's loss).
+        kept = {"kept_epoch": stopper.best_epoch} if stopper.weights is not None else {}
+        if kept:
             model.load_state_dict(stopper.weights)
+        ran = len(curve)
         if not world.main:
-            return {"rank": world.rank, "epochs": len(plan)}
-        sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": len(plan)})
+            return {"rank": world.rank, "epochs": ran}
+        sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": ran} | kept)
         paths["train_state"].unlink(missing_ok=True)
         _write_curve(paths["train_curve"], curve)
         parent.artifact(paths["model"], "model")
         parent.artifact(paths["train_curve"], "plots")
         parent.tags({"model_sha256": sha})
-    last = curve[-1] if curve else {}
-    return {"run_id": run_id, "epochs": len(plan), "steps": steps, "device": str(device), "model_sha256": sha, **last}
+    last = curve[kept["kept_epoch"]] if kept else curve[-1] if curve else {}
+    return {"run_id": run_id, "epochs": ran, "planned_epochs": len(plan), "steps": sum(len(e) for e in plan[:ran]),
+            "device": str(device), "model_sha256": sha, **kept, **last}
 
 
 def _log_epoch(child, parent, row: dict[str, float]) -> None:

@@ -28,6 +28,20 @@ def test_constant_schedule_after_warmup():
         sched.step()
 
 
+def test_the_epoch_reports_the_mean_rate_it_trained_with():
+    """Not the rate after its last step (the next epoch's): with warm-up and a cosine decay the
+    first epoch would show the peak and the last one 0."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = make_scheduler(opt, "cosine", warmup_steps=4, total_steps=8)
+    pixels = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    compute = loss_of(lambda x: model(x.float()), FusedTriplet(margin=0.2))
+    rows = [train_epoch(model, compute, opt, pixels, torch.arange(8) // 2, [np.arange(8)] * 4, epoch=e, scheduler=sched)
+            for e in range(2)]
+    assert rows[0]["lr"] == pytest.approx((0.25 + 0.5 + 0.75 + 1.0) / 4)
+    assert 0 < rows[1]["lr"] < 1.0 and opt.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
 def test_gradient_clipping_bounds_the_update():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tasks.build_index import build
 from tasks.index_report import index_report
@@ -31,3 +32,11 @@ def test_tiny_gallery():
     x = _unit(3, 4)
     out = index_report(build(x, "Flat", "inner_product"), x, "inner_product", 10, seed=0)
     assert out["index_recall_at_10"] == 1.0 and out["n_report_queries"] == 3
+
+
+@pytest.mark.parametrize("n_queries, gallery", [(0, 50), (10, 1)])
+def test_nothing_measured_reports_null_not_a_perfect_recall(n_queries, gallery):
+    x = _unit(gallery, 4)
+    out = index_report(build(x, "Flat", "inner_product"), x, "inner_product", n_queries, seed=0)
+    assert out == {"index_recall_at_10": None, "queries_per_second": None, "exact_queries_per_second": None,
+                   "n_report_queries": 0}

@@ -123,8 +123,10 @@ def test_frozen_backbone_epochs_train_only_the_head(make_project):
         "in_channels": 1, "image_size": 16, "pooling": "avg"}).state_dict()
     train.run(params.train, params.paths)
     end = torch.load(params.paths["model"], weights_only=True)["state_dict"]
-    trunk_weights = [k for k in start if k.startswith("trunk.") and "running" not in k and "num_batches" not in k]
-    assert trunk_weights and all(torch.equal(start[k], end[k]) for k in trunk_weights)
+    # All of the trunk's state: its BatchNorm statistics too (in train mode they followed the batches).
+    trunk_state = [k for k in start if k.startswith("trunk.")]
+    assert any("running_mean" in k for k in trunk_state)
+    assert all(torch.equal(start[k], end[k]) for k in trunk_state), [k for k in trunk_state if not torch.equal(start[k], end[k])]
     assert not torch.equal(start["head.weight"], end["head.weight"])
 
 
@@ -159,7 +161,12 @@ def test_validation_recall_is_logged_and_early_stopping_keeps_the_best_epoch(mak
     assert len(curve) < 6, "stopped early"
     assert len(curve) - 1 - best == 2  # stopped exactly `patience` epochs after the best one
     assert all(0 <= r <= 1 for r in recalls)
-    assert result["epochs"] == 6 and not params.paths["train_state"].exists()
+    assert not params.paths["train_state"].exists()
+    # The summary and the checkpoint say what ran and which epoch the model is.
+    assert (result["epochs"], result["planned_epochs"], result["kept_epoch"]) == (len(curve), 6, best)
+    assert result["val_recall_at_1"] == pytest.approx(max(recalls)) and result["loss"] == pytest.approx(float(curve[best]["loss"]), rel=1e-5)
+    saved = torch.load(params.paths["model"], weights_only=True)
+    assert (saved["epochs"], saved["kept_epoch"]) == (len(curve), best)
     # The saved model is the best epoch's: it scores the best validation Recall@1 again.
     from tasks.engine import recall_at_1
     from tasks.models import load_checkpoint

@@ -42,12 +42,23 @@ class PmlObjective:
         with torch.no_grad():
             if tuples is not None:
                 mined = tuples
-            elif isinstance(self.loss_fn, losses.GenericPairLoss):  # what a pair loss uses: every pair
-                mined = lmu.get_all_pairs_indices(labels)
+            elif isinstance(self.loss_fn, losses.GenericPairLoss) or _proxies(self.loss_fn):
+                mined = lmu.get_all_pairs_indices(labels)  # what a pair loss uses: every pair
             else:
                 mined = lmu.get_all_triplets_indices(labels)
             stats = mining_stats(emb.detach(), mined, self.loss_fn)
+            if tuples is None and _proxies(self.loss_fn):
+                # A proxy loss compares each embedding with its class weights, not with other
+                # embeddings: it mines nothing. The batch's pair similarities still show
+                # whether the classes separate.
+                del stats["mined"]
         return loss, stats
+
+
+def _proxies(loss_fn: torch.nn.Module) -> bool:
+    """A loss with class weights (ArcFace, ProxyAnchor, NormalizedSoftmax...): pml's constructors
+    of those, and only those, take ``num_classes``."""
+    return "num_classes" in inspect.signature(type(loss_fn).__init__).parameters
 
 
 def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn) -> Stats:

@@ -150,6 +150,7 @@ def _log_ingest(parent, summary: dict, quarantine: Path) -> None:
 
 def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
     cols = ["epoch", "loss", "mined", "frac_active", "pos_distance", "neg_distance", "val_recall_at_1", "lr", "img_per_s"]
+    cols += list(dict.fromkeys(k for row in curve for k in row if k not in cols))  # memory_filled, ...
     lines = [",".join(cols)] + [",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) for row in curve]
     C.write_text(path, "\n".join(lines) + "\n")
 

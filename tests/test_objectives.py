@@ -288,3 +288,19 @@ def test_a_proxy_loss_with_fewer_classes_than_the_data_is_a_params_error():
     with pytest.raises(ParamsError, match="train.loss.num_classes: 3 is fewer than the 7 train classes"):
         build_objective(loss, None, True, torch.device("cpu"), num_classes=7, embedding_size=16)
     build_objective(Component(name="ProxyAnchorLoss", num_classes=9), None, True, torch.device("cpu"), num_classes=7, embedding_size=16)
+
+
+def test_a_proxy_loss_without_a_miner_reports_pair_similarities_and_no_mining():
+    """ArcFace compares embeddings with class weights: no tuples are mined, and a triplet
+    margin test with its angular margin meant nothing. The batch's same-class and other-class
+    pair similarities still show the classes separating."""
+    emb = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.arange(4).repeat_interleave(3)
+    objective, _ = build_objective(Component(name="ArcFaceLoss"), None, True, torch.device("cpu"), num_classes=4, embedding_size=8)
+    _, stats = objective(emb, labels)
+    assert set(stats) == {"pos_distance", "neg_distance"}
+    sim = emb @ emb.T
+    same = labels[:, None] == labels[None, :]
+    pos = sim[same & ~torch.eye(12, dtype=torch.bool)].mean()
+    assert float(stats["pos_distance"]) == pytest.approx(float(pos), abs=1e-6)
+    assert float(stats["neg_distance"]) == pytest.approx(float(sim[~same].mean()), abs=1e-6)

@@ -26,7 +26,7 @@ class LogLines:
         self.postfix: dict[str, Any] = {}
         self._start = self._said_at = time.monotonic()
         self._tenth = self._tenths(initial)
-        self._said_n = initial
+        self._said: tuple = (initial, {})  # count and postfix of the last line
 
     def _tenths(self, n: int) -> int:
         return 10 * n // self.total if self.total else 0
@@ -42,7 +42,7 @@ class LogLines:
         self.postfix = values
 
     def close(self) -> None:
-        if self.n != self._said_n:  # the end, unless the last line already said it
+        if (self.n, self.postfix) != self._said:  # the end, unless the last line already said it
             self._say(time.monotonic())
 
     def _say(self, now: float) -> None:
@@ -51,7 +51,7 @@ class LogLines:
         rate = f", {(self.n - self._initial) / elapsed:,.0f} {self.unit}/s" if elapsed > 0 else ""  # this run's
         extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
         print(f"{self.desc}: {done} {elapsed:.0f} s{rate}{extra}", file=sys.stderr, flush=True)
-        self._said_at, self._said_n = now, self.n
+        self._said_at, self._said = now, (self.n, dict(self.postfix))
 
 
 def bar(desc: str, unit: str, total: int | None = None, initial: int = 0, enabled: bool = True) -> tqdm | LogLines:

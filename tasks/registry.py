@@ -125,6 +125,6 @@ def already_registered(client: MlflowClient, name: str, digest: str, eval_set: s
     # search results carry no aliases (MLflow 3.17's SQL store): ask for the version itself
     v = client.get_model_version(name, str(max(int(v.version) for v in same)))
     alias = next((a for a in (CHAMPION, CHALLENGER) if a in v.aliases), "none")
-    why = f"already registered: same weights, same evaluation set (mAP@R {float(v.tags[METRIC]):.4f} then)"
-    print(f"registry: {name} v{v.version} ({alias}) holds these weights: not registered again ({why})")
+    why = f"already registered: same weights, same evaluation set, mAP@R {float(v.tags[METRIC]):.4f}"
+    print(f"registry: {name} v{v.version} ({alias}) holds these weights, evaluated on the same items: not registered again")
     return {"registered_model": name, "model_version": int(v.version), "model_alias": alias, "alias_reason": why}

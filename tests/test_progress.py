@@ -23,6 +23,18 @@ def test_in_a_log_a_line_at_each_tenth_then_one_at_the_end(capsys, monkeypatch):
     assert lines[-1].startswith("train (cpu): 100% (95/95 batch) ") and lines[-1].endswith("epoch=9, loss=0.1000")
 
 
+def test_close_repeats_the_end_when_the_figures_after_the_last_step_changed(capsys, monkeypatch):
+    """train sets the epoch's loss after its last step: the closing line must carry it."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    bar = progress.bar("train (cpu)", "batch", total=10)
+    bar.update(10)
+    bar.set_postfix(epoch=0, loss="0.5000")
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("train (cpu): 100% (10/10 batch) ")
+    assert lines[1].endswith("epoch=0, loss=0.5000")
+
+
 def test_a_resumed_run_starts_from_its_initial_count_and_close_says_where_it_stopped(capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     bar = progress.bar("train (cpu)", "batch", total=100, initial=50)

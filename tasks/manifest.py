@@ -5,8 +5,8 @@ the manifest's directory and may not leave it (no ``..`` above it, no absolute p
 handed around must not read arbitrary files. A row that cannot be used — no path, no label, a path
 outside the root, a missing file, an unknown split or flag — becomes a :class:`Rejected` with its
 reason, never a crash and never a silent drop. An empty flag cell is false (train rows leave
-them blank); a test row must be a query, a gallery item or both. The manifest itself being unreadable, or lacking a
-required column, is a :class:`DatasetError`.
+them blank); a test row must be a query, a gallery item or both. The manifest itself being
+unreadable, or lacking a required column, is a :class:`DatasetError`.
 """
 
 from __future__ import annotations

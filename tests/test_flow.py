@@ -49,6 +49,20 @@ def test_flow_runs_every_stage_and_logs_one_mlflow_run(make_project):
     children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert sorted(c.data.tags["tripletflow.stage"] for c in children) == ["build_index", "evaluate", "export_embeddings", "train"]
 
+    # Progress reaches the run's log in Prefect (no terminal here: tqdm would print nothing).
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as prefect:
+        logs = prefect.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run.data.tags["prefect.flow_run_id"])])))
+    messages = [log.message for log in logs]
+    assert any(m.startswith("train (cpu): 100% (") and "loss=" in m for m in messages), messages
+    assert any(m.startswith("ingest: decode: 100% (") for m in messages), messages
+
 
 def test_report_artifact_has_the_metrics_and_the_mlflow_run(make_project):
     root = make_project(FAST).parent

@@ -41,3 +41,23 @@ def test_every_imported_module_is_a_dependency(stage):
     deps = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"])
     missing = sorted(f"tasks/{m}.py" for m in _closure(stage) if f"tasks/{m}.py" not in deps)
     assert not missing, f"dvc.yaml stage {stage} lacks deps {missing}"
+
+
+def test_the_committed_lock_records_the_committed_code_and_params():
+    """dvc.lock is the record of the run whose outputs (metrics.json, plots) are committed: every
+    source file and params section it lists must be the committed one, else `dvc status` shows
+    the pipeline out of date on a fresh clone and `dvc exp show` lists the code as changed."""
+    import hashlib
+
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stale = []
+    for stage, entry in lock.items():
+        for dep in entry["deps"]:
+            path = ROOT / dep["path"]
+            if dep["path"].startswith("tasks/") and hashlib.md5(path.read_bytes()).hexdigest() != dep["md5"]:
+                stale.append(f"{stage}: {dep['path']}")
+        for section, values in entry["params"]["params.yaml"].items():
+            if params[section] != values:
+                stale.append(f"{stage}: params {section}")
+    assert not stale, f"dvc.lock is older than {stale}: run dvc repro and commit dvc.lock"

@@ -25,15 +25,17 @@ from tasks.params import ExportEmbeddingsParams, Paths
 
 @torch.inference_mode()
 def embed(
-    model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device: torch.device, desc: str = "export: embed"
+    model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, device: torch.device, desc: str = "export: embed",
+    show: bool = True,
 ) -> np.ndarray:
-    """uint8 (N, C, H, W) on the CPU -> float32 (N, D), in batches, with a progress bar (``desc``).
+    """uint8 (N, C, H, W) on the CPU -> float32 (N, D), in batches, with a progress bar (``desc``;
+    ``show`` false: none — a torchrun rank other than the first, which embeds only its slice).
     Also what the query and oneshot commands embed their images with."""
     if device.type == "cpu":
         keep_freed_memory()  # a batch's first-block maps are far over 32 MiB: see tasks.cpu_memory
     out = []
     starts = range(0, len(pixels), batch_size)
-    bar = progress.bar(desc, "batch", len(starts))
+    bar = progress.bar(desc, "batch", len(starts), enabled=show)
     for i in starts:
         out.append(model(pixels[i : i + batch_size].to(device, non_blocking=True)).float().cpu())
         bar.update(1)
@@ -54,7 +56,7 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
         model = load_checkpoint(paths["model"], device)
         lo, hi = (items.num_rows * world.rank // world.size, items.num_rows * (world.rank + 1) // world.size)
         pixels = pixels_to_tensor(items[C.PIXELS].slice(lo, hi - lo), meta["height"], meta["width"], meta["channels"])
-        vectors = distributed.gather_rows(embed(model, pixels, params.batch_size, device), paths["embeddings"], world)
+        vectors = distributed.gather_rows(embed(model, pixels, params.batch_size, device, show=world.main), paths["embeddings"], world)
     finally:
         distributed.shutdown(world)
     if not world.main:

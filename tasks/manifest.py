@@ -64,10 +64,11 @@ def _rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
 
 
 def _flag(value: Any) -> bool | None:
-    """True/False from a bool or a spelling of one; None if it is neither."""
+    """True/False from a bool or a spelling of one; None if it is neither. A float column (1.0 /
+    0.0, NaN where empty: pandas writes a flag column with gaps so) reads as its integers."""
     if isinstance(value, bool):
         return value
-    text = "" if value is None else str(value).strip().lower()
+    text = _text(value).lower()
     return True if text in _TRUE else False if text in _FALSE else None
 
 

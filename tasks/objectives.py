@@ -12,7 +12,6 @@ fraction of active (non-zero loss) triplets, mean positive and negative distance
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from tasks.errors import ParamsError
 from tasks.fused_triplet import FusedTriplet
-from tasks.params import Component
+from tasks.params import Component, constructor_args
 
 Stats = dict[str, torch.Tensor]
 
@@ -55,10 +54,15 @@ class PmlObjective:
         return loss, stats
 
 
+# Losses that compare each embedding with learned class weights (ArcFace, CosFace, SphereFace and
+# SubCenterArcFace derive from LargeMarginSoftmaxLoss), not with the batch's other embeddings.
+# Not "takes num_classes": MarginLoss does (one beta per class) and is a triplet loss.
+PROXY_LOSSES = (losses.LargeMarginSoftmaxLoss, losses.NormalizedSoftmaxLoss, losses.ProxyAnchorLoss,
+                losses.ProxyNCALoss, losses.SoftTripleLoss, losses.P2SGradLoss)
+
+
 def _proxies(loss_fn: torch.nn.Module) -> bool:
-    """A loss with class weights (ArcFace, ProxyAnchor, NormalizedSoftmax...): pml's constructors
-    of those, and only those, take ``num_classes``."""
-    return "num_classes" in inspect.signature(type(loss_fn).__init__).parameters
+    return isinstance(loss_fn, PROXY_LOSSES)
 
 
 def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn) -> Stats:
@@ -223,15 +227,17 @@ def build_objective(
     cross-batch memory.
     """
     kwargs = dict(loss.kwargs)
-    takes = inspect.signature(getattr(losses, loss.name).__init__).parameters
+    cls = getattr(losses, loss.name)
+    takes = constructor_args(cls)
     for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
         if name in takes and name not in kwargs:
             kwargs[name] = value
-    if "num_classes" in takes and num_classes and kwargs["num_classes"] < num_classes:
+    given = kwargs.get("num_classes")  # MarginLoss: None = one beta for all classes
+    if "num_classes" in takes and given is not None and num_classes and given < num_classes:
         # Else the first batch fails inside pml ("Class values must be smaller than num_classes").
         raise ParamsError(f"train.loss.num_classes: {kwargs['num_classes']} is fewer than the {num_classes} train "
                           "classes: leave it out (it is filled from the data)")
-    loss_fn = getattr(losses, loss.name)(**kwargs).to(device)
+    loss_fn = cls(**kwargs).to(device)
     fast = fused_equivalent(loss, miner, per_class) if fused and not memory_size else None
     if fast is not None:
         return fast, loss_fn

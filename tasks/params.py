@@ -170,18 +170,7 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
     cls = getattr(mod, spec.name, None)
     if not inspect.isclass(cls):
         return [f"{key}.name: {spec.name!r} is not a class in {module}"]
-    # pytorch-metric-learning classes forward **kwargs to their bases: the accepted names are
-    # the union up the class hierarchy for as long as each __init__ forwards **kwargs.
-    accepted: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        accepted |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    accepted.discard("self")
+    accepted = constructor_args(cls)
     errors = [f"{key}.{kw}: {spec.name} takes no argument {kw!r}" for kw in spec.kwargs if kw not in accepted]
     defaults = _defaults(cls)
     for kw, value in spec.kwargs.items():
@@ -196,6 +185,23 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
         elif isinstance(value, float) and not math.isfinite(value):  # .nan is YAML: no library checks it
             errors.append(f"{key}.{kw}: expected a finite number, got {value!r}")
     return errors
+
+
+def constructor_args(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes. pytorch-metric-learning classes forward
+    **kwargs to their bases (CosFaceLoss(*args, **kwargs)): the union up the class hierarchy
+    for as long as each __init__ forwards **kwargs."""
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        accepted |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    accepted.discard("self")
+    return accepted
 
 
 def _optimizer_errors(spec: Component, key: str) -> list[str]:

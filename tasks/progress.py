@@ -3,7 +3,8 @@
 Without a terminal — a Prefect run (whose ``log_prints`` forwards these lines to the run's log),
 CI, ``nohup``, ``dvc repro`` piped to a file — tqdm either stays silent (``disable=None``) or
 fills the log with carriage-return frames. There a :class:`LogLines` prints one plain line at
-each tenth of the work, and at least once a minute while it runs.
+each tenth of the work and, when a tenth takes longer, one a minute (at the next step: a single
+step longer than that is silent until it ends).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-EVERY_S = 60.0  # longest silence in a log while work goes on
+EVERY_S = 60.0  # a line at least this often while steps complete
 
 
 class LogLines:

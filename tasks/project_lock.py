@@ -28,6 +28,9 @@ from pathlib import Path
 from tasks.errors import UserInputError
 
 LOCK_NAME = ".tripletflow.lock"
+# DVC holds its lock for a moment for every command (a git hook's `dvc status`, an editor's
+# `dvc exp show`) and waits up to 3 s for it itself: a run starting then waits as long.
+DVC_WAIT_S = 3.0
 
 
 class ProjectBusyError(UserInputError):
@@ -52,7 +55,7 @@ def hold(root: Path, what: str) -> Iterator[None]:
         dvc_lock = _dvc_lock(Path(root))
         if dvc_lock is not None:
             dvc_fd = os.open(dvc_lock, os.O_RDWR | os.O_CREAT, 0o644)
-            if not _try_flock(dvc_fd):
+            if not _try_flock(dvc_fd, DVC_WAIT_S):
                 raise ProjectBusyError(
                     f"a DVC command is running in this project (dvc repro, dvc exp run, ...: it holds {dvc_lock}): "
                     "wait for it to end, or run in a copy"
@@ -66,12 +69,17 @@ def hold(root: Path, what: str) -> Iterator[None]:
                 os.close(held)  # releases the lock; the file stays (removing it would race a third run)
 
 
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+def _try_flock(fd: int, wait_s: float = 0.0) -> bool:
+    """Lock ``fd``, trying for up to ``wait_s`` seconds; whether it is ours."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
 
 
 def _dvc_lock(root: Path) -> Path | None:

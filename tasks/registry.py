@@ -7,9 +7,10 @@ logged in MLflow's PyTorch flavour — signature uint8 images (-1, C, H, W) -> f
 (``mlflow.pyfunc.load_model("models:/tripletflow@champion").predict(uint8 array)``); the faiss index
 and id map are artifacts of the same run (build_index logs them).
 
-Each model is registered once per evaluation set: evaluating the same weights again on the same
-items (evaluate re-run by ``dvc repro`` for an index or evaluate change) reports the version it
-already is. Promotion: a new version takes the alias ``champion`` only if its mAP@R beats the current
+Each model is registered once per evaluation set and score: evaluating the same weights again on
+the same items with the same mAP@R (evaluate re-run by ``dvc repro`` for an evaluate change)
+reports the version it already is; a version whose registration stopped before it got an alias
+gets one then. Promotion: a new version takes the alias ``champion`` only if its mAP@R beats the current
 champion's *on the same evaluation set* (same query and gallery item ids); otherwise it is the
 ``challenger``. A champion measured on another set (a new data drop) is not comparable: the new
 version becomes challenger and the reason says so — promote by hand after comparing.
@@ -33,6 +34,7 @@ from tasks.models import load_checkpoint
 from tasks.params import Paths
 
 if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
     from mlflow.tracking import MlflowClient
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -85,13 +87,19 @@ def register(paths: Paths, name: str, run_id: str, metrics: dict) -> dict:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="tripletflow embedding models (image -> embedding)")
-    known = already_registered(client, name, digest, eval_set)
-    if known is not None:
-        return known
-    source = log_model(paths, run_id)
-    version = client.create_model_version(
-        name, source, run_id=run_id, tags={METRIC: repr(score), "evaluation_set": eval_set, "model_sha256": digest}
-    ).version
+    known = registered_as(client, name, digest, eval_set, score)
+    held = next((a for a in (CHAMPION, CHALLENGER) if known is not None and a in known.aliases), None)
+    if held is not None:
+        why = f"already registered: same weights, same evaluation set, same mAP@R {score:.4f}"
+        print(f"registry: {name} v{known.version} ({held}) is this model, evaluated alike: not registered again")
+        return {"registered_model": name, "model_version": int(known.version), "model_alias": held, "alias_reason": why}
+    if known is not None:  # registered, but stopped before its alias was set (or it lost it): decide now
+        version = known.version
+    else:
+        source = log_model(paths, run_id)
+        version = client.create_model_version(
+            name, source, run_id=run_id, tags={METRIC: repr(score), "evaluation_set": eval_set, "model_sha256": digest}
+        ).version
     try:
         champ = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -110,21 +118,18 @@ def register(paths: Paths, name: str, run_id: str, metrics: dict) -> dict:
     return {"registered_model": name, "model_version": int(version), "model_alias": alias, "alias_reason": why}
 
 
-def already_registered(client: MlflowClient, name: str, digest: str, eval_set: str) -> dict | None:
-    """The newest version of ``name`` with these weights (SHA-256 ``digest``) and evaluation set,
-    as :func:`register` reports one; None if there is none.
+def registered_as(client: MlflowClient, name: str, digest: str, eval_set: str, score: float) -> ModelVersion | None:
+    """The newest version of ``name`` with these weights (SHA-256 ``digest``), evaluation set and
+    mAP@R; None if there is none.
 
-    Evaluate runs again without train when only its own params, the index or the figures changed
-    (``dvc repro`` re-runs the stages downstream of a change): the model is the one already
-    registered, and a second version of it would crowd the registry and could take ``champion``
-    from itself. Its recorded mAP@R stays the one measured when it was registered."""
+    Evaluate runs again without train when only its own params or the figures changed (``dvc
+    repro`` re-runs the stages downstream of a change): the model is the one already registered,
+    and a second version of it would crowd the registry and could take ``champion`` from itself.
+    Another mAP@R for the same weights (searched through another index) is another result: a new
+    version, compared as any other."""
     same = [v for v in client.search_model_versions(f"name = '{name}' and tags.model_sha256 = '{digest}'")
-            if v.tags.get("evaluation_set") == eval_set]
+            if v.tags.get("evaluation_set") == eval_set and v.tags.get(METRIC) == repr(score)]
     if not same:
         return None
     # search results carry no aliases (MLflow 3.17's SQL store): ask for the version itself
-    v = client.get_model_version(name, str(max(int(v.version) for v in same)))
-    alias = next((a for a in (CHAMPION, CHALLENGER) if a in v.aliases), "none")
-    why = f"already registered: same weights, same evaluation set, mAP@R {float(v.tags[METRIC]):.4f}"
-    print(f"registry: {name} v{v.version} ({alias}) holds these weights, evaluated on the same items: not registered again")
-    return {"registered_model": name, "model_version": int(v.version), "model_alias": alias, "alias_reason": why}
+    return client.get_model_version(name, str(max(int(v.version) for v in same)))

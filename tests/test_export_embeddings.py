@@ -34,3 +34,18 @@ def test_an_empty_slice_embeds_to_zero_rows_of_the_model_width():
     model = EmbeddingNet({"backbone": "small_cnn", "width": 8, "embedding_dim": 12, "in_channels": 1, "image_size": 8})
     out = export_embeddings.embed(model.eval(), torch.zeros((0, 1, 8, 8), dtype=torch.uint8), 4, torch.device("cpu"))
     assert out.shape == (0, 12) and out.dtype == np.float32  # so rank shards concatenate
+
+
+def test_only_the_first_rank_reports_progress(capsys):
+    """Each torchrun rank embeds its own slice: their progress lines, interleaved, would each
+    count a part under the same name."""
+    import torch
+
+    from tasks.models import EmbeddingNet
+
+    model = EmbeddingNet({"backbone": "small_cnn", "width": 8, "embedding_dim": 12, "in_channels": 1, "image_size": 8}).eval()
+    pixels = torch.zeros((8, 1, 8, 8), dtype=torch.uint8)
+    export_embeddings.embed(model, pixels, 4, torch.device("cpu"), show=False)
+    assert capsys.readouterr().err == ""
+    export_embeddings.embed(model, pixels, 4, torch.device("cpu"))  # no terminal here: log lines
+    assert "export: embed: 100% (2/2 batch)" in capsys.readouterr().err

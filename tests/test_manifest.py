@@ -102,6 +102,18 @@ def test_parquet_manifest_with_typed_columns(tmp_path):
     assert out[2].source == "m.parquet:3:c.png"  # a Parquet file has no header line: its row number
 
 
+def test_float_flag_columns_with_nan_for_train_rows(tmp_path):
+    """pandas stores a flag column with gaps as float: 1.0 / 0.0, NaN where a train row left it
+    empty. Those read as true / false / empty (false), not as 'neither true nor false'."""
+    images(tmp_path, ["a.png", "b.png", "c.png"])
+    flags = {f: pa.array(np.array(v), from_pandas=False) for f, v in
+             (("is_query", [1.0, 0.0, np.nan]), ("is_gallery", [1.0, 1.0, np.nan]))}
+    pq.write_table(pa.table({"path": ["a.png", "b.png", "c.png"], "label": ["x", "x", "y"],
+                             "split": ["test", "test", "train"], **flags}), tmp_path / "m.parquet")
+    out = list(manifest(tmp_path / "m.parquet"))
+    assert [(r.query, r.gallery, r.split) for r in out] == [(True, True, "test"), (False, True, "test"), (False, False, "train")]
+
+
 def test_a_float_label_column_with_nan_values(tmp_path):
     """numpy and polars write a missing float as NaN, not null: that row has no label (not a class
     called 'nan'), and the others' labels read as written (1, not 1.0)."""

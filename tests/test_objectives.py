@@ -304,3 +304,18 @@ def test_a_proxy_loss_without_a_miner_reports_pair_similarities_and_no_mining():
     pos = sim[same & ~torch.eye(12, dtype=torch.bool)].mean()
     assert float(stats["pos_distance"]) == pytest.approx(float(pos), abs=1e-6)
     assert float(stats["neg_distance"]) == pytest.approx(float(sim[~same].mean()), abs=1e-6)
+
+
+def test_proxy_losses_are_told_apart_by_class_not_by_a_num_classes_argument():
+    """CosFace takes num_classes only through **kwargs (its base's); MarginLoss takes one and is a
+    triplet loss (num_classes: null — one shared beta — is pml's default and must stay usable)."""
+    from tasks.errors import ParamsError
+
+    cpu, labels = torch.device("cpu"), torch.arange(4).repeat_interleave(3)
+    emb = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    cosface, _ = build_objective(Component(name="CosFaceLoss"), None, True, cpu, num_classes=4, embedding_size=8)
+    assert set(cosface(emb, labels)[1]) == {"pos_distance", "neg_distance"}  # filled in, and no mining figures
+    with pytest.raises(ParamsError, match="train.loss.num_classes: 3 is fewer than the 4 train classes"):
+        build_objective(Component(name="CosFaceLoss", num_classes=3), None, True, cpu, num_classes=4, embedding_size=8)
+    margin, _ = build_objective(Component(name="MarginLoss", num_classes=None), None, True, cpu, num_classes=4, embedding_size=8)
+    assert {"mined", "frac_active"} <= set(margin(emb, labels)[1])

@@ -104,3 +104,16 @@ def test_a_flow_does_not_start_while_a_dvc_command_holds_the_project(dvc_repo):
         lock.close()
     with project_lock.hold(dvc_repo, "flow"):  # ours was released when DVC's was refused
         pass
+
+
+def test_a_dvc_lock_held_for_a_moment_is_waited_for(dvc_repo):
+    """DVC holds its lock briefly for every command (a git hook's dvc status): a flow starting
+    then waits, as DVC itself does, instead of failing."""
+    import threading
+
+    import zc.lockfile
+
+    lock = zc.lockfile.LockFile(str(dvc_repo / ".dvc" / "tmp" / "lock"))
+    threading.Timer(1.0, lock.close).start()
+    with project_lock.hold(dvc_repo, "flow"):
+        pass

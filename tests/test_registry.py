@@ -80,9 +80,20 @@ def test_the_same_weights_on_the_same_set_are_registered_once(evaluated, capsys)
     assert (again["model_version"], again["model_alias"]) == (2, second["model_alias"])
     assert again["alias_reason"].startswith("already registered: same weights, same evaluation set")
     assert "not registered again" in capsys.readouterr().out
-    versions = _client(evaluated).search_model_versions("name = 'embedder'")
-    assert sorted(int(v.version) for v in versions) == [1, 2]
+    client = _client(evaluated)
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'embedder'")) == [1, 2]
     assert first["model_alias"] == "champion"
+
+    # Stopped after the version was created, before its alias was set: the retry sets it.
+    client.delete_registered_model_alias("embedder", second["model_alias"])
+    retried = evaluate.run(evaluated.evaluate, p)
+    assert (retried["model_version"], retried["model_alias"]) == (2, second["model_alias"])
+    assert int(client.get_model_version_by_alias("embedder", second["model_alias"]).version) == 2
+
+    # The same weights scoring otherwise (searched through another index) are another result.
+    client.set_model_version_tag("embedder", "2", "map_at_r", repr(second["map_at_r"] - 0.01))
+    other = evaluate.run(evaluated.evaluate, p)
+    assert other["model_version"] == 3
 
 
 def test_a_champion_from_another_evaluation_set_is_not_compared(evaluated):

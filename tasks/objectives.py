@@ -65,14 +65,15 @@ def _proxies(loss_fn: torch.nn.Module) -> bool:
     return isinstance(loss_fn, PROXY_LOSSES)
 
 
-def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn) -> Stats:
+def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn, ref: torch.Tensor | None = None) -> Stats:
     """What a miner found in one batch: count, mean positive / negative distance and, for
     triplets, the fraction still violating the margin ("active") — the loss learns from those.
 
-    emb (B, D); tuples: a miner's (a, p, n) triplets or (a1, p, a2, n) pairs (indices into emb).
+    emb (B, D); tuples: a miner's (a, p, n) triplets or (a1, p, a2, n) pairs — anchors index
+    emb, positives and negatives index ``ref`` (M, D) (a cross-batch memory), else emb too.
     """
     dist = loss_fn.distance
-    mat = dist(emb)
+    mat = dist(emb, ref) if ref is not None else dist(emb)
     if len(tuples) == 3:
         a, p, n = tuples
         d_ap, d_an = mat[a, p], mat[a, n]
@@ -184,17 +185,33 @@ def self_supervised_objective(loss: Component, fused: bool, device: torch.device
     return losses.SelfSupervisedLoss(loss_fn), loss_fn
 
 
+class RecordingMemory(losses.CrossBatchMemory):
+    """pml's CrossBatchMemory, keeping what it mined last — the tuples (anchors in the batch,
+    positives and negatives in the memory) and the memory they index — for the statistics."""
+
+    last: tuple[tuple, torch.Tensor] | None = None
+
+    def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, *rest):
+        tuples = super().create_indices_tuple(embeddings, labels, E_mem, L_mem, *rest)
+        self.last = (tuples, E_mem)
+        return tuples
+
+
 class MemoryObjective:
     """pml's CrossBatchMemory: the miner and loss see this batch against the last
-    ``memory_size`` embeddings (a queue), so hard negatives are not limited to one batch."""
+    ``memory_size`` embeddings (a queue), so hard negatives are not limited to one batch.
+    Statistics: the queue's fill and what was mined against it (:func:`mining_stats`)."""
 
-    def __init__(self, xbm: losses.CrossBatchMemory):
+    def __init__(self, xbm: RecordingMemory):
         self.xbm = xbm
 
     def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         loss = self.xbm(emb, labels)
         filled = self.xbm.memory_size if self.xbm.has_been_filled else self.xbm.queue_idx
-        return loss, {"memory_filled": emb.new_tensor(float(filled))}
+        with torch.no_grad():
+            tuples, memory = self.xbm.last
+            stats = mining_stats(emb.detach(), tuples, self.xbm.loss, memory)
+        return loss, stats | {"memory_filled": emb.new_tensor(float(filled))}
 
     def state_dict(self) -> dict:
         """The queue (a resumed run mines against the same memory); plain attributes in pml,
@@ -243,6 +260,6 @@ def build_objective(
         return fast, loss_fn
     pml_miner = getattr(miners, miner.name)(**miner.kwargs) if miner else None
     if memory_size:
-        xbm = losses.CrossBatchMemory(loss_fn, embedding_size, memory_size=memory_size, miner=pml_miner)
+        xbm = RecordingMemory(loss_fn, embedding_size, memory_size=memory_size, miner=pml_miner)
         return MemoryObjective(xbm.to(device)), loss_fn
     return PmlObjective(loss_fn, pml_miner), loss_fn

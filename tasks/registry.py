@@ -10,7 +10,9 @@ and id map are artifacts of the same run (build_index logs them).
 Each model is registered once per evaluation set and score: evaluating the same weights again on
 the same items with the same mAP@R (evaluate re-run by ``dvc repro`` for an evaluate change)
 reports the version it already is; a version whose registration stopped before it got an alias
-gets one then. Promotion: a new version takes the alias ``champion`` only if its mAP@R beats the current
+gets one then.
+
+Promotion: a new version takes the alias ``champion`` only if its mAP@R beats the current
 champion's *on the same evaluation set* (same query and gallery item ids); otherwise it is the
 ``challenger``. A champion measured on another set (a new data drop) is not comparable: the new
 version becomes challenger and the reason says so — promote by hand after comparing.

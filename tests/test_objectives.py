@@ -319,3 +319,26 @@ def test_proxy_losses_are_told_apart_by_class_not_by_a_num_classes_argument():
         build_objective(Component(name="CosFaceLoss", num_classes=3), None, True, cpu, num_classes=4, embedding_size=8)
     margin, _ = build_objective(Component(name="MarginLoss", num_classes=None), None, True, cpu, num_classes=4, embedding_size=8)
     assert {"mined", "frac_active"} <= set(margin(emb, labels)[1])
+
+
+def test_cross_batch_memory_reports_what_it_mined_against_the_memory():
+    """The issue's mining statistics for XBM too: the batch's anchors against the queue (the
+    batch itself just enqueued, its self-pairs removed, as pml does)."""
+    emb = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.arange(4).repeat_interleave(3)
+    objective, _ = build_objective(Component(name="ContrastiveLoss"), None, True, torch.device("cpu"),
+                                   embedding_size=8, memory_size=64)
+    _, stats = objective(emb, labels)
+    d = torch.cdist(emb, emb)
+    same, off = labels[:, None] == labels[None, :], ~torch.eye(12, dtype=torch.bool)
+    assert float(stats["memory_filled"]) == 12
+    assert float(stats["mined"]) == 12 * 11  # every pair with the memory but an image with itself
+    assert float(stats["pos_distance"]) == pytest.approx(float(d[same & off].mean()), abs=1e-5)
+    assert float(stats["neg_distance"]) == pytest.approx(float(d[~same].mean()), abs=1e-5)
+    _, stats = objective(emb.flip(0), labels.flip(0))  # the memory now holds both batches
+    assert float(stats["memory_filled"]) == 24 and float(stats["mined"]) == 12 * 23
+
+    mined, _ = build_objective(Component(name="ContrastiveLoss"), Component(name="MultiSimilarityMiner", epsilon=0.1),
+                               True, torch.device("cpu"), embedding_size=8, memory_size=64)
+    _, stats = mined(emb, labels)
+    assert {"mined", "pos_distance", "neg_distance", "memory_filled"} <= set(stats) and 0 < float(stats["mined"]) < 12 * 11

@@ -10,7 +10,6 @@ with torchrun like training): each embeds a contiguous slice, rank 0 writes the 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc

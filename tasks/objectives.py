@@ -12,7 +12,6 @@ fraction of active (non-zero loss) triplets, mean positive and negative distance
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
@@ -38,18 +37,18 @@ class PmlObjective:
     def __call__(self, emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
         tuples = self.miner(emb, labels) if self.miner is not None else None  # None: every tuple
         loss = self.loss_fn(emb, labels, tuples)
+        # A proxy loss compares each embedding with its class weights, not with other embeddings:
+        # it mines nothing. The batch's pair similarities still show whether the classes separate.
+        proxy = tuples is None and isinstance(self.loss_fn, PROXY_LOSSES)
         with torch.no_grad():
             if tuples is not None:
                 mined = tuples
-            elif isinstance(self.loss_fn, losses.GenericPairLoss) or _proxies(self.loss_fn):
+            elif proxy or isinstance(self.loss_fn, losses.GenericPairLoss):
                 mined = lmu.get_all_pairs_indices(labels)  # what a pair loss uses: every pair
             else:
                 mined = lmu.get_all_triplets_indices(labels)
             stats = mining_stats(emb.detach(), mined, self.loss_fn)
-            if tuples is None and _proxies(self.loss_fn):
-                # A proxy loss compares each embedding with its class weights, not with other
-                # embeddings: it mines nothing. The batch's pair similarities still show
-                # whether the classes separate.
+            if proxy:
                 del stats["mined"]
         return loss, stats
 
@@ -59,10 +58,6 @@ class PmlObjective:
 # Not "takes num_classes": MarginLoss does (one beta per class) and is a triplet loss.
 PROXY_LOSSES = (losses.LargeMarginSoftmaxLoss, losses.NormalizedSoftmaxLoss, losses.ProxyAnchorLoss,
                 losses.ProxyNCALoss, losses.SoftTripleLoss, losses.P2SGradLoss)
-
-
-def _proxies(loss_fn: torch.nn.Module) -> bool:
-    return isinstance(loss_fn, PROXY_LOSSES)
 
 
 def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn, ref: torch.Tensor | None = None) -> Stats:
@@ -252,7 +247,7 @@ def build_objective(
     given = kwargs.get("num_classes")  # MarginLoss: None = one beta for all classes
     if "num_classes" in takes and given is not None and num_classes and given < num_classes:
         # Else the first batch fails inside pml ("Class values must be smaller than num_classes").
-        raise ParamsError(f"train.loss.num_classes: {kwargs['num_classes']} is fewer than the {num_classes} train "
+        raise ParamsError(f"train.loss.num_classes: {given} is fewer than the {num_classes} train "
                           "classes: leave it out (it is filled from the data)")
     loss_fn = cls(**kwargs).to(device)
     fast = fused_equivalent(loss, miner, per_class) if fused and not memory_size else None

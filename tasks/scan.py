@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
-
 from tasks import contracts as C
 from tasks import download, layouts, manifest, progress, sources
 from tasks.params import IngestParams, Paths, source_path
@@ -59,7 +58,7 @@ def first_pass(p: IngestParams, root: Path) -> tuple[list[sources.Record], list[
     rejected: list[sources.Rejected] = []
     bar = progress.bar("ingest: scan", "img")
     for n, rec in enumerate(records(p, root), 1):
-        if n % 4096 == 0:  # tqdm.update costs as much as the rest of this loop
+        if n % 4096 == 0:  # a progress update costs as much as the rest of this loop
             bar.update(4096)
         if isinstance(rec, sources.Rejected):
             rejected.append(rec)

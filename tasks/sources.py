@@ -315,7 +315,8 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
     """Encoded image -> uint8 array (size, size, channels), EXIF-rotated, resized with antialiasing.
 
     CMYK, palette and 1-bit images are converted by PIL; 16-bit, 32-bit and float grey is scaled
-    (not clipped) to 8 bits (:func:`_deep_grey`); transparency (RGBA, LA, palette or grey with a transparent colour) is composited on white.
+    (not clipped) to 8 bits (:func:`_deep_grey`); transparency (RGBA, LA, palette or grey with a
+    transparent colour) is composited on white.
 
     Raises ValueError with a short reason for anything that is not a decodable image.
     """

@@ -114,12 +114,18 @@ def train_epoch(
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     network = list(model.parameters())
     model.train()
-    for m in model.modules():
-        # A frozen part (freeze_backbone_epochs) keeps its BatchNorm statistics too: in train mode
-        # they would follow every batch's mean and variance, and the "frozen" backbone change.
-        own = list(m.parameters(recurse=False))
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and own and not any(p.requires_grad for p in own):
-            m.eval()
+    # A frozen part (freeze_backbone_epochs) keeps its BatchNorm statistics too: in train mode
+    # they would follow every batch's mean and variance, and the "frozen" backbone change. Frozen:
+    # the norm's own weights are, or (affine=False: it has none) the whole part holding it is.
+    for part in model.children():
+        weights = list(part.parameters())
+        part_frozen = bool(weights) and not any(p.requires_grad for p in weights)
+        for m in part.modules():
+            own = list(m.parameters(recurse=False))
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+                part_frozen or (own and not any(p.requires_grad for p in own))
+            ):
+                m.eval()
     device = pixels.device
     # Each step's loss and statistics stacked into one float64 vector on the device: one kernel a
     # step instead of an add per figure; read once, at the end of the epoch.

@@ -71,7 +71,6 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     run_id = None
     if world.main:
         run_id = parent_run_id or tracking.start_pipeline_run(Path(paths.root), params.experiment)
-        tracking.write_run_info(paths["run_info"], run_id, params.experiment)
     with tracking.stage_run(paths, "train", params, run_id) if world.main else tracking.no_run() as (child, parent):
         # The params that produced the data, read from the data itself (true even when DVC
         # restored it from cache), plus ours.
@@ -121,6 +120,9 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         if not world.main:
             return {"rank": world.rank, "epochs": ran}
         sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": ran} | kept)
+        # Written with the model, not before training: a failed run leaves the previous model and
+        # the run that made it, so a later stage run by hand logs into the run of the model it reads.
+        tracking.write_run_info(paths["run_info"], run_id, params.experiment)
         paths["train_state"].unlink(missing_ok=True)
         _write_curve(paths["train_curve"], curve)
         parent.artifact(paths["model"], "model")

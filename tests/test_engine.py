@@ -53,3 +53,19 @@ def test_gradient_clipping_bounds_the_update():
     train_epoch(model, compute, opt, pixels, labels, [np.arange(8)], epoch=0, clip=1e-3)
     moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert 0 < moved.item() <= 1e-3 + 1e-7  # SGD lr=1: the step is the clipped gradient
+
+
+def test_a_frozen_part_keeps_the_statistics_of_its_unweighted_batchnorm():
+    """BatchNorm(affine=False) has no weights of its own to be frozen: the frozen part holding it
+    decides, or the "frozen" trunk would still change with every batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.trunk = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2, affine=False), torch.nn.Flatten())
+    model.head = torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.BatchNorm1d(3, affine=False))
+    model.trunk.requires_grad_(False)
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    pixels = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8)
+    compute = loss_of(lambda x: model.head(model.trunk(x.float())), FusedTriplet(margin=0.2))
+    train_epoch(model, compute, opt, pixels, torch.arange(8) // 2, [np.arange(8)], epoch=0)
+    assert torch.equal(model.trunk[1].running_mean, torch.zeros(2)) and model.trunk[1].num_batches_tracked == 0
+    assert model.head[1].num_batches_tracked == 1  # the part that trains keeps tracking

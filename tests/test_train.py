@@ -47,6 +47,21 @@ def test_non_finite_loss_stops_with_the_epoch_and_step(make_project):
     with pytest.raises(FloatingPointError, match=r"not finite at epoch 0, step 1"):
         train.run(params.train, params.paths)
     assert not params.paths["model"].exists()
+    assert not params.paths["run_info"].exists()  # no pointer to the failed run
+
+
+def test_a_failed_run_leaves_the_previous_model_and_its_run(make_project):
+    root = make_project(FAST)
+    params = load_params(root)
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    good = train.run(params.train, params.paths)
+    model = params.paths["model"].read_bytes()
+    diverging = load_params(root, {"train.optimizer": {"name": "SGD", "lr": 1e38}})
+    with pytest.raises(FloatingPointError):
+        train.run(diverging.train, diverging.paths)
+    assert params.paths["model"].read_bytes() == model
+    assert json.loads(params.paths["run_info"].read_text())["run_id"] == good["run_id"]
 
 
 def _stats(*args):

@@ -13,12 +13,15 @@ DVC's repository lock, ``.dvc/tmp/lock``: ``dvc repro`` deletes a stage's output
 starts the stage's command, so the stage finding our lock came too late — the flow had lost its
 model and run file. With DVC's lock held, ``dvc repro`` stops before touching anything ("Unable to
 acquire lock"). Stage commands that DVC runs (``DVC_STAGE`` set) leave it to DVC, which holds it
-while it removes and records outputs and releases it while the command runs.
+while it removes and records outputs and releases it while the command runs. In that gap DVC's
+``.dvc/tmp/rwlock`` names the running stage's paths and process; a run that finds a live process
+there stops too, or it could start in the moment before the stage's command takes our lock.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -60,6 +63,11 @@ def hold(root: Path, what: str) -> Iterator[None]:
                     f"a DVC command is running in this project (dvc repro, dvc exp run, ...: it holds {dvc_lock}): "
                     "wait for it to end, or run in a copy"
                 )
+            running = _dvc_stage_commands(dvc_lock.parent / "rwlock")
+            if running:
+                raise ProjectBusyError(
+                    f"DVC is running a stage in this project ({running[0]}, per .dvc/tmp/rwlock): wait for it to end, or run in a copy"
+                )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         yield
@@ -89,3 +97,29 @@ def _dvc_lock(root: Path) -> Path | None:
         return None
     (root / ".dvc" / "tmp").mkdir(exist_ok=True)  # gitignored: absent in a fresh clone
     return root / ".dvc" / "tmp" / "lock"
+
+
+def _dvc_stage_commands(rwlock: Path) -> list[str]:
+    """The commands of live processes in DVC's ``rwlock`` file (``{"write"|"read": {path: info or
+    [info]}}``, info ``{"pid", "cmd"}``): a stage DVC is running. DVC edits the file only while
+    holding its repository lock, which the caller holds, so it is read whole. Entries of dead
+    processes (a killed ``dvc repro``) are ignored, as DVC itself does."""
+    try:
+        table = json.loads(rwlock.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []  # none, or not ours to judge: DVC reports a corrupt file itself
+    infos = [i for mode in ("write", "read") for v in (table.get(mode) or {}).values()
+             for i in (v if isinstance(v, list) else [v])]
+    return [str(i.get("cmd")) for i in infos if isinstance(i, dict) and _alive(i.get("pid"))]
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,4 +118,36 @@ def test_a_dvc_lock_held_for_a_moment_is_waited_for(dvc_repo):
     lock = zc.lockfile.LockFile(str(dvc_repo / ".dvc" / "tmp" / "lock"))
     threading.Timer(1.0, lock.close).start()
     with project_lock.hold(dvc_repo, "flow"):
+        pass
+
+
+def test_a_flow_does_not_start_while_dvc_runs_a_stage_command_before_it_takes_our_lock(dvc_repo):
+    """DVC releases its own lock while a stage's command runs; until the command takes ours, only
+    DVC's rwlock file says a stage is running. A flow starting in that moment stops too."""
+    (dvc_repo / "stage.py").write_text(  # a stage slow to take our lock (a big import, say)
+        (dvc_repo / "stage.py").read_text().replace("from pathlib import Path\n", "from pathlib import Path\nimport time\n"
+        "Path('started').write_text('1'); time.sleep(4)\n", 1))
+    repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=dvc_repo,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(240):
+            if (dvc_repo / "started").exists() or repro.poll() is not None:
+                break
+            time.sleep(0.25)
+        assert (dvc_repo / "started").exists(), repro.communicate()
+        with pytest.raises(ProjectBusyError, match="DVC is running a stage in this project"):
+            with project_lock.hold(dvc_repo, "flow"):
+                pytest.fail("ran beside a stage that dvc repro had started")
+    finally:
+        out, err = repro.communicate(timeout=120)
+    assert repro.returncode == 0, err  # and the stage itself was not disturbed
+    with project_lock.hold(dvc_repo, "flow"):  # the stage ended: its rwlock entry no longer blocks
+        pass
+
+
+def test_entries_of_dead_processes_in_dvcs_rwlock_do_not_block(dvc_repo):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (dvc_repo / ".dvc" / "tmp" / "rwlock").write_text(
+        json.dumps({"write": {str(dvc_repo / "out.txt"): {"pid": int(done.stdout), "cmd": "dvc repro"}}, "read": {}}))
+    with project_lock.hold(dvc_repo, "flow"):  # a killed dvc repro left it: DVC ignores it too
         pass

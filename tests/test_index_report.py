@@ -40,3 +40,12 @@ def test_nothing_measured_reports_null_not_a_perfect_recall(n_queries, gallery):
     out = index_report(build(x, "Flat", "inner_product"), x, "inner_product", n_queries, seed=0)
     assert out == {"index_recall_at_10": None, "queries_per_second": None, "exact_queries_per_second": None,
                    "n_report_queries": 0}
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_an_equally_near_item_counts_as_found(metric):
+    """Every vector five times: the exact 10th score is shared by several items, and faiss keeps
+    others among them than exact search does (for inner product). Equally near is found."""
+    x = np.repeat(_unit(40, 8), 5, axis=0)
+    out = index_report(build(x, "Flat", metric), x, metric, 200, seed=0)
+    assert out["index_recall_at_10"] == 1.0

@@ -5,7 +5,9 @@ Landmark Retrieval), Recall@K, Precision@1. Protocols (:mod:`tasks.retrieval`): 
 a query is also in the gallery (it never retrieves itself nor counts itself as relevant), separate
 query / gallery sets, and queries whose class is absent from the gallery (counted as
 ``n_queries_without_relevant``, never averaged, never NaN). k reaches the largest class, so MAP@R
-and R-precision are exact.
+and R-precision are exact. ``n_queries_tied`` counts the queries whose metrics rest on equal
+scores of a relevant and a non-relevant item (:func:`tasks.retrieval.tied_across_relevance`);
+above 1 % a warning says so.
 
 Search: a ``Flat`` index *is* exact search, so it runs as blocked matmul + top-k
 (:mod:`tasks.search`; CUDA when present) with memory bounded by one tile. An approximate index
@@ -20,6 +22,7 @@ embeddings; all also logged to the MLflow run.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import faiss
@@ -32,6 +35,11 @@ from tasks import eval_figures, fewshot, figures, registry, retrieval, search, t
 from tasks.errors import DatasetError
 from tasks.models import pick_device
 from tasks.params import EvaluateParams, Paths
+
+# Warn above this share of tied queries: a few exact ties happen (near-duplicate images); many
+# mean the model (or the index) no longer tells those items apart.
+TIED_WARN = 0.01
+
 
 def _read(paths: Paths):
     """-> embeddings table, vectors (N, D), gallery mask (N,), index, index id-map table; checked
@@ -91,6 +99,12 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
             result |= {f"exact_{key}": v for key, v in retrieval.summary(exact(), params.recall_at, params.map_at).items() if not key.startswith("n_")}
     except ValueError as err:
         raise DatasetError(f"{paths['embeddings']}: {err}") from None
+    answered = result["n_queries"] - result["n_queries_without_relevant"]
+    if result["n_queries_tied"] > TIED_WARN * answered:
+        print(f"evaluate: warning: for {result['n_queries_tied']:,} of {answered:,} queries a relevant and a "
+              "non-relevant item score exactly alike, so the metrics depend on the gallery's row order there, not "
+              "on the model (identical embeddings: a collapsed model, duplicate images, or a coarse PQ index)",
+              file=sys.stderr)
     # Few-shot episodes over the classes the gallery has: a query of none (GLDv2's queries without
     # a landmark, all one label) is no class to tell apart, as it counts in no retrieval metric.
     known = np.isin(qc, gc)

@@ -72,7 +72,7 @@ def score(
         rows = slice(ch.start, ch.start + len(ch.pos))
         valid = ch.pos >= 0
         hits = valid & (gallery_codes[np.maximum(ch.pos, 0)] == query_codes[rows, None])
-        parts.append(metrics.per_query(hits, r[rows], map_k))
+        parts.append(metrics.per_query(hits, r[rows], map_k) | {"tied": tied_across_relevance(ch.scores, hits)})
         tops.append(ch.pos[:, :keep_top])
         top_scores.append(ch.scores[:, :keep_top])
         top_hits.append(hits[:, :keep_top])
@@ -82,9 +82,21 @@ def score(
     return Retrieval(metrics.concat(parts), np.concatenate(tops), np.concatenate(top_scores), np.concatenate(top_hits), k)
 
 
+def tied_across_relevance(scores: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    """bool (c,): the query's neighbour list (scores (c, k), best first; hits (c, k)) holds equal
+    scores for a relevant and a non-relevant item. Equal scores sit side by side, so one adjacent
+    pair shows it. Such a query's metrics follow the tie-break (gallery position: ingest orders
+    rows by label), not the model — a collapsed model scores far above chance this way. Only the
+    k neighbours searched are seen: a list of misses tied with relevant items past the k-th is not
+    flagged, so the count is a lower bound."""
+    return ((scores[:, 1:] == scores[:, :-1]) & (hits[:, 1:] != hits[:, :-1])).any(axis=1)
+
+
 def summary(ret: Retrieval, recall_ks: Sequence[int], map_k: int) -> dict[str, float | int]:
-    """The averaged metrics (see :func:`tasks.metrics.summarize`)."""
-    return metrics.summarize_per_query(ret.values, recall_ks, map_k)
+    """The averaged metrics (see :func:`tasks.metrics.summarize`) and ``n_queries_tied``: of the
+    queries averaged, those whose scores depend on a tie-break (:func:`tied_across_relevance`)."""
+    out = metrics.summarize_per_query(ret.values, recall_ks, map_k)
+    return out | {"n_queries_tied": int((ret.values["tied"] & (ret.values["n_relevant"] > 0)).sum())}
 
 
 def recall_curve(ret: Retrieval, max_k: int) -> tuple[np.ndarray, np.ndarray]:

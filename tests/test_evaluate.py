@@ -186,3 +186,16 @@ def test_few_shot_with_too_few_classes_names_the_key(make_project):
 
     with pytest.raises(DatasetError, match="evaluate.few_shot.*only 2 of 2 classes"):
         evaluate.run(params.evaluate, params.paths)
+
+
+def test_metrics_resting_on_tied_scores_are_counted_and_warned_of(make_project, capsys):
+    """A collapsed model: every item of classes a and b has one embedding. Row order (a first)
+    then decides the ranking, so the metrics say nothing of the model — evaluate says so."""
+    e = np.eye(3, dtype=np.float32)
+    rows = [(f"{c}{i}", c, True, True, e[0]) for c in "ab" for i in range(3)]
+    rows += [(f"c{i}", "c", True, True, e[2] + 0.01 * i * e[1]) for i in range(3)]  # told apart from a and b
+    params = _embeddings_project(make_project, rows)
+    result = evaluate.run(params.evaluate, params.paths)
+    assert result["n_queries_tied"] == 6  # every a and b query; none of c's
+    assert "for 6 of 9 queries a relevant and a non-relevant item score exactly alike" in capsys.readouterr().err
+    assert json.loads(params.paths["metrics"].read_text())["n_queries_tied"] == 6

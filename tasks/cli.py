@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from tasks import project_lock
@@ -35,7 +37,7 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
         params = load_params(args.params)
         section = getattr(params, name)
         paths: Paths = params.paths
-        with project_lock.hold(Path(paths.root), f"python -m tasks.{name}"):
+        with _project_lock(Path(paths.root), name):
             result = run(section, paths)
     except USER_ERRORS as err:
         print(f"tripletflow {name}: error: {err}", file=sys.stderr)
@@ -44,6 +46,14 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
         print(f"tripletflow {name}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     print(json_line({name: result}))
+
+
+def _project_lock(root: Path, name: str) -> AbstractContextManager:
+    """The project's lock (tasks.project_lock) — held by rank 0 alone under a torchrun started by
+    hand: its ranks are one run, and each taking the lock stopped all but the first."""
+    if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:
+        return nullcontext()
+    return project_lock.hold(root, f"python -m tasks.{name}")
 
 
 def stop_on_sigterm() -> None:

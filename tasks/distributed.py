@@ -27,7 +27,8 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,10 +162,25 @@ def broadcast_object(obj: Any, world: World) -> Any:
     return box[0]
 
 
-def shutdown(world: World) -> None:
-    """Wait for every rank (rank 0 may still be writing outputs), then leave the group."""
+@contextmanager
+def leaving(world: World) -> Iterator[None]:
+    """Run the block, then :func:`shutdown` — at once if it raised."""
+    try:
+        yield
+    except BaseException:
+        shutdown(world, ok=False)
+        raise
+    shutdown(world)
+
+
+def shutdown(world: World, ok: bool = True) -> None:
+    """Wait for every rank (rank 0 may still be writing outputs), then leave the group. After an
+    error (``ok`` False) leave at once: the other ranks may be waiting in a collective this one
+    never reaches, and a barrier would then hang them all until the backend's timeout (30 min) —
+    leaving makes torchrun see the failure and stop the group."""
     if world.size > 1 and dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -49,15 +49,13 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     if params.processes > 1 and not distributed.under_torchrun():
         return distributed.launch("tasks.export_embeddings", params, paths, None)
     world, device = distributed.init(params.device)
-    try:
+    with distributed.leaving(world):
         items, meta = C.read_table(paths["items"], C.ITEMS)
         items = items.filter(pc.or_(items[C.IS_QUERY], items[C.IS_GALLERY]))
         model = load_checkpoint(paths["model"], device)
         lo, hi = (items.num_rows * world.rank // world.size, items.num_rows * (world.rank + 1) // world.size)
         pixels = pixels_to_tensor(items[C.PIXELS].slice(lo, hi - lo), meta["height"], meta["width"], meta["channels"])
         vectors = distributed.gather_rows(embed(model, pixels, params.batch_size, device, show=world.main), paths["embeddings"], world)
-    finally:
-        distributed.shutdown(world)
     if not world.main:
         return {"rank": world.rank}
     dim = model.config["embedding_dim"]

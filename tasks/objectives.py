@@ -174,7 +174,7 @@ class FusedNTXent:
 
 def self_supervised_objective(loss: Component, fused: bool, device: torch.device):
     """-> (loss(a, b) on two views' embeddings, loss module whose parameters train too)."""
-    loss_fn = getattr(losses, loss.name)(**loss.kwargs).to(device)
+    loss_fn = getattr(losses, loss.name)(**loss.built_kwargs()).to(device)
     if fused and loss.name == "NTXentLoss" and _only(loss, {"temperature": None}):
         return FusedNTXent(float(loss.kwargs.get("temperature", 0.07))), loss_fn
     return losses.SelfSupervisedLoss(loss_fn), loss_fn
@@ -238,7 +238,7 @@ def build_objective(
     ProxyAnchor...) when params leave them out; ``memory_size`` > 0 wraps miner and loss in a
     cross-batch memory.
     """
-    kwargs = dict(loss.kwargs)
+    kwargs = loss.built_kwargs()
     cls = getattr(losses, loss.name)
     takes = constructor_args(cls)
     for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
@@ -253,7 +253,7 @@ def build_objective(
     fast = fused_equivalent(loss, miner, per_class) if fused and not memory_size else None
     if fast is not None:
         return fast, loss_fn
-    pml_miner = getattr(miners, miner.name)(**miner.kwargs) if miner else None
+    pml_miner = getattr(miners, miner.name)(**miner.built_kwargs()) if miner else None
     if memory_size:
         xbm = RecordingMemory(loss_fn, embedding_size, memory_size=memory_size, miner=pml_miner)
         return MemoryObjective(xbm.to(device)), loss_fn

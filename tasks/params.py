@@ -151,6 +151,20 @@ class MakeBatchesParams(_Strict):
     seed: int
 
 
+# pml arguments that take an object, given in params by the class's name — ``distance:
+# CosineSimilarity`` — or as a component, ``{name: LpDistance, normalize_embeddings: false}``.
+NESTED = {
+    "distance": "pytorch_metric_learning.distances",
+    "reducer": "pytorch_metric_learning.reducers",
+    "embedding_regularizer": "pytorch_metric_learning.regularizers",
+    "weight_regularizer": "pytorch_metric_learning.regularizers",
+}
+# pml arguments that take code or objects train composes (a cross-batch memory's loss and miner).
+NOT_IN_PARAMS = frozenset({"loss", "miner", "losses", "miners", "weight_init_func"})
+# Counts with no default to tell their type (pml fills some from the data: leave them out).
+INTEGER_ARGS = frozenset({"num_classes", "embedding_size", "descriptors_dim", "n_bins"})
+
+
 class Component(BaseModel):
     """A class chosen by name plus its keyword arguments, e.g. ``{name: TripletMarginLoss, margin: 0.2}``."""
 
@@ -160,6 +174,28 @@ class Component(BaseModel):
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    def built_kwargs(self) -> dict[str, Any]:
+        """The kwargs with each object-valued one (:data:`NESTED`) built from its name."""
+        return {k: _build_nested(v, NESTED[k]) if k in NESTED and v is not None else v for k, v in self.kwargs.items()}
+
+
+def nested_component(value: Any) -> Component:
+    """A NESTED argument's value (a class name, or a mapping with ``name``) as a Component;
+    ValueError when it is neither."""
+    if isinstance(value, str):
+        return Component(name=value)
+    if isinstance(value, dict):
+        try:
+            return Component.model_validate(value)
+        except ValidationError:
+            pass
+    raise ValueError(value)
+
+
+def _build_nested(value: Any, module: str) -> Any:
+    spec = nested_component(value)
+    return getattr(importlib.import_module(module), spec.name)(**spec.built_kwargs())
 
 
 def _check_component(spec: Component | None, module: str, key: str) -> list[str]:
@@ -174,6 +210,23 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
     errors = [f"{key}.{kw}: {spec.name} takes no argument {kw!r}" for kw in spec.kwargs if kw not in accepted]
     defaults = _defaults(cls)
     for kw, value in spec.kwargs.items():
+        if kw not in accepted:
+            continue
+        if kw in NESTED:
+            errors += _nested_errors(value, NESTED[kw], f"{key}.{kw}")
+            continue
+        if kw in NOT_IN_PARAMS:
+            errors.append(f"{key}.{kw}: takes a Python object, which params cannot give (leave it out)")
+            continue
+        if kw in INTEGER_ARGS:
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (value is None and _default_is_none(cls, kw)):
+                errors.append(f"{key}.{kw}: expected an integer, got {value!r}"
+                              + (" (leave it out: train fills it from the data)" if kw in ("num_classes", "embedding_size") else ""))
+            continue
+        if kw == "triplets_per_anchor":  # pml: "all", or that many triplets per anchor
+            if value != "all" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                errors.append(f"{key}.{kw}: expected \"all\" or a positive integer, got {value!r}")
+            continue
         want = type(defaults.get(kw))
         # A quoted number is a string; catch that here rather than deep in torch.
         # An int default (momentum=0) is a number too: 0.9 is fine there.
@@ -185,6 +238,28 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
         elif isinstance(value, float) and not math.isfinite(value):  # .nan is YAML: no library checks it
             errors.append(f"{key}.{kw}: expected a finite number, got {value!r}")
     return errors
+
+
+def _nested_errors(value: Any, module: str, key: str) -> list[str]:
+    """Errors for an object-valued argument (:data:`NESTED`): its class, its own arguments, and
+    whether it builds (a distance or reducer holds no weights: cheap)."""
+    if value is None:
+        return []
+    try:
+        spec = nested_component(value)
+    except ValueError:
+        return [f"{key}: expected a class name of {module} or {{name: <class>, <argument>: <value>}}, got {value!r}"]
+    errors = _check_component(spec, module, key)
+    return errors or _construct_errors(getattr(importlib.import_module(module), spec.name), spec, key)
+
+
+def _default_is_none(cls: type, kw: str) -> bool:
+    """``kw``'s default in the first constructor up the hierarchy that names it is None."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None and kw in (params := inspect.signature(init).parameters):
+            return params[kw].default is None
+    return False
 
 
 def constructor_args(cls: type) -> set[str]:
@@ -217,7 +292,7 @@ def _construct_errors(cls: type, spec: Component, key: str, *args: Any) -> list[
     """``cls(*args, **spec.kwargs)``; its error, if any, as ``key: Name(k=v, ...): message``.
     Libraries raise ValueError, TypeError, AssertionError... for a bad argument: any is caught."""
     try:
-        cls(*args, **spec.kwargs)
+        cls(*args, **spec.built_kwargs())
     except Exception as err:
         call = f"{spec.name}({', '.join(f'{k}={v!r}' for k, v in spec.kwargs.items())})"
         return [f"{key}: {call}: {' '.join(str(err).split())}"]
@@ -433,7 +508,9 @@ def _choice_errors(spec: Component | None, key: str) -> list[str]:
         from pytorch_metric_learning import miners
 
         cls = getattr(miners, spec.name, None)  # an unknown name: _check_component has said so
-        errors = _construct_errors(cls, spec, key) if cls is not None else []  # cheap: a miner holds no weights
+        # cheap: a miner holds no weights. Not when its name or arguments are wrong: said already.
+        clean = cls is not None and not _check_component(spec, "pytorch_metric_learning.miners", key)
+        errors = _construct_errors(cls, spec, key) if clean else []
     return errors
 
 
@@ -458,7 +535,7 @@ def _objective_errors(t: TrainParams) -> list[str]:
                       f"{', '.join(losses.CrossBatchMemory.supported_losses())}): set it to 0 or change train.loss")
     size = t.loss.kwargs.get("embedding_size")
     if size is not None and size != t.embedding_dim:
-        errors.append(f"train.loss.embedding_size: {size} is not train.embedding_dim ({t.embedding_dim}): "
+        errors.append(f"train.loss.embedding_size: {size!r} is not train.embedding_dim ({t.embedding_dim}): "
                       "leave it out (it is filled from train.embedding_dim)")
     return errors
 

@@ -84,14 +84,17 @@ def save(
         "states": states,
         "curve": curve,
         "run_ids": run_ids,
+        "world_size": world.size,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load(path: Path, fp: str, names: Iterable[str]) -> dict[str, Any] | None:
+def load(path: Path, fp: str, names: Iterable[str], world_size: int = 1) -> dict[str, Any] | None:
     """The saved state if it continues this run — same fingerprint, a state for each of
-    ``names`` (the stateful objects) — else None (and a line saying why)."""
+    ``names`` (the stateful objects), as many processes (``world_size``: each kept its own
+    generators; a torchrun started by hand can change the count under the same params) — else
+    None (and a line saying why)."""
     if not path.exists():
         return None
     try:
@@ -106,6 +109,10 @@ def load(path: Path, fp: str, names: Iterable[str]) -> dict[str, Any] | None:
         return None
     if set(state.get("states", {})) != set(names):
         print(f"train: {path} was saved by another version of tripletflow; starting afresh")
+        return None
+    if state.get("world_size") != world_size:
+        print(f"train: {path} was saved by {state.get('world_size', 'an unknown number of')} process(es), "
+              f"this run has {world_size}; starting afresh")
         return None
     print(f"train: resuming after epoch {state['epochs_done']} from {path}")
     return state

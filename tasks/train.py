@@ -30,11 +30,8 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     if params.processes > 1 and not distributed.under_torchrun():
         return distributed.launch("tasks.train", params, paths, parent_run_id)
     world, device = distributed.init(params.device)
-    try:
-        with deterministic(params.deterministic):
-            return _train(params, paths, parent_run_id, world, device)
-    finally:
-        distributed.shutdown(world)
+    with distributed.leaving(world), deterministic(params.deterministic):
+        return _train(params, paths, parent_run_id, world, device)
 
 
 def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: World, device: torch.device) -> dict:
@@ -54,13 +51,16 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     val_names = set(plan_meta.get("validation_classes", []))
     val_codes = [c for c, name in enumerate(items_meta["class_names"]) if name in val_names]
     val_idx = torch.nonzero(torch.isin(labels, torch.as_tensor(val_codes, device=device))).flatten()
-    if params.early_stopping_patience and not len(val_idx):
-        raise ParamsError("train.early_stopping_patience needs validation classes: set make_batches.val_fraction > 0")
+    if params.early_stopping_patience and len(val_codes) < 2:
+        # One class: the nearest other image always shares its label, Recall@1 is 1 every epoch
+        # and the first epoch would be kept.
+        raise ParamsError(f"train.early_stopping_patience needs at least 2 validation classes, the plan holds out "
+                          f"{len(val_codes)}: raise make_batches.val_fraction")
     stopper = stateful["early_stopping"] = EarlyStopping(params.early_stopping_patience)
     digests = resume.input_digests(paths)
     fp = resume.fingerprint(params, digests)
     # Rank 0 reads the state: on several machines only its own disk holds the file it wrote.
-    state = distributed.broadcast_object(resume.load(paths["train_state"], fp, stateful) if world.main else None, world)
+    state = distributed.broadcast_object(resume.load(paths["train_state"], fp, stateful, world.size) if world.main else None, world)
     curve: list[dict[str, float]] = state["curve"] if state else []
     if state:
         resume.restore(state, stateful, world)

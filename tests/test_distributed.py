@@ -267,3 +267,54 @@ def test_ranks_die_with_their_torchrun_agent(make_project):
     alive = [p for p in ranks if Path(f"/proc/{p}").exists() and b"Z" not in Path(f"/proc/{p}/stat").read_bytes().split(b") ")[1][:1]]
     assert alive == []
     assert not params.paths["model"].exists()
+
+
+ONE_RANK_FAILS = """
+import os, socket, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+from tasks import distributed
+
+def rank(r, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    world, _ = distributed.init("cpu")
+    with distributed.leaving(world):
+        if r == 1:
+            raise ValueError("rank 1 fails alone")
+        dist.all_reduce(torch.ones(3))  # rank 0 waits in a collective rank 1 never reaches
+
+if __name__ == "__main__":
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank, args=(port,), nprocs=2, join=True)
+"""
+
+
+def test_a_rank_that_fails_alone_fails_the_group_instead_of_hanging_it(tmp_path):
+    """The failing rank leaves without the end-of-run barrier: it exits, and the launcher
+    (torchrun, here mp.spawn) stops the rank waiting in a collective. With the barrier, both
+    waited for the backend's 30-minute timeout."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=120)
+    # Ended (no timeout), failed; the launcher reports whichever rank's error came first: rank 1's
+    # own, or rank 0's collective losing its peer (gloo: "Connection reset / closed by peer").
+    assert out.returncode != 0, out.stderr[-2000:]
+    assert "rank 1 fails alone" in out.stderr or "by peer" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_torchrun_started_by_hand_trains_with_the_project_lock_on_rank_0_only(make_project):
+    """README: ``torchrun ... -m tasks.train --params params.yaml``. Every rank goes through the
+    stage's main; had each taken the project's lock, all but the first would have stopped."""
+    path = make_project(FAST | {"make_batches.epochs": 1})
+    params = load_params(path)
+    ingest.run(params.ingest, params.paths)
+    make_batches.run(params.make_batches, params.paths)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "tasks.train", "--params", str(path)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert params.paths["model"].exists() and params.paths["run_info"].exists()

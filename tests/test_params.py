@@ -570,3 +570,50 @@ def test_loss_miner_memory_and_mode_that_pml_would_refuse_or_ignore_stop_at_load
 ])
 def test_objectives_pml_takes_pass(overrides):
     parse_params(apply_overrides(default_params(), overrides), Path("."))
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("train.loss.distance", "CosineSimilarity", None),
+    ("train.loss.distance", {"name": "LpDistance", "normalize_embeddings": False, "p": 1}, None),
+    ("train.loss.reducer", {"name": "ThresholdReducer", "low": 0.0}, None),
+    ("train.loss.embedding_regularizer", "LpRegularizer", None),
+    ("train.miner.distance", "DotProductSimilarity", None),
+    ("train.loss.triplets_per_anchor", 3, None),
+    ("train.loss.distance", "cosine", "train.loss.distance.name: 'cosine' is not a class in pytorch_metric_learning.distances"),
+    ("train.miner.distance", {"name": "LpDistance", "pp": 1}, "train.miner.distance.pp: LpDistance takes no argument 'pp'"),
+    ("train.loss.distance", {"normalize_embeddings": False}, "train.loss.distance: expected a class name of "
+                                                            "pytorch_metric_learning.distances or {name: <class>"),
+    ("train.loss.distance", {"name": "LpDistance", "p": "2"}, "train.loss.distance.p: expected a number, got '2'"),
+    ("train.loss.reducer", 3, "train.loss.reducer: expected a class name of pytorch_metric_learning.reducers"),
+    ("train.loss.triplets_per_anchor", "some", "train.loss.triplets_per_anchor: expected \"all\" or a positive integer, got 'some'"),
+    ("train.loss.triplets_per_anchor", True, "expected \"all\" or a positive integer, got True"),
+])
+def test_object_arguments_are_built_by_name_and_checked(dotted, value, expected):
+    """pml takes a distance, reducer or regularizer object: params name its class (and give its
+    arguments), checked like the loss itself. Before, a name reached the loss as a string and
+    training failed with "'str' object is not callable"."""
+    raw = apply_overrides(default_params(), {dotted: value})
+    if expected is None:
+        _, component, kw = dotted.split(".")
+        spec = getattr(parse_params(raw, Path(".")).train, component)
+        built = spec.built_kwargs()[kw]
+        assert built == value if kw == "triplets_per_anchor" else type(built).__name__ == (value if isinstance(value, str) else value["name"])
+    else:
+        assert expected in _error({dotted: value})
+
+
+@pytest.mark.parametrize("loss, expected", [
+    ({"name": "ArcFaceLoss", "num_classes": "10"}, "train.loss.num_classes: expected an integer, got '10' (leave it out"),
+    ({"name": "ArcFaceLoss", "num_classes": 10.0}, "train.loss.num_classes: expected an integer, got 10.0"),
+    ({"name": "ArcFaceLoss", "num_classes": None}, "train.loss.num_classes: expected an integer, got None"),
+    ({"name": "ProxyAnchorLoss", "embedding_size": "16"}, "train.loss.embedding_size: expected an integer, got '16'"),
+    ({"name": "ProxyAnchorLoss", "weight_init_func": "xavier"}, "train.loss.weight_init_func: takes a Python object"),
+])
+def test_integer_and_object_only_arguments_are_refused_when_params_cannot_give_them(loss, expected):
+    assert expected in _error({"train.loss": loss, "train.miner": None})
+
+
+def test_a_null_count_is_kept_where_the_class_defaults_to_null():
+    params = parse_params(apply_overrides(default_params(), {"train.loss": {"name": "MarginLoss", "num_classes": None},
+                                                             "train.miner": None}), Path("."))
+    assert params.train.loss.kwargs == {"num_classes": None}  # MarginLoss: one beta for every class

@@ -156,6 +156,17 @@ def test_a_state_saved_by_another_version_is_not_resumed(make_project, capsys):
     assert "another version" in capsys.readouterr().out
 
 
+def test_a_state_saved_by_another_number_of_processes_is_not_resumed(make_project, capsys):
+    """Each rank kept its own generators: a torchrun started by hand with another process count
+    (same params, so the same fingerprint) starts afresh, rather than index a rank that was never saved."""
+    params = _project(make_project, "w")
+    stateful = _fresh(params, torch.device("cpu")).stateful
+    resume.save(params.paths["train_state"], "fp", 0, stateful, [], {})
+    assert resume.load(params.paths["train_state"], "fp", stateful, world_size=2) is None
+    assert "saved by 1 process(es), this run has 2; starting afresh" in capsys.readouterr().out
+    assert resume.load(params.paths["train_state"], "fp", stateful, world_size=1) is not None
+
+
 def _ranks_resume_their_own_augmenter(rank: int, world_size: int, port: int, path) -> None:
     """Under torchrun each rank's augmenter draws its own images; a resumed rank continues its own."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -174,7 +185,7 @@ def _ranks_resume_their_own_augmenter(rank: int, world_size: int, port: int, pat
     dist_barrier = torch.distributed.barrier
     dist_barrier()
     fresh = {"augment": Augmenter(aug, 7 + rank, torch.device("cpu")), "rng": resume.GlobalRng(torch.device("cpu"))}
-    resume.restore(resume.load(path, "fp", fresh), fresh, world)
+    resume.restore(resume.load(path, "fp", fresh, world.size), fresh, world)
     got = fresh["augment"](x), torch.rand(3)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), f"rank {rank}"
     gathered = distributed.gather_objects(got[0], world)

@@ -194,13 +194,17 @@ def test_validation_recall_is_logged_and_early_stopping_keeps_the_best_epoch(mak
     assert recall_at_1(model, pixels[rows], labels[rows]) == pytest.approx(max(recalls), abs=1e-6)
 
 
-def test_early_stopping_without_validation_classes_is_a_clear_error(make_project):
+@pytest.mark.parametrize("val_fraction, held", [(0.0, 0), (0.25, 1)])
+def test_early_stopping_without_two_validation_classes_is_a_clear_error(make_project, capsys, val_fraction, held):
+    """One validation class: its Recall@1 is 1 in every epoch, and the first epoch would be kept."""
     from tasks.errors import ParamsError
 
-    params = load_params(make_project(FAST | {"train.early_stopping_patience": 2}))
-    synthetic_items(params.paths["items"])
+    params = load_params(make_project(FAST | {"train.early_stopping_patience": 2, "make_batches.val_fraction": val_fraction,
+                                              "make_batches.classes_per_batch": 2}))
+    synthetic_items(params.paths["items"])  # 4 train classes
     make_batches.run(params.make_batches, params.paths)
-    with pytest.raises(ParamsError, match="make_batches.val_fraction"):
+    assert ("holds out 1 of 4 train classes" in capsys.readouterr().err) is (held == 1)
+    with pytest.raises(ParamsError, match=f"at least 2 validation classes, the plan holds out {held}: raise make_batches.val_fraction"):
         train.run(params.train, params.paths)
 
 
@@ -238,3 +242,19 @@ def test_the_curve_keeps_statistics_beyond_the_usual_columns(tmp_path):
     rows = _csv(path)
     assert [r["memory_filled"] for r in rows] == ["128", "256"] and rows[1]["loss"] == "0.4"
     assert rows[0]["mined"] == "nan"  # the usual columns stay, empty where a statistic is not made
+
+
+def test_a_loss_and_miner_with_a_distance_by_name_train(make_project):
+    """``distance: CosineSimilarity`` (a similarity: larger = closer) reaches pml as the object;
+    the mining statistics follow its direction (positives more similar than negatives)."""
+    params = load_params(make_project(FAST | {
+        "make_batches.epochs": 3,
+        "train.loss": {"name": "TripletMarginLoss", "margin": 0.2, "distance": "CosineSimilarity"},
+        "train.miner": {"name": "TripletMarginMiner", "margin": 0.2, "distance": {"name": "CosineSimilarity"}},
+    }))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    train.run(params.train, params.paths)
+    curve = _csv(params.paths["train_curve"])
+    assert float(curve[-1]["loss"]) < float(curve[0]["loss"])
+    assert float(curve[-1]["pos_distance"]) > float(curve[-1]["neg_distance"])  # similarities

@@ -91,6 +91,9 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         if world.main and not stopped and params.freeze_backbone_epochs >= len(plan) > done:
             print(f"train: freeze_backbone_epochs {params.freeze_backbone_epochs} covers all {len(plan)} epochs: "
                   "only the head trains (the backbone keeps its initial weights)", file=sys.stderr)
+        if world.main and not stopped and params.warmup_epochs >= len(plan) > done:
+            print(f"train: warmup_epochs {params.warmup_epochs} covers all {len(plan)} epochs: the learning rate "
+                  f"only rises, the {params.lr_schedule} schedule never starts", file=sys.stderr)
         bar = progress.bar(f"train ({device})", "batch", steps, sum(len(e) for e in plan[:done]), enabled=world.main)
         for epoch in range(done, done if stopped else len(plan)):
             model.trunk.requires_grad_(epoch >= params.freeze_backbone_epochs)

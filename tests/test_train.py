@@ -258,3 +258,14 @@ def test_a_loss_and_miner_with_a_distance_by_name_train(make_project):
     curve = _csv(params.paths["train_curve"])
     assert float(curve[-1]["loss"]) < float(curve[0]["loss"])
     assert float(curve[-1]["pos_distance"]) > float(curve[-1]["neg_distance"])  # similarities
+
+
+def test_a_warm_up_or_a_frozen_backbone_that_covers_every_epoch_is_told(make_project, capsys):
+    params = load_params(make_project(FAST | {"make_batches.epochs": 2, "train.freeze_backbone_epochs": 2,
+                                              "train.warmup_epochs": 3, "train.lr_schedule": "cosine"}))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    train.run(params.train, params.paths)
+    err = capsys.readouterr().err
+    assert "freeze_backbone_epochs 2 covers all 2 epochs: only the head trains" in err
+    assert "warmup_epochs 3 covers all 2 epochs: the learning rate only rises, the cosine schedule never starts" in err

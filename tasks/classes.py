@@ -22,18 +22,17 @@ from tasks.errors import DatasetError
 from tasks.params import IngestParams
 
 
-def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams, shared_ok: bool = False) -> list[str]:
+def split_by_class(labels: list[str], splits: list[str | None], p: IngestParams) -> list[str]:
     """Keep a source's own split; otherwise send a seeded ``test_fraction`` of classes to test
     (at least one class to each side).
 
     A source's split that puts a class on both sides (a manifest's ``split`` column, train_root and
     test_root holding the same class folder) is a DatasetError unless ``p.shared_classes`` is
-    ``allow`` (or ``shared_ok``: a benchmark's official protocol): the test metrics would measure
-    classes seen in training, not the open set."""
+    ``allow``: the test metrics would measure classes seen in training, not the open set."""
     if all(s is not None for s in splits):
         given = [s for s in splits if s is not None]
         shared = sorted(shared_labels(zip(given, labels)))
-        if shared and p.shared_classes == "error" and not shared_ok:
+        if shared and p.shared_classes == "error":
             raise DatasetError(
                 f"the source's split puts {len(shared):,} classes in both train and test "
                 f"(e.g. {', '.join(map(repr, shared[:5]))}): test classes must be unseen in training. "
@@ -101,7 +100,7 @@ def summary(counts: Counter, rejected: list[sources.Rejected], rotations: int) -
         # Kept: a test singleton is a gallery distractor (and a query with no positive, which
         # evaluation must allow); in train, make_batches.small_classes decides.
         "single_image_classes": sum(1 for n in counts.values() if n == 1),
-        # Non-zero only with ingest.shared_classes: allow or GLDv2 (test metrics then include seen classes).
+        # Non-zero only with ingest.shared_classes: allow (test metrics then include seen classes).
         "classes_in_both_splits": len(shared_labels(counts)),
         # Included in the train counts above: each train image has one copy per angle.
         "rotated_copies": sum(n for (s, _), n in counts.items() if s == C.TRAIN) * rotations // (rotations + 1),

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tasks import contracts as C
-from tasks import classes, decoding, layouts, progress, scan, sources
+from tasks import classes, decoding, progress, scan, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
@@ -115,8 +115,7 @@ def run(params: IngestParams, paths: Paths) -> dict:
     if clash is not None:
         raise DatasetError(f"label {clash!r} looks like a rotated copy's; with ingest.train_rotations, "
                            f"no source label may end in {C.ROTATED}90/180/270")
-    splits = classes.split_by_class([r.label for r in kept], [r.split for r in kept], params,
-                                    shared_ok=params.source.kind in layouts.SHARES_CLASSES)
+    splits = classes.split_by_class([r.label for r in kept], [r.split for r in kept], params)
     try:
         classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
     except DatasetError as err:

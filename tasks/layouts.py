@@ -10,8 +10,9 @@ omniglot        images_background.zip, images_evaluation.zip background = train,
                 (or the unpacked folders)                    (label = alphabet/character)
 cub200          images.txt, image_class_labels.txt, images/  classes 1–100 train, 101–200 test
 cars196         cars_annos.mat, car_ims/                     classes 1–98 train, 99–196 test
-sop             Ebay_train.txt, Ebay_test.txt                the two lists; label = class_id
-inshop          [Eval/]list_eval_partition.txt, img/         train / query / gallery: query and gallery
+sop             [Stanford_Online_Products/]Ebay_train.txt,   the two lists; label = class_id
+                Ebay_test.txt
+inshop          [Eval/]list_eval_partition.txt, [Img/]img/   train / query / gallery: query and gallery
                                                              are separate sets (label = item_id)
 gldv2           train.csv, index.csv, test.csv,              train = train; index = gallery; test =
                 retrieval_solution*.csv, {split}/a/b/c/*.jpg queries, labelled from the solution
@@ -41,9 +42,6 @@ from tasks.sources import Record, Rejected, file_record, image_folder, pixel_id
 
 Item = Record | Rejected
 NO_LANDMARK = "__no_landmark__"  # GLDv2 queries whose landmark is in no gallery image
-# Benchmarks whose official protocol may put a class in train and test: GLDv2's index landmarks
-# share train.csv's landmark ids (ingest counts them, as ``classes_in_both_splits``, and goes on).
-SHARES_CLASSES = frozenset({"gldv2"})
 
 
 def omniglot(root: Path) -> Iterator[Item]:
@@ -103,7 +101,10 @@ def cars196(root: Path) -> Iterator[Item]:
 
     mat_path = root / "cars_annos.mat"
     if not mat_path.is_file():
-        raise DatasetError(f"{mat_path}: missing (is the dataset's root right?)")
+        devkit = (root / "devkit" / "cars_train_annos.mat").is_file() or (root / "cars_train").is_dir()
+        raise DatasetError(f"{mat_path}: missing (is the dataset's root right?)" + (
+            "; this looks like the devkit layout (cars_train/, devkit/*.mat), which is not read: use "
+            "cars_annos.mat + car_ims/ from the full-dataset archive, or a manifest" if devkit else ""))
     try:
         annos = loadmat(mat_path, squeeze_me=True)["annotations"]
         rows = [(str(a["relative_im_path"]), int(a["class"])) for a in np.atleast_1d(annos)]
@@ -114,6 +115,8 @@ def cars196(root: Path) -> Iterator[Item]:
 
 
 def sop(root: Path) -> Iterator[Item]:
+    if not (root / "Ebay_train.txt").exists() and (root / "Stanford_Online_Products" / "Ebay_train.txt").exists():
+        root = root / "Stanford_Online_Products"  # the archive's own top folder
     for name, split in (("Ebay_train.txt", "train"), ("Ebay_test.txt", "test")):
         for n, f in _lines(root / name, skip=1):  # header: image_id class_id super_class_id path
             _, class_id, _, rel = _fields(root / name, n, f, 4)[:4]
@@ -123,13 +126,16 @@ def sop(root: Path) -> Iterator[Item]:
 def inshop(root: Path) -> Iterator[Item]:
     path = root / "list_eval_partition.txt"
     if not path.exists() and (root / "Eval" / path.name).exists():
-        path = root / "Eval" / path.name  # the official download keeps it in Eval/, images in img/
+        path = root / "Eval" / path.name  # the official download keeps it in Eval/
+    # The list's paths (img/WOMEN/...) are relative to Img/ in the official download (Img/img.zip
+    # unpacks to Img/img/), or to the root when img/ sits there.
+    images = root / "Img" if not (root / "img").is_dir() and (root / "Img" / "img").is_dir() else root
     for n, f in _lines(path, skip=2):  # a count, then: image_name item_id evaluation_status
         rel, item, status = _fields(path, n, f, 3)[:3]
         if status == "train":
-            yield file_record(root / rel, rel, item, "train")
+            yield file_record(images / rel, rel, item, "train")
         elif status in ("query", "gallery"):
-            yield file_record(root / rel, rel, item, "test", status == "query", status == "gallery")
+            yield file_record(images / rel, rel, item, "test", status == "query", status == "gallery")
         else:
             yield Rejected(rel, f"evaluation_status {status!r} is not train, query or gallery", "bad row")
 
@@ -183,7 +189,10 @@ def gldv2(root: Path) -> Iterator[Item]:
 
     def gallery_label(image_id: str) -> str:
         if landmark is not None:
-            return landmark.get(image_id, f"index/{image_id}")
+            # The index's landmark ids are not train.csv's (GLDv2 README, "Download index set":
+            # "the integer landmark id's mentioned here are different from the ones in the train
+            # set"): a namespace of their own, or index landmark 7 would merge with train's 7.
+            return f"index-landmark/{landmark[image_id]}" if image_id in landmark else f"index/{image_id}"
         return f"group/{find(image_id)}" if image_id in parent else f"index/{image_id}"
 
     for row in _csv(root / "train.csv", ("id", "landmark_id")):

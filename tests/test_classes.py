@@ -29,7 +29,6 @@ def test_a_sources_split_sharing_classes_is_refused_unless_allowed():
     with pytest.raises(DatasetError, match=r"puts 2 classes in both train and test \(e.g. 'a', 'b'\).*shared_classes: allow"):
         split_by_class(labels, splits, _ingest())
     assert split_by_class(labels, splits, _ingest(shared_classes="allow")) == splits
-    assert split_by_class(labels, splits, _ingest(), shared_ok=True) == splits  # GLDv2's protocol
     counts = Counter(zip(splits, labels))
     assert summary(counts, [], 0)["classes_in_both_splits"] == 2
 

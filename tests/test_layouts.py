@@ -163,20 +163,30 @@ def test_cars196_without_annotations(tmp_path):
     (tmp_path / "cars_annos.mat").write_bytes(b"not a MATLAB file at all" * 10)
     with pytest.raises(DatasetError, match="cars_annos.mat: no readable annotations"):
         list(layouts.cars196(tmp_path))
+    (tmp_path / "cars_annos.mat").unlink()
+    with pytest.raises(DatasetError, match=r"cars_annos.mat: missing \(is the dataset's root right\?\)$"):
+        list(layouts.cars196(tmp_path))
+    (tmp_path / "cars_train").mkdir()  # the devkit layout the torchvision mirrors ship
+    with pytest.raises(DatasetError, match="looks like the devkit layout.*not read"):
+        list(layouts.cars196(tmp_path))
 
 
 # ------------------------------------------------------------------------- Stanford Online Products
 
 
-def test_sop_train_and_test_lists(tmp_path):
+@pytest.mark.parametrize("top", ["", "Stanford_Online_Products"])
+def test_sop_train_and_test_lists(tmp_path, top):
+    """root is the dataset's folder, or the folder the official zip was unpacked into (it holds
+    Stanford_Online_Products/)."""
+    data = tmp_path / top
     for name, classes in (("Ebay_train.txt", (1, 2)), ("Ebay_test.txt", (11319, 11320))):
         lines = ["image_id class_id super_class_id path"]
         for cls in classes:
             for i in range(2):
                 rel = f"bicycle_final/{cls}_{i}.JPG"
-                put(tmp_path, rel, jpg(cls * 10 + i))
+                put(data, rel, jpg(cls * 10 + i))
                 lines.append(f"{len(lines)} {cls} 1 {rel}")
-        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        (data / name).write_text("\n".join(lines) + "\n")
     got = Counter((r.split, r.label) for r in records(layouts.sop(tmp_path)))
     assert got == {("train", "1"): 2, ("train", "2"): 2, ("test", "11319"): 2, ("test", "11320"): 2}
 
@@ -184,7 +194,10 @@ def test_sop_train_and_test_lists(tmp_path):
 # ---------------------------------------------------------------------------------- In-shop Clothes
 
 
-def test_inshop_separate_query_and_gallery(make_project):
+@pytest.mark.parametrize("official", [False, True])
+def test_inshop_separate_query_and_gallery(make_project, official):
+    """Flat (list and img/ in root), or as the official download unpacks: Eval/ holds the list,
+    Img/img/ the images, the list's paths relative to Img/."""
     path = project(make_project, "inshop")
     root = path.parent / "ds"
     rows = []
@@ -192,10 +205,12 @@ def test_inshop_separate_query_and_gallery(make_project):
         status = ["train"] * 5 if item <= 3 else ["query", "gallery", "gallery"]
         for i, st in enumerate(status):
             rel = f"img/WOMEN/Dresses/id_{item:08d}/{i:02d}_front.jpg"
-            put(root, rel, jpg(item * 100 + i))
+            put(root / "Img" if official else root, rel, jpg(item * 100 + i))
             rows.append(f"{rel} id_{item:08d} {st}")
     rows.append("img/x.jpg id_9 validation")
-    (root / "list_eval_partition.txt").write_text(f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows))
+    (root / "Eval").mkdir()
+    (root / ("Eval" if official else "") / "list_eval_partition.txt").write_text(
+        f"{len(rows)}\nimage_name item_id evaluation_status\n" + "\n".join(rows))
     summary, items, quarantine = run(path)
     test = [r for r in items if r["split"] == "test"]
     assert Counter((r["is_query"], r["is_gallery"]) for r in test) == {(True, False): 3, (False, True): 6}
@@ -245,19 +260,20 @@ def test_gldv2_retrieval_protocol(tmp_path, with_mapping):
     assert recs["c003"].label == layouts.NO_LANDMARK and layouts.NO_LANDMARK not in gallery_labels
     assert recs["b005"].label not in {recs["c001"].label, recs["c002"].label}
     if with_mapping:
-        assert recs["c001"].label == "50"
+        assert recs["c001"].label == "index-landmark/50"
 
 
-def test_gldv2_index_landmarks_seen_in_training_are_its_protocol(make_project):
-    """GLDv2's index landmarks share train.csv's ids: ingest keeps the official split (not the
-    error a user's own split gets) and counts the shared classes."""
+def test_gldv2_index_landmark_ids_are_not_train_landmark_ids(make_project):
+    """The index's landmark ids are another numbering than train.csv's (GLDv2 README): index
+    landmark 7 is not train landmark 7, so no class is in both splits."""
     path = project(make_project, "gldv2")
     _gld(path.parent / "ds", with_mapping=True)
     mapping = path.parent / "ds" / "index_image_to_landmark.csv"
-    mapping.write_text(mapping.read_text().replace(",50\n", ",7\n"))  # train.csv has landmark 7
+    mapping.write_text(mapping.read_text().replace(",50\n", ",7\n"))  # train.csv has landmark 7 too
     summary, items, _ = run(path)
-    assert summary["classes_in_both_splits"] == 1
-    assert {r["split"] for r in items if r["label"] == "7"} == {"train", "test"}
+    assert summary["classes_in_both_splits"] == 0
+    assert {r["split"] for r in items if r["label"] == "7"} == {"train"}
+    assert {r["split"] for r in items if r["label"] == "index-landmark/7"} == {"test"}
 
 
 def test_gldv2_needs_its_solution(tmp_path):

@@ -9,7 +9,8 @@ kind            files under root                             protocol
 omniglot        images_background.zip, images_evaluation.zip background = train, evaluation = test
                 (or the unpacked folders)                    (label = alphabet/character)
 cub200          images.txt, image_class_labels.txt, images/  classes 1–100 train, 101–200 test
-cars196         cars_annos.mat, car_ims/                     classes 1–98 train, 99–196 test
+cars196         cars_annos.mat, car_ims/ (or the devkit's       classes 1–98 train, 99–196 test
+                cars_{train,test}/ + their annotation .mat)
 sop             [Stanford_Online_Products/]Ebay_train.txt,   the two lists; label = class_id
                 Ebay_test.txt
 inshop          [Eval/]list_eval_partition.txt, [Img/]img/   train / query / gallery: query and gallery
@@ -95,23 +96,38 @@ def cub200(root: Path) -> Iterator[Item]:
 
 
 def cars196(root: Path) -> Iterator[Item]:
-    """cars_annos.mat (MATLAB, read with scipy.io): ``annotations`` with relative_im_path and class."""
+    """cars_annos.mat (the full-dataset archive: relative_im_path, class for all 16,185 images), or
+    the devkit layout the mirrors ship (torchvision's: cars_train/ + devkit/cars_train_annos.mat,
+    cars_test/ + cars_test_annos_withlabels.mat; fname, class), pooled: the metric-learning split
+    is by class, not the classification train/test. Read with scipy.io."""
+    if not (root / "cars_annos.mat").exists() and (root / "stanford_cars").is_dir():
+        root = root / "stanford_cars"  # torchvision's folder
+    mat_path, devkit = root / "cars_annos.mat", root / "devkit"
+    if mat_path.is_file():
+        rows = _mat_rows(mat_path, "relative_im_path", "")
+    elif (devkit / "cars_train_annos.mat").is_file():
+        test = [p for p in (root / "cars_test_annos_withlabels.mat", devkit / "cars_test_annos_withlabels.mat") if p.is_file()]
+        if not test:
+            raise DatasetError(f"{root}: the devkit layout needs cars_test_annos_withlabels.mat (the test labels, "
+                               "published apart from the devkit) in it or in devkit/")
+        rows = _mat_rows(devkit / "cars_train_annos.mat", "fname", "cars_train/") + _mat_rows(test[0], "fname", "cars_test/")
+    else:
+        raise DatasetError(f"{mat_path}: missing (is the dataset's root right?), and no devkit layout "
+                           "(devkit/cars_train_annos.mat) either")
+    for rel, cls in rows:
+        yield file_record(root / rel, rel, f"{cls:03d}", _split_by_class_id(cls, 98))
+
+
+def _mat_rows(path: Path, name_field: str, prefix: str) -> list[tuple[str, int]]:
+    """(prefix + image path, class) of a Cars196 annotations .mat file."""
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
-    mat_path = root / "cars_annos.mat"
-    if not mat_path.is_file():
-        devkit = (root / "devkit" / "cars_train_annos.mat").is_file() or (root / "cars_train").is_dir()
-        raise DatasetError(f"{mat_path}: missing (is the dataset's root right?)" + (
-            "; this looks like the devkit layout (cars_train/, devkit/*.mat), which is not read: use "
-            "cars_annos.mat + car_ims/ from the full-dataset archive, or a manifest" if devkit else ""))
     try:
-        annos = loadmat(mat_path, squeeze_me=True)["annotations"]
-        rows = [(str(a["relative_im_path"]), int(a["class"])) for a in np.atleast_1d(annos)]
+        annos = loadmat(path, squeeze_me=True)["annotations"]
+        return [(prefix + str(a[name_field]), int(a["class"])) for a in np.atleast_1d(annos)]
     except (KeyError, ValueError, TypeError, OSError, MatReadError) as err:
-        raise DatasetError(f"{mat_path}: no readable annotations (relative_im_path, class): {err}") from None
-    for rel, cls in rows:
-        yield file_record(root / rel, rel, f"{cls:03d}", _split_by_class_id(cls, 98))
+        raise DatasetError(f"{path}: no readable annotations ({name_field}, class): {err}") from None
 
 
 def sop(root: Path) -> Iterator[Item]:

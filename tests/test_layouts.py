@@ -164,10 +164,31 @@ def test_cars196_without_annotations(tmp_path):
     with pytest.raises(DatasetError, match="cars_annos.mat: no readable annotations"):
         list(layouts.cars196(tmp_path))
     (tmp_path / "cars_annos.mat").unlink()
-    with pytest.raises(DatasetError, match=r"cars_annos.mat: missing \(is the dataset's root right\?\)$"):
+    with pytest.raises(DatasetError, match=r"cars_annos.mat: missing .*no devkit layout"):
         list(layouts.cars196(tmp_path))
-    (tmp_path / "cars_train").mkdir()  # the devkit layout the torchvision mirrors ship
-    with pytest.raises(DatasetError, match="looks like the devkit layout.*not read"):
+
+
+@pytest.mark.parametrize("top", ["", "stanford_cars"])
+def test_cars196_devkit_layout_pooled_and_split_by_class(tmp_path, top):
+    """The layout torchvision's StanfordCars reads (the mirrors ship it): train and test
+    annotations pooled, then the metric-learning split by class."""
+    from scipy.io import savemat
+
+    root = tmp_path / top
+    dtype = [(k, object) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")]
+    for part, mat, classes in (("cars_train", "devkit/cars_train_annos.mat", [1, 99, 196]),
+                               ("cars_test", "cars_test_annos_withlabels.mat", [1, 98, 99])):
+        rows = []
+        for n, cls in enumerate(classes, start=1):
+            put(root, f"{part}/{n:05d}.jpg", jpg(cls * 10 + n + len(part)))
+            rows.append((1, 2, 3, 4, cls, f"{n:05d}.jpg"))
+        (root / mat).parent.mkdir(parents=True, exist_ok=True)
+        savemat(root / mat, {"annotations": np.array(rows, dtype=dtype)})
+    got = Counter((r.split, r.label, r.source.split("/")[0]) for r in records(layouts.cars196(tmp_path)))
+    assert got == {("train", "001", "cars_train"): 1, ("train", "001", "cars_test"): 1, ("train", "098", "cars_test"): 1,
+                   ("test", "099", "cars_train"): 1, ("test", "099", "cars_test"): 1, ("test", "196", "cars_train"): 1}
+    (root / "cars_test_annos_withlabels.mat").unlink()
+    with pytest.raises(DatasetError, match="needs cars_test_annos_withlabels.mat"):
         list(layouts.cars196(tmp_path))
 
 

@@ -51,11 +51,13 @@ def _as_task(module, retries: int, timeout_h: float, persist: bool = False):
     stages whose failures can be transient (file systems, network storage), not for training.
     Timeouts are generous: they catch a hung stage (a stale network mount), not a long run.
     ``persist``: keep the result in Prefect's result storage (the metrics, readable from the API
-    after the run)."""
+    after the run). Under a key of its own, one per task run: Prefect writes a result under its
+    cache key, and ``cache_policy=NONE`` gives none — the result was silently not kept."""
     name = module.__name__.rsplit(".", 1)[-1]
+    keep = {"result_storage_key": f"tripletflow-{name}-{{task_run.id}}"} if persist else {"cache_policy": NONE}
     return task(
-        module.run, name=name, retries=retries, retry_delay_seconds=2, cache_policy=NONE,
-        retry_condition_fn=is_transient, timeout_seconds=timeout_h * HOUR, persist_result=persist,
+        module.run, name=name, retries=retries, retry_delay_seconds=2, retry_condition_fn=is_transient,
+        timeout_seconds=timeout_h * HOUR, persist_result=persist, **keep,
     )
 
 
@@ -105,8 +107,8 @@ def pipeline(
             export_task(params.export_embeddings, paths)
             index_task(params.build_index, paths)
             metrics = evaluate_task(params.evaluate, paths)
-        except BaseException:
-            tracking.finish_pipeline_run(root, run_id, "FAILED")
+        except BaseException as err:
+            tracking.finish_pipeline_run(root, run_id, tracking.ended_by(err))
             raise
         logger.info("metrics: %s", json.dumps(metrics))
         if "model_alias" in metrics:

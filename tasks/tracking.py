@@ -229,8 +229,8 @@ def stage_run(
 
     The parent is ``parent_run_id`` or, for the stages after train, the run recorded in
     ``paths.run_info``. The stage's params (``<stage>.<key>``) go to both runs; the child ends
-    FINISHED, or FAILED — and then the parent too — if the stage raised; its duration is logged as
-    a metric on both.
+    FINISHED, or FAILED (KILLED when stopped from outside, :func:`ended_by`) — and then the
+    parent too — if the stage raised; its duration is logged as a metric on both.
     """
     root = Path(paths.root)
     parent_run_id = parent_run_id or parent_from_run_info(root, paths["run_info"])
@@ -246,10 +246,21 @@ def stage_run(
     try:
         yield child, parent
         status = "FINISHED"
+    except BaseException as err:
+        status = ended_by(err)
+        raise
     finally:
         seconds = time.perf_counter() - start
         child.metrics({"stage_seconds": seconds})
         parent.metrics({f"{stage}.seconds": seconds})
         child.client.set_terminated(child.run_id, status)
-        if status == "FAILED":
-            parent.client.set_terminated(parent.run_id, "FAILED")
+        if status != "FINISHED":
+            parent.client.set_terminated(parent.run_id, status)
+
+
+def ended_by(err: BaseException) -> str:
+    """The MLflow status of a run that ``err`` ended: KILLED when it was stopped from outside —
+    Ctrl-C or SIGTERM (KeyboardInterrupt), a cancelled Prefect run (its TerminationSignal), an
+    exit: none of them is an ``Exception`` — and FAILED for an error, so failure counts in MLflow
+    do not include cancellations."""
+    return "FAILED" if isinstance(err, Exception) else "KILLED"

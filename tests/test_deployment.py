@@ -92,7 +92,7 @@ def _cli(args: list[str], env: dict, cwd: Path, timeout: int = 120) -> str:
 def test_prefect_yaml_deploys_a_nightly_schedule_that_a_process_worker_runs(server, tmp_path):
     env, api = server
     root = _project(tmp_path)
-    _cli(["work-pool", "create", "tripletflow", "--type", "process"], env, root)
+    _cli(["work-pool", "create", "tripletflow", "--type", "process", "--overwrite"], env, root)
     _cli(["--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all"], env | {"TRIPLETFLOW_ROOT": str(root)}, root)
 
     dep = api("/deployments/name/tripletflow/nightly-retrain")
@@ -139,3 +139,17 @@ def test_serve_registers_a_scheduled_deployment_with_validated_overrides(server,
         assert dep["parameters"] == {"params_file": str(root / "params.yaml"), "overrides": {"make_batches.epochs": 1}}
     finally:
         _stop(proc)
+
+
+def test_serve_does_not_take_over_the_work_pool_deployment_of_the_same_name(server, tmp_path):
+    """Serving tripletflow/nightly-retrain would drop its work pool and pull steps (and pause it
+    when serving stops): refused, naming the pool; the default name is another one."""
+    env, api = server
+    root = _project(tmp_path)
+    _cli(["work-pool", "create", "tripletflow", "--type", "process", "--overwrite"], env, root)
+    _cli(["--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all"], env | {"TRIPLETFLOW_ROOT": str(root)}, root)
+    out = subprocess.run([sys.executable, "-m", "flows.serve", "--name", "nightly-retrain"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "runs on work pool 'tripletflow'" in out.stderr, out.stderr[-2000:]
+    dep = api("/deployments/name/tripletflow/nightly-retrain")
+    assert dep["work_pool_name"] == "tripletflow" and dep["pull_steps"] and not dep["paused"]

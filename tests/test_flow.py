@@ -63,6 +63,16 @@ def test_flow_runs_every_stage_and_logs_one_mlflow_run(make_project):
     assert any(m.startswith("train (cpu): 100% (") and "loss=" in m for m in messages), messages
     assert any(m.startswith("ingest: decode: 100% (") for m in messages), messages
 
+    # The evaluate result is kept in Prefect's result storage, readable after the run.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[UUID(run.data.tags["prefect.flow_run_id"])])))
+    evaluated = [t for t in task_runs if t.name.startswith("evaluate")]
+    assert len(evaluated) == 1
+    assert evaluated[0].state.result()["map_at_r"] == pytest.approx(result["metrics"]["map_at_r"])
+
 
 def test_report_artifact_has_the_metrics_and_the_mlflow_run(make_project):
     root = make_project(FAST).parent

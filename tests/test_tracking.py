@@ -57,6 +57,23 @@ def test_a_failing_stage_marks_its_run_failed(tmp_path):
     assert client.get_run(client.get_run(child.run_id).data.tags[tracking.PARENT_TAG]).info.status == "FAILED"
 
 
+def test_a_stage_stopped_from_outside_marks_its_runs_killed_not_failed(tmp_path):
+    """Ctrl-C, SIGTERM (KeyboardInterrupt in a stage) or a cancelled Prefect run (its
+    TerminationSignal, a BaseException): KILLED, so MLflow's failures are failures."""
+    from prefect.exceptions import TerminationSignal
+
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    for stop in (KeyboardInterrupt(), TerminationSignal(15)):
+        parent_id = tracking.start_pipeline_run(tmp_path, "exp")
+        try:
+            with tracking.stage_run(_paths(tmp_path), "build_index", _index_params(), parent_id) as (child, _):
+                raise stop
+        except BaseException:
+            pass
+        assert client.get_run(child.run_id).info.status == "KILLED"
+        assert client.get_run(parent_id).info.status == "KILLED"
+
+
 def test_a_changed_param_is_kept_as_a_tag(tmp_path):
     run_id = tracking.start_pipeline_run(tmp_path, "exp")
     t = tracking.Tracker(tmp_path, run_id)

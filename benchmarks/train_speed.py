@@ -13,8 +13,8 @@ On a CPU, ours and the limit run with glibc keeping freed memory (``tasks.cpu_me
 reference without it unless ``--reference-keeps-memory``.
 Prints one JSON line per figure (img/s and the ratios; on CUDA each phase's own peak GPU memory).
 The limits run ``--limit-rounds`` times, interleaved, and each keeps its best: the objective's
-share of a step is a difference of two timings, and one window each on a shared machine could
-make it negative.
+share of a step is a difference of two timings, and one window each on a shared machine made it
+negative at times (rounds lower that noise; too few ``--steps`` still measure nothing).
 
     python benchmarks/train_speed.py [--data ../shared/datasets/omniglot] [--image-size 28] [--device auto]
                                      [--compile [true] [reduce-overhead]]
@@ -154,6 +154,13 @@ def epoch_figures(epochs: list[float]) -> dict:
             "includes_warmup": len(epochs) < 2}
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=omniglot_recipe.DEFAULT_DATA)
@@ -163,7 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps of the reference and the limit")
     parser.add_argument("--epochs", type=int, default=2,
                         help="epochs of our stage (each timed; figures: the mean after the first, which pays warm-up)")
-    parser.add_argument("--limit-rounds", type=int, default=2, help="interleaved runs of each eager limit (best kept)")
+    parser.add_argument("--limit-rounds", type=positive, default=2, help="interleaved runs of each eager limit (best kept)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reference-keeps-memory", action="store_true",

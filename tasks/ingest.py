@@ -87,13 +87,14 @@ def _duplicate(rec: sources.Record, kept: sources.Record) -> str:
     """Why ``rec`` is dropped for ``kept`` (the same bytes), with the labels when they disagree:
     one image under two labels is a labelling error the user will want to find."""
     why = "listed twice" if rec.source == kept.source else f"duplicate of {kept.source}"
-    if rec.label != kept.label:
-        return why + f" (labelled {kept.label!r} there, {rec.label!r} here)"
+    notes = [f"labelled {kept.label!r} there, {rec.label!r} here"] if rec.label != kept.label else []
     # A source's own protocol (a manifest's is_query / is_gallery): the kept row carries only its
     # own roles (it may be written already), so say which role of this copy evaluation loses.
     lost = [role for role, here, there in (("query", rec.query, kept.query), ("gallery item", rec.gallery, kept.gallery))
             if here and there is False]
-    return why + (f" (a {' and a '.join(lost)} here, not there: evaluation has one {' and one '.join(lost)} fewer)" if lost else "")
+    if lost:
+        notes.append(f"a {' and a '.join(lost)} here, not there: evaluation has one {' and one '.join(lost)} fewer")
+    return why + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _category(reason: str) -> str:

@@ -37,11 +37,11 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     rotated = bool(meta.get("params", {}).get("train_rotations"))
     groups, group_of = np.unique([C.unrotated(n) if rotated else n for n in all_names], return_inverse=True)
     n_val = round(len(groups) * params.val_fraction)
-    if n_val == 1:
-        print(f"make_batches: warning: val_fraction {params.val_fraction} holds out 1 of {len(groups)} train classes: "
-              "validation Recall@1 within one class is always 1 (train's early stopping refuses it)", file=sys.stderr)
     held = np.random.default_rng([params.seed, 2]).choice(len(groups), size=n_val, replace=False)
     val = set(np.flatnonzero(np.isin(group_of, held)).tolist())
+    if len(val) == 1:  # classes, as train counts them (a group with rotated copies is several)
+        print(f"make_batches: warning: val_fraction {params.val_fraction} holds out 1 of {len(all_names)} train classes: "
+              "validation Recall@1 within one class is always 1 (train's early stopping refuses it)", file=sys.stderr)
     kept = [c for c in range(len(all_names)) if c not in val]
     members = [np.flatnonzero(codes == c) for c in kept]
     names = all_names[kept]

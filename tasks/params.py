@@ -159,10 +159,14 @@ NESTED = {
     "embedding_regularizer": "pytorch_metric_learning.regularizers",
     "weight_regularizer": "pytorch_metric_learning.regularizers",
 }
-# pml arguments that take code or objects train composes (a cross-batch memory's loss and miner).
-NOT_IN_PARAMS = frozenset({"loss", "miner", "losses", "miners", "weight_init_func"})
-# Counts with no default to tell their type (pml fills some from the data: leave them out).
-INTEGER_ARGS = frozenset({"num_classes", "embedding_size", "descriptors_dim", "n_bins"})
+# pml arguments that take code, or objects train composes (a cross-batch memory's loss and miner);
+# also any whose default is a function (PerAnchorReducer's aggregation_func).
+NOT_IN_PARAMS = frozenset({"loss", "miner", "losses", "miners", "weight_init_func", "aggregation_func", "iter_fn",
+                           "reducers", "default_reducer"})
+# Counts: whole numbers, whatever the default shows (None, or an int where a float is fine for
+# other arguments); pml fills num_classes and embedding_size from the data: leave them out.
+INTEGER_ARGS = frozenset({"num_classes", "embedding_size", "descriptors_dim", "n_bins", "num_bins", "pos_per_bin",
+                          "neg_per_bin", "centers_per_class", "sub_centers", "K", "batch_size", "memory_size"})
 
 
 class Component(BaseModel):
@@ -215,7 +219,7 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
         if kw in NESTED:
             errors += _nested_errors(value, NESTED[kw], f"{key}.{kw}")
             continue
-        if kw in NOT_IN_PARAMS:
+        if kw in NOT_IN_PARAMS or (callable(defaults.get(kw)) and not isinstance(defaults.get(kw), type)):
             errors.append(f"{key}.{kw}: takes a Python object, which params cannot give (leave it out)")
             continue
         if kw in INTEGER_ARGS:
@@ -476,12 +480,13 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
     # Classes chosen by name are checked once the types are right, so the message can name the
     # exact key (train.loss.margn), which a pydantic validator on `train` could not.
     t = params.train
+    miner_errors = _check_component(t.miner, "pytorch_metric_learning.miners", "train.miner")
     errors = (
         _check_component(t.loss, "pytorch_metric_learning.losses", "train.loss")
-        + _check_component(t.miner, "pytorch_metric_learning.miners", "train.miner")
+        + miner_errors
         + _check_component(t.optimizer, "torch.optim", "train.optimizer")
     )
-    errors += _choice_errors(t.miner, "train.miner") + _cross_section_errors(params)
+    errors += _choice_errors(t.miner, "train.miner", build=not miner_errors) + _cross_section_errors(params)
     errors += [] if errors else _objective_errors(t)
     errors += [] if errors else _optimizer_errors(t.optimizer, "train.optimizer")
     if errors:
@@ -494,9 +499,10 @@ def parse_params(raw: Any, root: Path, origin: str = "params") -> Params:
 _CHOICES = {("TripletMarginMiner", "type_of_triplets"): ("all", "hard", "semihard", "easy")}
 
 
-def _choice_errors(spec: Component | None, key: str) -> list[str]:
+def _choice_errors(spec: Component | None, key: str, build: bool = True) -> list[str]:
     """Word-valued arguments, then the miner's own checks (pml's constructors validate some
-    arguments — BatchEasyHardMiner's strategies and their combinations — when train builds it)."""
+    arguments — BatchEasyHardMiner's strategies and their combinations — when train builds it);
+    ``build`` False: its name or arguments are wrong (said already), so it is not built."""
     if spec is None:
         return []
     errors = [
@@ -508,9 +514,7 @@ def _choice_errors(spec: Component | None, key: str) -> list[str]:
         from pytorch_metric_learning import miners
 
         cls = getattr(miners, spec.name, None)  # an unknown name: _check_component has said so
-        # cheap: a miner holds no weights. Not when its name or arguments are wrong: said already.
-        clean = cls is not None and not _check_component(spec, "pytorch_metric_learning.miners", key)
-        errors = _construct_errors(cls, spec, key) if clean else []
+        errors = _construct_errors(cls, spec, key) if build and cls is not None else []  # cheap: no weights
     return errors
 
 

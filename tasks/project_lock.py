@@ -66,7 +66,8 @@ def hold(root: Path, what: str) -> Iterator[None]:
             running = _dvc_stage_commands(dvc_lock.parent / "rwlock")
             if running:
                 raise ProjectBusyError(
-                    f"DVC is running a stage in this project ({running[0]}, per .dvc/tmp/rwlock): wait for it to end, or run in a copy"
+                    f"DVC is running a stage in this project ({running[0]}, per {dvc_lock.parent / 'rwlock'}): "
+                    "wait for it to end, or run in a copy"
                 )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {what}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -100,8 +101,8 @@ def _dvc_lock(root: Path) -> Path | None:
 
 
 def _dvc_stage_commands(rwlock: Path) -> list[str]:
-    """The commands of live processes in DVC's ``rwlock`` file (``{"write"|"read": {path: info or
-    [info]}}``, info ``{"pid", "cmd"}``): a stage DVC is running. DVC edits the file only while
+    """The commands of live DVC processes in DVC's ``rwlock`` file (``{"write"|"read": {path: info
+    or [info]}}``, info ``{"pid", "cmd"}``): a stage DVC is running. DVC edits the file only while
     holding its repository lock, which the caller holds, so it is read whole. Entries of dead
     processes (a killed ``dvc repro``) are ignored, as DVC itself does."""
     try:
@@ -110,16 +111,40 @@ def _dvc_stage_commands(rwlock: Path) -> list[str]:
         return []  # none, or not ours to judge: DVC reports a corrupt file itself
     infos = [i for mode in ("write", "read") for v in (table.get(mode) or {}).values()
              for i in (v if isinstance(v, list) else [v])]
-    return [str(i.get("cmd")) for i in infos if isinstance(i, dict) and _alive(i.get("pid"))]
+    return [f"{i.get('cmd')}, pid {i['pid']}" for i in infos if isinstance(i, dict) and _dvc_process(i.get("pid"))]
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+def _dvc_process(pid: object) -> bool:
+    """``pid`` is a live DVC process, not this one nor an ancestor of it. A killed ``dvc repro``
+    leaves its pid in the file, and the number may since belong to anything (small pids come round
+    again soon in a container): so the process must also be DVC's (``/proc``'s command line), or
+    on a system without /proc, at least alive."""
+    if not isinstance(pid, int) or pid <= 0 or pid in _ancestors():
         return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # someone else's process: alive
+        return True
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
+        cmdline = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False  # gone
+    return any(Path(arg.decode(errors="replace")).name.startswith("dvc") for arg in cmdline.split(b"\0")[:3])
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents (Linux /proc; only this one elsewhere)."""
+    out, pid = {os.getpid()}, os.getppid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out

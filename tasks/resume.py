@@ -110,9 +110,9 @@ def load(path: Path, fp: str, names: Iterable[str], world_size: int = 1) -> dict
     if set(state.get("states", {})) != set(names):
         print(f"train: {path} was saved by another version of tripletflow; starting afresh")
         return None
-    if state.get("world_size") != world_size:
-        print(f"train: {path} was saved by {state.get('world_size', 'an unknown number of')} process(es), "
-              f"this run has {world_size}; starting afresh")
+    saved_by = state.get("world_size", 1)  # states from before it was recorded: one process could resume them
+    if saved_by != world_size:
+        print(f"train: {path} was saved by {saved_by} process(es), this run has {world_size}; starting afresh")
         return None
     print(f"train: resuming after epoch {state['epochs_done']} from {path}")
     return state

@@ -502,6 +502,8 @@ def test_manifest_with_official_query_gallery_protocol(make_project):
     rows.append(["tr/0/9.png", "t0", "train", "false", "false"])  # no such file
     (data / "te" / "2" / "copy.png").write_bytes((data / "te/2/0.png").read_bytes())  # the query's bytes
     rows.append(["te/2/copy.png", "q2", "test", "false", "true"])  # ... as a gallery item: the role is lost
+    (data / "te" / "1" / "copy.png").write_bytes((data / "te/1/0.png").read_bytes())
+    rows.append(["te/1/copy.png", "q9", "test", "false", "true"])  # another label too: both said
     with open(data / "list.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
 
@@ -510,10 +512,12 @@ def test_manifest_with_official_query_gallery_protocol(make_project):
     flags = {s: (q, g) for s, q, g in zip(*(items[c].to_pylist() for c in (C.SOURCE, C.IS_QUERY, C.IS_GALLERY)))}
     assert flags["te/1/0.png"] == (True, False) and flags["te/1/2.png"] == (False, True)
     assert flags["tr/3/1.png"] == (False, False)
-    assert summary["skipped_by_reason"] == {"outside root": 1, "missing": 1, "duplicate": 1}
-    assert sorted(quarantine[C.PATH].to_pylist()) == ["list.csv:23:../params.yaml", "te/2/copy.png", "tr/0/9.png"]
+    assert summary["skipped_by_reason"] == {"outside root": 1, "missing": 1, "duplicate": 2}
+    assert sorted(quarantine[C.PATH].to_pylist()) == ["list.csv:23:../params.yaml", "te/1/copy.png", "te/2/copy.png", "tr/0/9.png"]
     reasons = dict(zip(quarantine[C.PATH].to_pylist(), quarantine[C.REASON].to_pylist()))
     assert reasons["te/2/copy.png"] == "duplicate of te/2/0.png (a gallery item here, not there: evaluation has one gallery item fewer)"
+    assert reasons["te/1/copy.png"] == ("duplicate of te/1/0.png (labelled 'q1' there, 'q9' here; a gallery item here, "
+                                        "not there: evaluation has one gallery item fewer)")
 
 
 def test_manifest_without_split_uses_test_fraction(make_project):

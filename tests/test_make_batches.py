@@ -370,3 +370,18 @@ def test_validation_classes_take_their_rotated_copies_along(make_project, rotati
 def test_unrotated_only_strips_a_rotation_mark():
     assert C.unrotated(C.rotated("alphabet/char@x", 270)) == "alphabet/char@x"
     assert [C.unrotated(s) for s in ("a@rot45", "a@rot", "a@rot90b", "a")] == ["a@rot45", "a@rot", "a@rot90b", "a"]
+
+
+@pytest.mark.parametrize("rotations, warned", [([], True), ([90], False)])
+def test_one_validation_class_is_warned_of_counting_classes_as_train_does(make_project, capsys, rotations, warned):
+    """Validation Recall@1 within one class is always 1. A held-out character with rotated copies
+    is several classes (train's early stopping counts them so): no warning then."""
+    params, _ = setup(make_project, {}, val_fraction=0.1)
+    names = [f"c{i}" for i in range(8)]  # round(8 × 0.1) = 1 character held out
+    labels = [n for n in names for _ in range(4)] + [C.rotated(n, d) for d in rotations for n in names for _ in range(4)]
+    table = C.items_table([f"i{j}" for j in range(len(labels))], labels, [C.TRAIN] * len(labels),
+                          labels, np.zeros((len(labels), 1), np.uint8))
+    C.write_table(table, params.paths["items"], C.ITEMS,
+                  {"height": 1, "width": 1, "channels": 1, "params": {"train_rotations": rotations}})
+    run(params)
+    assert ("holds out 1 of" in capsys.readouterr().err) is warned

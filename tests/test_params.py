@@ -608,6 +608,10 @@ def test_object_arguments_are_built_by_name_and_checked(dotted, value, expected)
     ({"name": "ArcFaceLoss", "num_classes": None}, "train.loss.num_classes: expected an integer, got None"),
     ({"name": "ProxyAnchorLoss", "embedding_size": "16"}, "train.loss.embedding_size: expected an integer, got '16'"),
     ({"name": "ProxyAnchorLoss", "weight_init_func": "xavier"}, "train.loss.weight_init_func: takes a Python object"),
+    ({"name": "ContrastiveLoss", "reducer": {"name": "PerAnchorReducer", "aggregation_func": "sum"}},
+     "train.loss.reducer.aggregation_func: takes a Python object"),
+    ({"name": "SoftTripleLoss", "centers_per_class": 2.5}, "train.loss.centers_per_class: expected an integer, got 2.5"),
+    ({"name": "FastAPLoss", "num_bins": 10.5}, "train.loss.num_bins: expected an integer, got 10.5"),
 ])
 def test_integer_and_object_only_arguments_are_refused_when_params_cannot_give_them(loss, expected):
     assert expected in _error({"train.loss": loss, "train.miner": None})
@@ -617,3 +621,8 @@ def test_a_null_count_is_kept_where_the_class_defaults_to_null():
     params = parse_params(apply_overrides(default_params(), {"train.loss": {"name": "MarginLoss", "num_classes": None},
                                                              "train.miner": None}), Path("."))
     assert params.train.loss.kwargs == {"num_classes": None}  # MarginLoss: one beta for every class
+
+
+def test_a_miner_count_is_checked_as_an_integer():
+    assert "train.miner.num_bins: expected an integer, got 10.5" in _error(
+        {"train.miner": {"name": "UniformHistogramMiner", "num_bins": 10.5}})

@@ -145,9 +145,19 @@ def test_a_flow_does_not_start_while_dvc_runs_a_stage_command_before_it_takes_ou
         pass
 
 
-def test_entries_of_dead_processes_in_dvcs_rwlock_do_not_block(dvc_repo):
+def test_stale_entries_in_dvcs_rwlock_do_not_block(dvc_repo):
+    """A killed dvc repro leaves its entry; its pid may be gone, or reused by any process — one
+    that is not DVC's, or this run's own parent (a worker after a container restart)."""
+    import os
+
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (dvc_repo / ".dvc" / "tmp" / "rwlock").write_text(
-        json.dumps({"write": {str(dvc_repo / "out.txt"): {"pid": int(done.stdout), "cmd": "dvc repro"}}, "read": {}}))
-    with project_lock.hold(dvc_repo, "flow"):  # a killed dvc repro left it: DVC ignores it too
-        pass
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (int(done.stdout), other.pid, os.getppid()):
+            (dvc_repo / ".dvc" / "tmp" / "rwlock").write_text(
+                json.dumps({"write": {str(dvc_repo / "out.txt"): {"pid": pid, "cmd": "dvc repro"}}, "read": {}}))
+            with project_lock.hold(dvc_repo, "flow"):
+                pass
+    finally:
+        other.kill()
+        other.wait()

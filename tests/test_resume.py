@@ -165,6 +165,11 @@ def test_a_state_saved_by_another_number_of_processes_is_not_resumed(make_projec
     assert resume.load(params.paths["train_state"], "fp", stateful, world_size=2) is None
     assert "saved by 1 process(es), this run has 2; starting afresh" in capsys.readouterr().out
     assert resume.load(params.paths["train_state"], "fp", stateful, world_size=1) is not None
+    # A state saved before the count was recorded: one process's (it could only be resumed by one).
+    state = torch.load(params.paths["train_state"], weights_only=True)
+    del state["world_size"]
+    torch.save(state, params.paths["train_state"])
+    assert resume.load(params.paths["train_state"], "fp", stateful, world_size=1) is not None
 
 
 def _ranks_resume_their_own_augmenter(rank: int, world_size: int, port: int, path) -> None:

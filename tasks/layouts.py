@@ -77,9 +77,14 @@ def _split_by_class_id(cls: int, last_train: int) -> str:
     return "train" if cls <= last_train else "test"
 
 
+def _unpacked(root: Path, top: str, marker: str) -> Path:
+    """``root``, or ``root / top`` when ``marker`` is there and not in root: the folder an official
+    archive unpacks into (a ``downloads: extract: true`` source, or a user's unzip)."""
+    return root / top if not (root / marker).exists() and (root / top / marker).exists() else root
+
+
 def cub200(root: Path) -> Iterator[Item]:
-    if not (root / "images.txt").exists() and (root / "CUB_200_2011" / "images.txt").exists():
-        root = root / "CUB_200_2011"  # the archive's own top folder
+    root = _unpacked(root, "CUB_200_2011", "images.txt")
     labels, path = {}, root / "image_class_labels.txt"
     for n, f in _lines(path):
         image_id, cls = _fields(path, n, f, 2)[:2]
@@ -131,8 +136,7 @@ def _mat_rows(path: Path, name_field: str, prefix: str) -> list[tuple[str, int]]
 
 
 def sop(root: Path) -> Iterator[Item]:
-    if not (root / "Ebay_train.txt").exists() and (root / "Stanford_Online_Products" / "Ebay_train.txt").exists():
-        root = root / "Stanford_Online_Products"  # the archive's own top folder
+    root = _unpacked(root, "Stanford_Online_Products", "Ebay_train.txt")
     for name, split in (("Ebay_train.txt", "train"), ("Ebay_test.txt", "test")):
         for n, f in _lines(root / name, skip=1):  # header: image_id class_id super_class_id path
             _, class_id, _, rel = _fields(root / name, n, f, 4)[:4]

@@ -13,6 +13,7 @@ import inspect
 import math
 import os
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -223,12 +224,12 @@ def _check_component(spec: Component | None, module: str, key: str) -> list[str]
             errors.append(f"{key}.{kw}: takes a Python object, which params cannot give (leave it out)")
             continue
         if kw in INTEGER_ARGS:
-            if not (isinstance(value, int) and not isinstance(value, bool)) and not (value is None and _default_is_none(cls, kw)):
+            if not _whole(value) and not (value is None and _default_is_none(cls, kw)):
                 errors.append(f"{key}.{kw}: expected an integer, got {value!r}"
                               + (" (leave it out: train fills it from the data)" if kw in ("num_classes", "embedding_size") else ""))
             continue
         if kw == "triplets_per_anchor":  # pml: "all", or that many triplets per anchor
-            if value != "all" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if value != "all" and not (_whole(value) and value >= 1):
                 errors.append(f"{key}.{kw}: expected \"all\" or a positive integer, got {value!r}")
             continue
         want = type(defaults.get(kw))
@@ -257,13 +258,22 @@ def _nested_errors(value: Any, module: str, key: str) -> list[str]:
     return errors or _construct_errors(getattr(importlib.import_module(module), spec.name), spec, key)
 
 
-def _default_is_none(cls: type, kw: str) -> bool:
-    """``kw``'s default in the first constructor up the hierarchy that names it is None."""
+def _whole(value: Any) -> bool:
+    """An integer, not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _inits(cls: type) -> Iterator[Mapping[str, inspect.Parameter]]:
+    """The parameters of each ``__init__`` up the class hierarchy, nearest first."""
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
-        if init is not None and kw in (params := inspect.signature(init).parameters):
-            return params[kw].default is None
-    return False
+        if init is not None:
+            yield inspect.signature(init).parameters
+
+
+def _default_is_none(cls: type, kw: str) -> bool:
+    """``kw``'s default in the first constructor up the hierarchy that names it is None."""
+    return next((params[kw].default is None for params in _inits(cls) if kw in params), False)
 
 
 def constructor_args(cls: type) -> set[str]:
@@ -271,11 +281,8 @@ def constructor_args(cls: type) -> set[str]:
     **kwargs to their bases (CosFaceLoss(*args, **kwargs)): the union up the class hierarchy
     for as long as each __init__ forwards **kwargs."""
     accepted: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
+    for signature in _inits(cls):
+        params = signature.values()
         accepted |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
@@ -314,11 +321,8 @@ def _looks_numeric(value: Any) -> bool:
 def _defaults(cls: type) -> dict[str, Any]:
     """Constructor defaults up the class hierarchy (the first class that sets one wins)."""
     out: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in inspect.signature(init).parameters.values():
+    for params in _inits(cls):
+        for p in params.values():
             if p.default is not p.empty and p.default is not None:
                 out.setdefault(p.name, p.default)
     return out

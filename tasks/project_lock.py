@@ -111,15 +111,16 @@ def _dvc_stage_commands(rwlock: Path) -> list[str]:
         return []  # none, or not ours to judge: DVC reports a corrupt file itself
     infos = [i for mode in ("write", "read") for v in (table.get(mode) or {}).values()
              for i in (v if isinstance(v, list) else [v])]
-    return [f"{i.get('cmd')}, pid {i['pid']}" for i in infos if isinstance(i, dict) and _dvc_process(i.get("pid"))]
+    mine = _ancestors()
+    return [f"{i.get('cmd')}, pid {i['pid']}" for i in infos if isinstance(i, dict) and _dvc_process(i.get("pid"), mine)]
 
 
-def _dvc_process(pid: object) -> bool:
-    """``pid`` is a live DVC process, not this one nor an ancestor of it. A killed ``dvc repro``
-    leaves its pid in the file, and the number may since belong to anything (small pids come round
-    again soon in a container): so the process must also be DVC's (``/proc``'s command line), or
-    on a system without /proc, at least alive."""
-    if not isinstance(pid, int) or pid <= 0 or pid in _ancestors():
+def _dvc_process(pid: object, mine: set[int]) -> bool:
+    """``pid`` is a live DVC process, not one of ``mine`` (this one and its ancestors). A killed
+    ``dvc repro`` leaves its pid in the file, and the number may since belong to anything (small
+    pids come round again soon in a container): so the process must also be DVC's (``/proc``'s
+    command line), or on a system without /proc, at least alive."""
+    if not isinstance(pid, int) or pid <= 0 or pid in mine:
         return False
     proc = Path("/proc")
     if not proc.is_dir():

@@ -77,7 +77,9 @@ def self_supervised_loss_of(
             emb = model(views).float()
         a, b = (gather(v, world) for v in emb.chunk(2))
         with torch.no_grad():
-            stats = {"pos_distance": (a - b).norm(dim=1).mean(), "neg_distance": torch.cdist(a, b).mean()}
+            d = torch.cdist(a, b)  # (B, B): the diagonal holds the positive pairs, the rest the negatives
+            n = d.shape[0]
+            stats = {"pos_distance": d.diagonal().mean(), "neg_distance": (d.sum() - d.diagonal().sum()) / max(n * (n - 1), 1)}
         return loss(a, b), stats
 
     network = _compiled(embed, compile)

@@ -1,4 +1,5 @@
-"""P×K batch plans and explicit triplets over classes' item indices (tasks.make_batches writes them).
+"""P×K batch plans and explicit triplets over classes' item indices (tasks.make_batches writes them),
+and the label-free plan self-supervised training uses instead.
 
 Pure numpy on index arrays, seeded by the generator given: no I/O, no labels, no ids until the
 triplets' table.
@@ -54,6 +55,21 @@ def plan_epoch(classes: list[np.ndarray], p: int, k: int, rng: np.random.Generat
             for c in rng.choice(others, size=p - len(live), replace=False):
                 parts.append(class_chunks(classes[c], k, rng)[0])
         batches.append(np.concatenate(parts))
+
+
+def unlabelled_plan(rows: np.ndarray, epochs: int, batch_size: int, seed: int) -> list[list[np.ndarray]]:
+    """Self-supervised batches: each epoch a seeded permutation of ``rows`` cut into batches of
+    ``batch_size`` (the remainder waits for the next epoch's shuffle, as SimCLR drops it) ->
+    plan[epoch][batch] int64 (batch_size,).
+
+    Two views of one image are the only positives there, so a P×K plan would be wrong three ways:
+    the K − 1 other images of a class would be negatives in every batch, a class's size would
+    decide whether its images train at all, and a padded small class would hold one image twice —
+    a negative of itself. Here every image trains, at most once per epoch, beside random others.
+    """
+    rng = np.random.default_rng([seed, 2])
+    n = len(rows) // batch_size * batch_size
+    return [list(rng.permutation(rows)[:n].reshape(-1, batch_size).astype(np.int64)) for _ in range(epochs)]
 
 
 def random_triplets(classes: list[np.ndarray], ids: np.ndarray, per_anchor: int, seed: int) -> pa.Table:

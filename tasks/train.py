@@ -1,4 +1,5 @@
-"""Stage 3 — train: an embedding network on the P×K batch plan, loss and miner chosen by name.
+"""Stage 3 — train: an embedding network on the P×K batch plan, loss and miner chosen by name
+(self-supervised: on a label-free shuffle of the same size, tasks.sampling.unlabelled_plan).
 
 Reads ``paths.items`` (train split) and ``paths.batches``; writes ``paths.model`` (weights-only
 checkpoint), ``paths.train_curve`` (per-epoch CSV, a DVC plot) and ``paths.run_info`` (the MLflow
@@ -22,7 +23,7 @@ from tasks.errors import ParamsError
 from tasks.models import save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
 from tasks.recipe import build, use_bf16
-from tasks.train_data import load_plan, load_train_data
+from tasks.train_data import load_plan, load_train_data, self_supervised_plan
 
 
 def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
@@ -38,6 +39,12 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
     plan, plan_meta = load_plan(paths, row_of, labels.cpu().numpy())
+    # Validation: the train classes make_batches held out of the plan (never test classes).
+    val_names = set(plan_meta.get("validation_classes", []))
+    val_codes = [c for c, name in enumerate(items_meta["class_names"]) if name in val_names]
+    val_idx = torch.nonzero(torch.isin(labels, torch.as_tensor(val_codes, device=device))).flatten()
+    if params.mode == "self_supervised":  # no labels, so no P×K either (see tasks.sampling)
+        plan = self_supervised_plan(plan_meta, len(labels), val_idx.cpu().numpy(), params.seed)
 
     weights = params.pretrained
     if weights not in (None, "default") and not Path(weights).is_absolute():
@@ -47,10 +54,6 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     warmup = sum(len(e) for e in plan[: params.warmup_epochs])
     scheduler = make_scheduler(optimizer, params.lr_schedule, warmup, steps)
     stateful["scheduler"] = scheduler
-    # Validation: the train classes make_batches held out of the plan (never test classes).
-    val_names = set(plan_meta.get("validation_classes", []))
-    val_codes = [c for c, name in enumerate(items_meta["class_names"]) if name in val_names]
-    val_idx = torch.nonzero(torch.isin(labels, torch.as_tensor(val_codes, device=device))).flatten()
     if params.early_stopping_patience and len(val_codes) < 2:
         # One class: the nearest other image always shares its label, Recall@1 is 1 every epoch
         # and the first epoch would be kept.

@@ -10,8 +10,10 @@ import pyarrow.compute as pc
 import torch
 
 from tasks import contracts as C
+from tasks.errors import ParamsError
 from tasks.models import pixels_to_tensor
 from tasks.params import Paths
+from tasks.sampling import unlabelled_plan
 
 
 def load_train_data(paths: Paths, device: torch.device):
@@ -52,3 +54,15 @@ def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = 
                     raise C.ContractError(f"{paths['batches']}: epoch {e} batch {i} is not P×K: its classes have "
                                           f"{sorted(set(counts.tolist()))} images, not {k} each")
     return plan, meta
+
+
+def self_supervised_plan(plan_meta: dict, n_rows: int, held_out: np.ndarray, seed: int) -> list[list[np.ndarray]]:
+    """The plan self-supervised training follows instead of make_batches' P×K one: as many epochs,
+    batches of the same P·K size, drawn from every train row but the validation classes'
+    (``held_out``, row indices) without looking at labels (tasks.sampling.unlabelled_plan)."""
+    batch = plan_meta["classes_per_batch"] * plan_meta["images_per_class"]
+    rows = np.setdiff1d(np.arange(n_rows), held_out)
+    if plan_meta["epochs"] and len(rows) < batch:
+        raise ParamsError(f"train.mode self_supervised: {len(rows)} train images cannot fill one batch of "
+                          f"make_batches.classes_per_batch × images_per_class = {batch}; lower P or K")
+    return unlabelled_plan(rows, plan_meta["epochs"], batch, seed)

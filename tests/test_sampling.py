@@ -1,4 +1,4 @@
-"""Tests for tasks.sampling: plan_epoch's P×K batches and class_chunks."""
+"""Tests for tasks.sampling: plan_epoch's P×K batches, class_chunks and the label-free plan."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from tasks.sampling import class_chunks, plan_epoch
+from tasks.sampling import class_chunks, plan_epoch, unlabelled_plan
 
 
 def _classes(sizes: list[int]) -> list[np.ndarray]:
@@ -82,3 +82,21 @@ def test_class_chunks_cover_and_top_up():
     assert len(set(chunks[-1].tolist())) == 4  # topped up without replacement
     small = class_chunks(np.array([7, 8]), 5, rng)
     assert len(small) == 1 and len(small[0]) == 5 and set(small[0].tolist()) == {7, 8}
+
+
+def test_unlabelled_plan_shuffles_every_row_at_most_once_per_epoch():
+    rows = np.arange(100, 153)  # 53 rows: 5 batches of 10, 3 rows wait for another epoch
+    plan = unlabelled_plan(rows, epochs=4, batch_size=10, seed=7)
+    assert len(plan) == 4
+    for epoch in plan:
+        assert len(epoch) == 5 and all(b.shape == (10,) and b.dtype == np.int64 for b in epoch)
+        drawn = np.concatenate(epoch)
+        assert len(set(drawn.tolist())) == 50 and set(drawn.tolist()) <= set(rows.tolist())
+    # Reshuffled every epoch, so the rows left out differ and every row trains over the epochs.
+    assert len({tuple(np.concatenate(e)) for e in plan}) == 4
+    assert set(np.concatenate([np.concatenate(e) for e in plan]).tolist()) == set(rows.tolist())
+    again = unlabelled_plan(rows, epochs=4, batch_size=10, seed=7)
+    assert all(np.array_equal(a, b) for e, f in zip(plan, again) for a, b in zip(e, f))
+    other = unlabelled_plan(rows, epochs=4, batch_size=10, seed=8)
+    assert not np.array_equal(plan[0][0], other[0][0])
+    assert unlabelled_plan(rows, epochs=2, batch_size=60, seed=7) == [[], []]

@@ -148,7 +148,8 @@ def test_frozen_backbone_epochs_train_only_the_head(make_project):
 def test_self_supervised_mode_trains_without_labels(make_project):
     """Two augmented views of each image are positives (NT-Xent); labels are never used."""
     params = load_params(make_project(FAST | {
-        "make_batches.epochs": 4, "train.mode": "self_supervised",
+        "make_batches.epochs": 8,  # 48 train images: one batch of 4 × 8 an epoch
+        "train.mode": "self_supervised",
         "train.loss": {"name": "NTXentLoss", "temperature": 0.1}, "train.miner": None,
     }))
     synthetic_items(params.paths["items"])
@@ -158,6 +159,36 @@ def test_self_supervised_mode_trains_without_labels(make_project):
     assert float(curve[-1]["loss"]) < float(curve[0]["loss"])
     # pos_distance: between the two views of an image, which training pulls together
     assert float(curve[-1]["pos_distance"]) < float(curve[0]["pos_distance"])
+
+
+def test_self_supervised_training_does_not_depend_on_the_labels(make_project):
+    """The same images under other labels (class sizes kept, so make_batches plans other P×K
+    batches) train the same weights: no label decides which images train or share a batch."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks import contracts as C
+
+    params = load_params(make_project(FAST | {
+        "make_batches.epochs": 2, "train.mode": "self_supervised",
+        "train.loss": {"name": "NTXentLoss", "temperature": 0.1}, "train.miner": None,
+    }))
+    synthetic_items(params.paths["items"])
+    weights, batches = [], []
+    for relabel in (False, True):
+        if relabel:
+            table, meta = C.read_table(params.paths["items"], C.ITEMS)
+            labels = np.array(table[C.LABEL].to_pylist(), dtype=object)
+            train_rows = np.flatnonzero(np.array(table[C.SPLIT].to_pylist()) == C.TRAIN)
+            labels[train_rows] = labels[np.random.default_rng(0).permutation(train_rows)]
+            table = table.set_column(table.schema.get_field_index(C.LABEL), C.LABEL, pa.array(labels.tolist(), pa.string()))
+            C.write_table(table, params.paths["items"], C.ITEMS, meta)
+        make_batches.run(params.make_batches, params.paths)
+        batches.append(C.read_table(params.paths["batches"], C.BATCHES)[0][C.ITEM_ID].to_pylist())
+        train.run(params.train, params.paths)
+        weights.append(torch.load(params.paths["model"], weights_only=True)["state_dict"])
+    assert batches[0] != batches[1]  # the labels did change make_batches' P×K plan
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_validation_recall_is_logged_and_early_stopping_keeps_the_best_epoch(make_project):

@@ -35,15 +35,23 @@ def auto_factory(n: int, dim: int) -> str:
       well under a millisecond per 100k vectors;
     * n <= 5,000,000: ``IVF{L},Flat`` with L = the power of two nearest 4·sqrt(n) (clusters of a
       few hundred vectors), vectors stored uncompressed;
-    * larger: ``IVF{L},PQ{m}`` with m = dim/4 sub-quantisers of 8 bits (dim/4 bytes per vector;
-      dim rounded down to a multiple of 4 by the caller's model), for memory.
+    * larger: ``IVF{L},PQ{m}`` with m sub-quantisers of 8 bits, m = dim/4 (m bytes per vector),
+      for memory; for a dim that 4 does not divide, its largest divisor below dim/4 (faiss's PQ
+      needs m to divide dim).
     """
     if n <= 200_000:
         return "Flat"
     lists = 2 ** int(round(np.log2(4 * np.sqrt(n))))
     if n <= 5_000_000:
         return f"IVF{lists},Flat"
-    return f"IVF{lists},PQ{max(1, dim // 4)}"
+    m = max(d for d in range(1, max(1, dim // 4) + 1) if dim % d == 0)
+    return f"IVF{lists},PQ{m}"
+
+
+def id_mapped(index: faiss.Index) -> bool:
+    """An ``IDMap``/``IDMap2`` index: it takes ids with the vectors, which this stage never gives —
+    the index holds gallery positions and ``paths.index_ids`` maps them to item ids."""
+    return isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2))
 
 
 def build(vectors: np.ndarray, factory: str, metric: str, train_sample: int = 0, seed: int = 0) -> faiss.Index:
@@ -56,6 +64,8 @@ def build(vectors: np.ndarray, factory: str, metric: str, train_sample: int = 0,
         index = faiss.index_factory(vectors.shape[1], factory, METRICS[metric])
     except RuntimeError as err:  # params checked it at train.embedding_dim; this is the vectors' own size
         raise ParamsError(f"build_index.factory: faiss cannot build {factory!r}: {err}") from None
+    if id_mapped(index):
+        raise ParamsError(f"build_index.factory: {factory!r}: drop the IDMap prefix (the id map file maps positions to ids)")
     if not index.is_trained:
         # IVF/PQ need training vectors; too few for the requested lists is a user error, say so.
         # faiss's k-means seeds itself with a fixed default, so training is deterministic.

@@ -322,14 +322,23 @@ def read_table(path: Path, contract: Contract, columns: list[str] | None = None)
 
 
 def _check_no_nulls(table: pa.Table, where: str, contract: Contract) -> None:
-    nulls = [c for c in table.column_names if table.column(c).null_count]
+    # A list column's values too: a null float inside an embedding is no null row.
+    nulls = [c for c in table.column_names if table.column(c).null_count or (
+        pa.types.is_fixed_size_list(table.column(c).type) and any(ch.flatten().null_count for ch in table.column(c).chunks))]
     if nulls:
         raise ContractError(f"{where}: {contract.name} has nulls in {nulls}")
 
 
 def read_embeddings(path: Path) -> tuple[pa.Table, np.ndarray, dict]:
-    """-> (table without the vectors, float32 (N, dim) C-contiguous, metadata)."""
+    """-> (table without the vectors, float32 (N, dim) C-contiguous, metadata). Raises
+    ContractError for vectors of another length than ``dim`` or with NaN/Inf values."""
     table, meta = read_table(path, EMBEDDINGS)
     col = table[EMBEDDING].combine_chunks()
+    if col.type.list_size != meta["dim"]:  # else N rows would reshape into other N·size/dim vectors
+        raise ContractError(f"{path}: embeddings hold {col.type.list_size} values per row, its metadata says dim {meta['dim']}")
     vectors = np.ascontiguousarray(col.flatten().to_numpy().reshape(-1, meta["dim"]), dtype=np.float32)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise ContractError(f"{path}: {int(bad.sum()):,} embeddings hold NaN or Inf (first: item "
+                            f"{table[ITEM_ID][int(np.argmax(bad))]}); re-export them from a sound model")
     return table.drop_columns([EMBEDDING]), vectors, meta

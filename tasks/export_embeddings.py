@@ -59,6 +59,14 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     if not world.main:
         return {"rank": world.rank}
     dim = model.config["embedding_dim"]
+    # The model's last step normalises: a row that is not unit length came from NaN/Inf weights
+    # (a corrupt or foreign checkpoint) or an all-zero feature, and would rank first or nowhere.
+    norms = np.linalg.norm(vectors, axis=1)
+    bad = ~(np.abs(norms - 1) <= 1e-3)  # NaN compares false: bad
+    if bad.any():
+        raise C.ContractError(f"{paths['model']}: {int(bad.sum()):,} of {len(vectors):,} embeddings are not unit "
+                              f"vectors (first: item {items[C.ITEM_ID][int(np.argmax(bad))]}, norm {norms[bad][0]:.4g}); "
+                              "is the checkpoint sound?")
     sha = C.file_digest(paths["model"])
     table = pa.table(
         {
@@ -71,7 +79,7 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
 
     with tracking.stage_run(paths, "export_embeddings", params) as (child, parent):
         child.metrics({"n_embedded": len(vectors)})
-    return {"n_embedded": len(vectors), "dim": dim, "device": str(device), "model_sha256": sha}
+    return {"n_embedded": len(vectors), "dim": dim, "device": str(device), "processes": world.size, "model_sha256": sha}
 
 
 def main(argv: list[str] | None = None) -> None:

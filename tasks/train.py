@@ -136,7 +136,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         parent.tags({"model_sha256": sha})
     last = curve[kept["kept_epoch"]] if kept else curve[-1] if curve else {}
     return {"run_id": run_id, "epochs": ran, "planned_epochs": len(plan), "steps": sum(len(e) for e in plan[:ran]),
-            "device": str(device), "model_sha256": sha, **kept, **last}
+            "device": str(device), "processes": world.size, "model_sha256": sha, **kept, **last}
 
 
 def _log_epoch(child, parent, row: dict[str, float]) -> None:

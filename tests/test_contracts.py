@@ -366,3 +366,34 @@ def test_stream_table_refuses_bad_rows_and_leaves_no_file(tmp_path):
             w.write(table)
             raise KeyError("boom")
     assert not path.exists() and _leftovers(tmp_path) == []
+
+
+def _embeddings(values: list[list[float | None]], dim: int) -> pa.Table:
+    n = len(values)
+    return C.with_meta(pa.table({
+        C.ITEM_ID: [f"id{i}" for i in range(n)], C.LABEL: ["a"] * n, C.SPLIT: [C.TEST] * n,
+        C.IS_QUERY: [True] * n, C.IS_GALLERY: [True] * n,
+        C.EMBEDDING: pa.array(values, pa.list_(pa.float32(), len(values[0]))),
+    }), {"dim": dim, "model_sha256": "x", "normalized": True})
+
+
+def test_embeddings_of_another_length_than_dim_are_refused(tmp_path):
+    """Rows of 4 values under dim 2 would reshape into twice as many vectors, silently."""
+    path = tmp_path / "e.parquet"
+    pq.write_table(_embeddings([[1, 0, 0, 0], [0, 1, 0, 0]], dim=2), path)
+    with pytest.raises(ContractError, match="4 values per row, its metadata says dim 2"):
+        C.read_embeddings(path)
+
+
+def test_a_null_or_nan_inside_an_embedding_is_refused(tmp_path):
+    path = tmp_path / "e.parquet"
+    with pytest.raises(ContractError, match=r"embeddings has nulls in \['embedding'\]"):
+        C.write_table(_embeddings([[1, 0], [None, 1]], dim=2), path, C.EMBEDDINGS)
+    pq.write_table(_embeddings([[1, 0], [None, 1]], dim=2), path)
+    with pytest.raises(ContractError, match=r"nulls in \['embedding'\]"):
+        C.read_embeddings(path)
+    pq.write_table(_embeddings([[1, 0], [0, 1], [float("nan"), 1]], dim=2), path)
+    with pytest.raises(ContractError, match="1 embeddings hold NaN or Inf .first: item id2"):
+        C.read_embeddings(path)
+    pq.write_table(_embeddings([[1, 0], [0, 1]], dim=2), path)
+    assert C.read_embeddings(path)[1].shape == (2, 2)

@@ -20,7 +20,7 @@ def test_local_rows_split_a_batch_into_contiguous_slices_in_rank_order():
     batch = np.arange(12)
     parts = [distributed.local_rows(batch, World(r, 3)) for r in range(3)]
     assert np.array_equal(np.concatenate(parts), batch)
-    assert distributed.local_rows(batch, distributed.SINGLE) is not None
+    assert np.array_equal(distributed.local_rows(batch, distributed.SINGLE), batch)
     with pytest.raises(ParamsError, match="does not split over 5 processes"):
         distributed.local_rows(batch, World(0, 5))
 
@@ -111,7 +111,7 @@ def test_two_gloo_processes_train_like_one_process_with_the_global_batch(make_pr
 
     two = load_params(params_path, {"train.processes": 2})
     result = train.run(two.train, two.paths)  # launches torchrun, returns rank 0's result
-    assert result["epochs"] == 3 and result["model_sha256"]
+    assert result["epochs"] == 3 and result["model_sha256"] and result["processes"] == 2
     with open(two.paths["train_curve"]) as f:
         curve2 = list(csv.DictReader(f))
     w2 = torch.load(two.paths["model"], weights_only=True)["state_dict"]

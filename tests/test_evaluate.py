@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tasks import build_index, evaluate, export_embeddings, make_batches, train
+from tasks import contracts as C
 from tasks.params import load_params
 from conftest import FAST, synthetic_items
 
@@ -63,6 +64,23 @@ def test_evaluate_through_an_approximate_index(make_project):
     # Exact metrics beside the index's, for comparison; HNSW on 24 items finds the exact answer.
     for key in ("map_at_r", "r_precision", "map_at_100", "precision_at_1", "recall_at_1"):
         assert result[f"exact_{key}"] == pytest.approx(result[key])
+
+
+def test_evaluate_scores_what_the_index_returns_not_exact_search(make_project):
+    """IVF with 4 lists searched 1 at a time misses neighbours in other lists: the metrics are the
+    index's own, below exact search's — and equal to scoring faiss's answers by hand."""
+    params = _trained(make_project, {"make_batches.epochs": 0, "build_index.factory": "IVF4,Flat", "build_index.nprobe": 1,
+                                     "evaluate.recall_at": [1, 10], "evaluate.map_at": 100})
+    result = _pipeline_after_train(params)
+    assert result["search"] == "index"
+    assert result["recall_at_10"] < result["exact_recall_at_10"]
+    # By hand: each query's 10 nearest through the saved index, itself left out.
+    _, vectors, _ = C.read_embeddings(params.paths["embeddings"])
+    labels = np.array(C.read_table(params.paths["index_ids"], C.INDEX_IDS)[0][C.LABEL].to_pylist())
+    index = faiss.read_index(str(params.paths["index"]))
+    _, found = index.search(vectors, 11)
+    hits = [(labels[row[(row != i) & (row >= 0)][:10]] == labels[i]).any() for i, row in enumerate(found)]
+    assert result["recall_at_10"] == pytest.approx(np.mean(hits))
 
 
 def test_index_and_id_map_must_agree(make_project):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import FAST, run_stages
 from tasks import contracts as C
@@ -14,12 +15,12 @@ def test_sharded_over_two_processes_the_table_equals_one_process(make_project):
     params_file = make_project(FAST)
     params = load_params(params_file)
     run_stages(params, last="train")
-    export_embeddings.run(params.export_embeddings, params.paths)
+    assert export_embeddings.run(params.export_embeddings, params.paths)["processes"] == 1
     one, v1, meta1 = C.read_embeddings(params.paths["embeddings"])
 
     two = load_params(params_file, {"export_embeddings.processes": 2})
     result = export_embeddings.run(two.export_embeddings, two.paths)  # torchrun, 2 CPU processes
-    assert result["n_embedded"] == one.num_rows
+    assert result["n_embedded"] == one.num_rows and result["processes"] == 2
     sharded, v2, meta2 = C.read_embeddings(two.paths["embeddings"])
     assert sharded.equals(one) and meta2 == meta1
     np.testing.assert_allclose(v2, v1, rtol=1e-5, atol=1e-6)
@@ -49,3 +50,18 @@ def test_only_the_first_rank_reports_progress(capsys):
     assert capsys.readouterr().err == ""
     export_embeddings.embed(model, pixels, 4, torch.device("cpu"))  # no terminal here: log lines
     assert "export: embed: 100% (2/2 batch)" in capsys.readouterr().err
+
+
+def test_a_model_that_gives_nan_embeddings_is_refused_before_anything_is_written(make_project):
+    """A NaN in a checkpoint's weights (a corrupt or foreign file) makes every embedding NaN; exact
+    search would rank a NaN first. The stage stops, naming the model, and writes nothing."""
+    import torch
+
+    params = load_params(make_project(FAST))
+    run_stages(params, last="train")
+    state = torch.load(params.paths["model"], weights_only=True)
+    state["state_dict"]["head.weight"][0, 0] = float("nan")
+    torch.save(state, params.paths["model"])
+    with pytest.raises(C.ContractError, match=r"model.pt: (\d+) of \1 embeddings are not unit vectors .*norm nan"):
+        export_embeddings.run(params.export_embeddings, params.paths)
+    assert not params.paths["embeddings"].exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import struct
-import time
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -88,14 +87,12 @@ def test_omniglot_unpacked_folders(tmp_path):
 
 @pytest.mark.skipif(not (OMNIGLOT / "images_evaluation.zip").exists(), reason=f"no Omniglot at {OMNIGLOT}")
 def test_omniglot_real_zips_read_with_the_official_split():
-    start = time.perf_counter()
     items = list(layouts.omniglot(OMNIGLOT))
     recs = records(items)
     assert len(items) == len(recs) == 19_280 + 13_180
     classes = Counter((r.split, r.label) for r in recs)
     assert Counter(s for s, _ in classes) == {"train": 964, "test": 659}
     assert set(classes.values()) == {20}  # 20 drawers per character
-    assert time.perf_counter() - start < 60  # reading only: a few seconds
 
 
 # ---------------------------------------------------------------------------------- CUB-200-2011

@@ -512,6 +512,8 @@ def test_train_rotations_are_distinct_right_angles(value, why):
     ({"train.pretrained": "default"}, "train.pretrained: small_cnn has no pretrained weights"),
     ({"build_index.factory": "Foo"}, "build_index.factory: faiss cannot build 'Foo' for 64-d vectors: could not parse index string Foo"),
     ({"build_index.factory": "IVF16,PQ7"}, "build_index.factory: faiss cannot build 'IVF16,PQ7' for 64-d vectors"),
+    ({"build_index.factory": "IDMap,Flat"}, "build_index.factory: 'IDMap,Flat': drop the IDMap prefix"),
+    ({"build_index.factory": "IDMap2,HNSW16"}, "build_index.factory: 'IDMap2,HNSW16': drop the IDMap prefix"),
 ])
 def test_choices_a_later_stage_would_reject_stop_when_params_load(overrides, message):
     """Checked before any stage runs: found only when build_index starts, a typo would cost a

@@ -239,13 +239,27 @@ def test_early_stopping_without_two_validation_classes_is_a_clear_error(make_pro
         train.run(params.train, params.paths)
 
 
-def test_deterministic_mode_gives_identical_reruns_and_restores_the_global_flags(make_project):
+def test_deterministic_mode_trains_with_deterministic_kernels_and_restores_the_global_flags(make_project, monkeypatch):
+    """On a CPU our training is deterministic either way (identical reruns prove nothing about the
+    switch): the flags are read inside the epochs themselves."""
     params = load_params(make_project(FAST | {"train.deterministic": True}))
     synthetic_items(params.paths["items"])
     make_batches.run(params.make_batches, params.paths)
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    assert before[0] is False  # torch's default: so that restoring it shows
+    seen = []
+
+    def epoch_noting_the_flags(*args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                     torch.backends.cudnn.deterministic))
+        return train_epoch(*args, **kwargs)
+
+    from tasks.engine import train_epoch
+
+    monkeypatch.setattr(train, "train_epoch", epoch_noting_the_flags)
     shas = {train.run(params.train, params.paths)["model_sha256"] for _ in range(2)}
     assert len(shas) == 1
+    assert seen == [(True, False, True)] * 4  # 2 epochs × 2 runs
     # A Prefect flow runs export and evaluate in the same process: the flags must not leak.
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
 

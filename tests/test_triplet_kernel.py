@@ -27,6 +27,10 @@ CHECK = textwrap.dedent("""
             loss.backward()
             return loss.detach(), x.grad, stats, fused_triplet.KERNEL  # "never" if the kernel failed
 
+    # Count the kernel's calls: reading KERNEL back only shows it was not switched off, not that it ran.
+    calls = []
+    torch_only = fused_triplet._kernel_pass
+    fused_triplet._kernel_pass = lambda *a, **kw: calls.append(1) or torch_only(*a, **kw)
     device = DEVICE
     checked = 0
     for triplets, margin, mine in [("semihard", 0.2, 0.2), ("hard", 0.2, 0.2), ("all", 0.1, 0.3), ("all", 0.2, math.inf), ("easy", 0.5, 0.2)]:
@@ -35,9 +39,12 @@ CHECK = textwrap.dedent("""
             emb = torch.randn(p * k, 16, generator=g).to(device)
             labels = (torch.randperm(p * k, generator=g) // k).to(device)
             objective = FusedTriplet(margin, mine, triplets, per_class=k)
+            calls.clear()
             l0, g0, s0, _ = run(objective, emb, labels, "never")
+            assert not calls
             l1, g1, s1, used = run(objective, emb, labels, "always")
             assert used == "always", "the kernel failed and was switched off"
+            assert calls, "the kernel never ran"
             with torch.no_grad(), fused_triplet.kernel_setting("always"):  # no backward: no gradient counts
                 torch.testing.assert_close(objective(emb, labels)[0], l1)
             assert float(l0) > 0 or triplets == "easy", (triplets, p, k)  # something is learnt from

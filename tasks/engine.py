@@ -65,19 +65,21 @@ def _compiled(fn: Callable, compile: bool | str) -> Callable:
 
 def self_supervised_loss_of(
     model: torch.nn.Module, loss: torch.nn.Module, augment, bf16: bool = False, world: World = SINGLE,
-    compile: bool | str = False,
+    compile: bool | str = False, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.cdist,
 ) -> LossOf:
     """Like :func:`loss_of` without labels: two augmented views of each image, embedded together,
     are each other's positive. ``loss(a, b)`` takes the two views' embeddings (pml's
     SelfSupervisedLoss or tasks.objectives.FusedNTXent), gathered across ranks (every other image
-    of the global batch is a negative). ``compile`` as in :func:`loss_of`, the augmentation outside."""
+    of the global batch is a negative). ``compile`` as in :func:`loss_of`, the augmentation outside.
+    ``distance(a, b)`` -> (B, B), the loss's own (pml's ``loss.distance``: cosine similarity for
+    NT-Xent, as supervised training logs it), gives the statistics."""
 
     def embed(views: torch.Tensor):  # (2B/W, C, H, W) float -> (loss, stats)
         with torch.autocast(views.device.type, dtype=torch.bfloat16, enabled=bf16):
             emb = model(views).float()
         a, b = (gather(v, world) for v in emb.chunk(2))
         with torch.no_grad():
-            d = torch.cdist(a, b)  # (B, B): the diagonal holds the positive pairs, the rest the negatives
+            d = distance(a, b)  # (B, B): the diagonal holds the positive pairs, the rest the negatives
             n = d.shape[0]
             stats = {"pos_distance": d.diagonal().mean(), "neg_distance": (d.sum() - d.diagonal().sum()) / max(n * (n - 1), 1)}
         return loss(a, b), stats

@@ -93,8 +93,10 @@ def _torch_pass(dist, same, d_ap, pos, anchors, margin, mine_margin, triplets, g
 class _TripletFn(torch.autograd.Function):
     """(emb (B, D) float32, labels (B,)) -> (loss, stats (4,): chosen triplets, active triplets,
     Σ d_ap and Σ d_an over the chosen); only the loss has a gradient. Rows are L2-normalised
-    inside (F.normalize's floor), so the whole objective is one recorded op. ``grad``: a
-    backward will follow (else the gradient's counts are not reduced)."""
+    inside (F.normalize's floor), so the whole objective is one recorded op. Distances take the
+    rows as unit (|a−b|² = 2 − 2a·b): an all-zero embedding — which the model's normalised head
+    gives only for an exactly zero output — sits at √2 from every row, where pml puts it at 1.
+    ``grad``: a backward will follow (else the gradient's counts are not reduced)."""
 
     @staticmethod
     def forward(ctx, emb, labels, per_class: int | None, margin: float, mine_margin: float, triplets: str, grad: bool):

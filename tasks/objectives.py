@@ -12,6 +12,8 @@ fraction of active (non-zero loss) triplets, mean positive and negative distance
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
@@ -60,6 +62,17 @@ PROXY_LOSSES = (losses.LargeMarginSoftmaxLoss, losses.NormalizedSoftmaxLoss, los
                 losses.ProxyNCALoss, losses.SoftTripleLoss, losses.P2SGradLoss)
 
 
+# Losses that turn a miner's pairs into triplets (pml's convert_to_triplets) before computing.
+TRIPLET_LOSSES = (losses.TripletMarginLoss, losses.MarginLoss, losses.HistogramLoss, losses.DynamicSoftMarginLoss)
+
+def _capped(nll: torch.Tensor) -> torch.Tensor:
+    """-log(p) -> -log(p + tiny), as pml's NTXentLoss computes it (c_f.small_val, the dtype's
+    smallest normal number): each positive pair's loss stops at ≈ 87.3 in float32 and its
+    gradient fades there. That matters only for τ < 2/87.3 (cosines span 2), where the exact
+    cross-entropy would go on growing; kept so that fused equals pml there too."""
+    return -torch.logaddexp(-nll, nll.new_tensor(math.log(torch.finfo(nll.dtype).tiny)))
+
+
 def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn, ref: torch.Tensor | None = None) -> Stats:
     """What a miner found in one batch: count, mean positive / negative distance and, for
     triplets, the fraction still violating the margin ("active") — the loss learns from those.
@@ -69,6 +82,10 @@ def mining_stats(emb: torch.Tensor, tuples: tuple, loss_fn, ref: torch.Tensor | 
     """
     dist = loss_fn.distance
     mat = dist(emb, ref) if ref is not None else dist(emb)
+    if len(tuples) == 4 and isinstance(loss_fn, TRIPLET_LOSSES):
+        # A pair miner (BatchEasyHardMiner) feeding a triplet loss: the loss joins the pairs at
+        # their common anchors into triplets, so count and judge those (no random draw here).
+        tuples = lmu.convert_to_triplets(tuples, None)
     if len(tuples) == 3:
         a, p, n = tuples
         d_ap, d_an = mat[a, p], mat[a, n]
@@ -120,7 +137,7 @@ class FusedSupervisedNTXent:
         has_neg = (~same).any(dim=1)
         lse = torch.logsumexp(logits.masked_fill(same & has_neg[:, None], float("-inf")), dim=1)
         neg_lse = torch.where(has_neg, lse, float("-inf"))
-        per_pair = F.softplus(neg_lse[:, None] - logits)  # (B, B), used where pos
+        per_pair = _capped(F.softplus(neg_lse[:, None] - logits))  # (B, B), used where pos
         n_pos, n_neg = pos.sum(), (~same).sum()
         loss = torch.where(pos, per_pair, 0.0).sum() / n_pos.clamp(min=1)
         with torch.no_grad():
@@ -169,7 +186,7 @@ class FusedNTXent:
         n = len(a)
         logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
         target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-        return F.cross_entropy(logits, target)
+        return _capped(F.cross_entropy(logits, target, reduction="none")).mean()
 
 
 def self_supervised_objective(loss: Component, fused: bool, device: torch.device):

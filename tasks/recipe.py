@@ -63,7 +63,7 @@ def build(
         augmenter = stateful["augment"] = Augmenter(params.augment, params.seed + world.rank, device)
     if params.mode == "self_supervised":
         ssl_loss, loss_fn = self_supervised_objective(params.loss, params.fused_mining, device)
-        compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16, world, params.compile)
+        compute = self_supervised_loss_of(model, ssl_loss, augmenter, bf16, world, params.compile, loss_fn.distance)
     else:
         objective, loss_fn = build_objective(
             params.loss, params.miner, params.fused_mining, device,

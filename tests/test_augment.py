@@ -45,3 +45,16 @@ def test_invalid_settings_are_rejected(bad):
 
     with pytest.raises(ValidationError):
         AugmentParams(**(NONE.model_dump() | bad))
+
+
+def test_translate_is_a_fraction_of_the_side_as_torchvision_reads_it():
+    """translate: t shifts by up to t · side pixels each way (torchvision's RandomAffine), not half
+    that (affine_grid's coordinates span the side twice)."""
+    side, t = 40, 0.25
+    x = torch.zeros(400, 1, side, side, dtype=torch.uint8)
+    x[:, :, :, 20] = 255  # one bright column
+    out = Augmenter(NONE.model_copy(update={"translate": t}), 0, torch.device("cpu"))(x)
+    column = out[:, 0].sum(dim=1).argmax(dim=1).float()  # where the column went, per image
+    shift = (column - 20).abs()
+    assert shift.max() <= t * side + 1
+    assert shift.max() >= 0.9 * t * side  # 400 uniform draws reach the ends

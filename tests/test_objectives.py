@@ -205,6 +205,29 @@ def test_fused_nt_xent_equals_pml_self_supervised_loss(temperature, seed):
         torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("temperature", [0.005, 0.01])
+def test_fused_nt_xent_keeps_pmls_floor_at_low_temperature(temperature):
+    """Below τ ≈ 0.023 pml's -log(p + tiny) caps a pair's loss at ≈ 87.3 (float32) and fades its
+    gradient; the exact cross-entropy would not. Both fused objectives keep pml's numbers."""
+    from tasks.objectives import FusedNTXent, FusedSupervisedNTXent
+
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(8, 8, generator=g, requires_grad=True) for _ in range(2))
+    ref = losses.SelfSupervisedLoss(losses.NTXentLoss(temperature=temperature))(a, b)
+    ref_grads = torch.autograd.grad(ref, (a, b))
+    new = FusedNTXent(temperature)(a, b)
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
+    for x, y in zip(torch.autograd.grad(new, (a, b)), ref_grads):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+    emb, labels = _batch(3, p=6, k=4, pk=True, device="cpu")
+    emb = emb.float()
+    ref_loss, ref_grad, _ = _loss_and_grad(PmlObjective(losses.NTXentLoss(temperature=temperature), None), emb, labels)
+    loss, grad, _ = _loss_and_grad(FusedSupervisedNTXent(temperature), emb, labels)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)  # 1/τ = 200 scales fp32 rounding up
+
+
 def test_self_supervised_objective_fuses_only_plain_nt_xent():
     from tasks.objectives import FusedNTXent, self_supervised_objective
 
@@ -342,3 +365,21 @@ def test_cross_batch_memory_reports_what_it_mined_against_the_memory():
                                True, torch.device("cpu"), embedding_size=8, memory_size=64)
     _, stats = mined(emb, labels)
     assert {"mined", "pos_distance", "neg_distance", "memory_filled"} <= set(stats) and 0 < float(stats["mined"]) < 12 * 11
+
+
+def test_a_pair_miner_feeding_a_triplet_loss_is_counted_in_the_loss_triplets():
+    """BatchEasyHardMiner returns pairs; TripletMarginLoss joins them at common anchors. The curve
+    counts those triplets and how many are active, as for a triplet miner."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    emb, labels = _batch(4, p=8, k=4)
+    emb = emb.float()
+    miner, loss_fn = miners.BatchEasyHardMiner(), losses.TripletMarginLoss(margin=0.2)
+    _, stats = PmlObjective(loss_fn, miner)(emb, labels)
+    pairs = miner(emb, labels)
+    a, p, n = lmu.convert_to_triplets(pairs, labels)
+    assert len(a) != len(pairs[0]) + len(pairs[2])  # pairs and triplets differ here
+    d = loss_fn.distance(emb)
+    assert stats["mined"].item() == len(a)
+    assert stats["frac_active"].item() == pytest.approx((d[a, p] - d[a, n] + 0.2 > 0).float().mean().item())
+    assert stats["pos_distance"].item() == pytest.approx(d[a, p].mean().item())

@@ -121,7 +121,7 @@ def reference_train(params, images_root: Path) -> dict:
     steps = [T.Grayscale(params.ingest.channels), T.Resize((size, size))]
     if aug.supervised:  # the same warp as tasks.augment: zoom-in crop, rotation, shift; white fill
         zoom = 1 / min(aug.crop_scale) ** 0.5
-        steps.append(T.RandomAffine(aug.rotate, (aug.translate / 2, aug.translate / 2), (1.0, zoom), fill=255))
+        steps.append(T.RandomAffine(aug.rotate, (aug.translate, aug.translate), (1.0, zoom), fill=255))
     # The pipeline's data: rotated copies as new classes if the preset adds them in ingest.
     data = omniglot_recipe.rotated_classes(omniglot_recipe.character_folder(images_root, None),
                                            params.ingest.train_rotations, T.Compose([*steps, T.PILToTensor()]))

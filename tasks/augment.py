@@ -37,7 +37,8 @@ class Augmenter:
         x = images.float()
         side = self._uniform(b, *p.crop_scale, dev).sqrt()  # a crop of that area, scaled to full size
         angle = self._uniform(b, -p.rotate, p.rotate, dev) * (math.pi / 180)
-        shift = self._uniform(2 * b, -p.translate, p.translate, dev).view(b, 2)
+        # affine_grid's coordinates span the side twice (-1..1): a shift of t sides is 2t there.
+        shift = self._uniform(2 * b, -2 * p.translate, 2 * p.translate, dev).view(b, 2)
         flip = torch.where(self._uniform(b, 0, 1, dev) < 0.5, -1.0, 1.0) if p.hflip else torch.ones(b, device=dev)
         cos, sin = side * angle.cos(), side * angle.sin()
         theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)

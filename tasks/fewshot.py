@@ -6,7 +6,7 @@ NeurIPS 2017): an *episode* draws N classes (ways) from the classes that have at
 then K support and Q query items of each (without replacement); every query is assigned the class
 whose prototype — the mean of its K support embeddings — is nearest; the episode's accuracy is the
 share of its N·Q queries classified right. We report the mean over episodes and the 95% confidence
-half-width ``1.96 · std / sqrt(episodes)``, as those papers do.
+half-width ``1.96 · std / sqrt(episodes)`` (the sample std, ddof 1; 0 for one episode), as those papers do.
 
 Nearest: for ``l2``, the smallest squared Euclidean distance to the prototype (Snell et al.); for
 ``inner_product``, the largest cosine between query and prototype (the mean of unit vectors is not

@@ -335,7 +335,7 @@ class AugmentParams(_Strict):
     supervised: bool  # also warp the images of supervised training (a fresh draw per image and step)
     crop_scale: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=2, max_length=2)  # area kept
     rotate: float = Field(ge=0, le=180)  # degrees, ±
-    translate: float = Field(ge=0, le=1)  # fraction of the image, ±
+    translate: float = Field(ge=0, le=1)  # fraction of the side, ± (as torchvision's RandomAffine)
     hflip: bool
     brightness: float = Field(ge=0, lt=1)
     contrast: float = Field(ge=0, lt=1)

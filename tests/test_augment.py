@@ -58,3 +58,42 @@ def test_translate_is_a_fraction_of_the_side_as_torchvision_reads_it():
     shift = (column - 20).abs()
     assert shift.max() <= t * side + 1
     assert shift.max() >= 0.9 * t * side  # 400 uniform draws reach the ends
+
+
+def _moved(params: AugmentParams, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    return Augmenter(params, seed, torch.device("cpu"))(x)
+
+
+def test_brightness_and_contrast_scale_within_their_ranges():
+    x = _images(n=200).float().clamp(40, 200)  # nothing clipped by a ±20 % change
+    bright = _moved(NONE.model_copy(update={"brightness": 0.2}), x)
+    factor = (bright / x).flatten(1)
+    assert torch.allclose(factor, factor[:, :1], atol=1e-4)  # one factor per image
+    assert factor.min() >= 0.8 - 1e-4 and factor.max() <= 1.2 + 1e-4 and factor.max() - factor.min() > 0.3
+    contrast = _moved(NONE.model_copy(update={"contrast": 0.2}), x)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(contrast.mean(dim=(1, 2, 3), keepdim=True), mean)  # the mean stays
+    spread = ((contrast - mean) / (x - mean)).flatten(1)
+    spread = spread[:, (x - mean).flatten(1).abs().min(0).values > 1]  # pixels away from the mean
+    assert spread.min() >= 0.8 - 1e-3 and spread.max() <= 1.2 + 1e-3 and spread.max() - spread.min() > 0.3
+
+
+def test_crop_scale_is_an_area_and_rotate_is_in_degrees_and_borders_keep_the_edge_colour():
+    x = torch.full((1, 1, 40, 40), 255, dtype=torch.uint8)
+    x[:, :, 15:25, 15:25] = 0  # a dark 10 × 10 square on white paper
+    zoomed = _moved(NONE.model_copy(update={"crop_scale": [0.25, 0.25]}), x)
+    assert (zoomed < 128).sum().item() == pytest.approx(400, rel=0.1)  # a quarter of the area: twice the side
+    # A shift pads with the edge colour (white paper), not black.
+    shifted = _moved(NONE.model_copy(update={"translate": 0.2}), x.expand(64, -1, -1, -1))  # the square stays inside
+    edges = torch.cat([shifted[..., 0, :], shifted[..., -1, :], shifted[..., :, 0], shifted[..., :, -1]], -1)
+    assert edges.min() > 250
+    # A thin horizontal bar turned by at most 10 degrees (radians would turn it any way).
+    bar = torch.full((300, 1, 41, 41), 255, dtype=torch.uint8)
+    bar[:, :, 20, 4:37] = 0
+    out = 255 - _moved(NONE.model_copy(update={"rotate": 10.0}), bar)[:, 0]
+    ys, xs = torch.meshgrid(torch.arange(41.0), torch.arange(41.0), indexing="ij")
+    w = out / out.sum(dim=(1, 2), keepdim=True)
+    mx, my = (w * xs).sum((1, 2), keepdim=True), (w * ys).sum((1, 2), keepdim=True)
+    cxx, cyy, cxy = (w * (xs - mx) ** 2).sum((1, 2)), (w * (ys - my) ** 2).sum((1, 2)), (w * (xs - mx) * (ys - my)).sum((1, 2))
+    angle = torch.rad2deg(0.5 * torch.atan2(2 * cxy, cxx - cyy)).abs()  # the bar's axis
+    assert angle.max() <= 10.5 and angle.max() >= 8

@@ -54,3 +54,46 @@ def test_too_few_classes_is_a_clear_error():
         episodes_accuracy(x, y, 5, 1, 1, 10, seed=0)
     with pytest.raises(ValueError, match="at least 6 items; only 0"):
         episodes_accuracy(x, y, 2, 5, 1, 10, seed=0)
+
+
+def test_l2_is_euclidean_distance_to_the_prototype_not_cosine():
+    """Class 0 sits near (1, 0); class 1 near (10, ±1). A class-1 query points closer in angle to
+    class 0 (5.7°) than to its own support (11.4°), but lies far closer to its own support in
+    space: l2 gets every query right, cosine every class-1 query wrong — whatever the draws."""
+    x = np.array([[1, 0.01], [1, -0.01], [10, 1], [10, -1]], dtype=np.float32)
+    y = np.array([0, 0, 1, 1])
+    assert episodes_accuracy(x, y, 2, 1, 1, 20, seed=0, metric="l2") == (1.0, 0.0)
+    assert episodes_accuracy(x, y, 2, 1, 1, 20, seed=0, metric="inner_product") == (0.5, 0.0)
+
+
+def test_inner_product_normalises_the_prototype():
+    """Unit embeddings, 2-shot: class 0 is spread (three unit vectors 45° off the e0 axis, 120°
+    apart around it), so the mean of any two is short (norm 0.79); class 1 is tight (one unit
+    vector, 65° from e0). A class-0 query's cosine to its own prototype (0.32) beats the one to
+    class 1's (0.30), but its raw dot product with the short mean (0.25) does not: scoring
+    against the unnormalised mean would get every class-0 query wrong. By the symmetry every
+    draw gives the same result."""
+    c = s = np.sqrt(0.5)
+    spread = [np.array([c, s * np.cos(a), s * np.sin(a), 0.0]) for a in np.deg2rad([90, 210, 330])]
+    tight = [np.array([np.cos(np.deg2rad(65)), 0.0, 0.0, np.sin(np.deg2rad(65))])] * 3
+    x = np.array(spread + tight, dtype=np.float32)
+    y = np.repeat([0, 1], 3)
+    assert episodes_accuracy(x, y, 2, 2, 1, 20, seed=0, metric="inner_product") == (1.0, 0.0)
+
+
+def test_half_width_is_1_96_sample_std_over_sqrt_episodes():
+    """The module's 95% half-width, 1.96 · std / sqrt(episodes), with the sample std (ddof=1, as
+    the Prototypical Networks code's torchnet meter computes it), checked exactly. Items are
+    identical within a class, so only which 2 of 3 classes an episode draws matters: class 2
+    duplicates class 0, so the pair {0, 2} ties (both queries go to the class drawn first: 0.5)
+    and the other pairs score 1.0. With two possible values the mean tells how many episodes
+    scored each, hence the per-episode accuracies."""
+    x = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 0], [1, 0]], dtype=np.float32)
+    y = np.repeat([0, 1, 2], 2)
+    n = 60
+    mean, half = episodes_accuracy(x, y, 2, 1, 1, n, seed=0)
+    ones = round((mean - 0.5) / 0.5 * n)
+    assert 0 < ones < n  # both kinds of episode occur, so the std is not 0
+    acc = np.array([1.0] * ones + [0.5] * (n - ones))
+    assert mean == pytest.approx(acc.mean(), abs=1e-12)
+    assert half == pytest.approx(1.96 * acc.std(ddof=1) / np.sqrt(n), rel=1e-9)

@@ -77,6 +77,36 @@ def test_a_constant_embedding_scores_the_tie_rule(tmp_path):
     assert result["accuracy_per_run"] == {"run01": 0.25, "run02": 0.25}
 
 
+def _shifted_embed(pixels: np.ndarray) -> np.ndarray:
+    """_pixels_embed moved far off the origin by one fixed vector: L2 distances are unchanged (so
+    the nearest is still right), inner products are not (they now favour whichever training image
+    lies furthest along the shift, the same one for every test image)."""
+    x = _pixels_embed(pixels)
+    return x + 100 * np.random.default_rng(7).standard_normal(x.shape[1])
+
+
+def test_l2_picks_the_nearest_training_image(tmp_path):
+    runs = oneshot.read_runs(_replica(tmp_path))
+    l2 = oneshot.score_runs(runs, _shifted_embed, image_size=20, channels=1, metric="l2")
+    assert l2["accuracy_per_run"] == {"run01": 1.0, "run02": 1.0}  # nearest, not farthest
+    # The shift fools inner product: the metric really changes the answer.
+    ip = oneshot.score_runs(runs, _shifted_embed, image_size=20, channels=1, metric="inner_product")
+    assert ip["mean_accuracy"] < 1.0
+
+
+@pytest.mark.parametrize("metric", ["l2", "inner_product"])
+def test_cli_scores_with_the_metric_asked_for(tmp_path, capsys, monkeypatch, metric):
+    # The shifted embedding in place of a model: there l2 and inner product disagree (a model's
+    # unit embeddings rank alike under both, so could not tell whether --metric is honoured).
+    monkeypatch.setattr(oneshot, "model_embedder", lambda path, device: (_shifted_embed, 20, 1))
+    zipped = _replica(tmp_path)
+    oneshot.main(["--model", str(tmp_path / "unused.pt"), "--runs", str(zipped), "--metric", metric])
+    out = json.loads(capsys.readouterr().out)["oneshot"]
+    expected = oneshot.score_runs(oneshot.read_runs(zipped), _shifted_embed, 20, 1, metric)
+    assert out["mean_accuracy"] == expected["mean_accuracy"]
+    assert (out["mean_accuracy"] == 1.0) == (metric == "l2")  # l2 gets all right, inner product does not
+
+
 def test_not_the_all_runs_layout_is_a_clear_error(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "a.png").write_bytes(b"")
@@ -100,7 +130,12 @@ def test_cli_scores_a_saved_model(tmp_path, capsys):
     oneshot.main(["--model", str(model), "--runs", str(_replica(tmp_path)), "--device", "cpu"])
     out = json.loads(capsys.readouterr().out)["oneshot"]
     assert out["runs"] == 2 and out["image_size"] == 20
-    assert 0.0 <= out["mean_accuracy"] <= 1.0
+    # The command reports what the library computes with that model on those runs.
+    embed, size, channels = oneshot.model_embedder(model, "cpu")
+    expected = oneshot.score_runs(oneshot.read_runs(tmp_path / "all_runs.zip"), embed, size, channels)
+    assert out["accuracy_per_run"] == pytest.approx(expected["accuracy_per_run"])
+    assert out["mean_accuracy"] == pytest.approx(expected["mean_accuracy"])
+    assert out["error_rate"] == pytest.approx(1.0 - out["mean_accuracy"])
 
 
 @pytest.mark.skipif(not REAL.exists(), reason="the shared Omniglot all_runs.zip is not here")

@@ -78,3 +78,48 @@ def test_images_are_read_at_the_size_the_model_takes(pipeline, tmp_path, capsys)
     params = pipeline.model_copy(update={"ingest": pipeline.ingest.model_copy(update={"image_size": 64})})
     top = query.query(params, [big], 1)[0]["results"][0]
     assert top["item_id"] == items[C.ITEM_ID][-1].as_py() and top["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def _save_test_item(pipeline, tmp_path, i: int):
+    """Test item ``i`` (a gallery item) written as a PNG -> (file, item_id)."""
+    items, meta = C.read_table(pipeline.paths["items"], C.ITEMS)
+    test = items.filter(items[C.SPLIT].to_numpy(zero_copy_only=False) == C.TEST)
+    px = C.pixels_numpy(test[C.PIXELS])[i].reshape(meta["height"], meta["width"])
+    path = tmp_path / f"q{i}.png"
+    Image.fromarray(px, mode="L").save(path)
+    return path, test[C.ITEM_ID][i].as_py()
+
+
+def test_an_l2_index_scores_higher_is_more_similar(pipeline, tmp_path):
+    """faiss reports L2 as squared distances, smallest first; query must turn them into "higher is
+    more similar" scores: minus the squared distance to each result's embedding."""
+    build_index.run(pipeline.build_index.model_copy(update={"metric": "l2"}), pipeline.paths)
+    image, item_id = _save_test_item(pipeline, tmp_path, 0)
+    results = query.query(pipeline, [image], 24)[0]["results"]  # the whole gallery: both test classes
+    assert len(results) == 24
+    assert results[0]["item_id"] == item_id and results[0]["score"] == pytest.approx(0.0, abs=1e-4)  # itself
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores[1:])
+    # Exactly minus the squared distance, from the exported embeddings.
+    table, vectors, _ = C.read_embeddings(pipeline.paths["embeddings"])
+    row = {v: n for n, v in enumerate(table[C.ITEM_ID].to_pylist())}
+    q = vectors[row[item_id]]
+    for r in results:
+        assert r["score"] == pytest.approx(-float(((vectors[row[r["item_id"]]] - q) ** 2).sum()), abs=1e-5)
+
+
+def test_an_index_built_from_another_model_is_refused(pipeline, tmp_path, capsys):
+    """A model retrained after build_index: its embeddings are not the index's, so scores would
+    mean nothing. The command says so rather than answer."""
+    import torch
+
+    from tasks.models import EmbeddingNet, load_checkpoint, save_checkpoint
+
+    config = load_checkpoint(pipeline.paths["model"]).config
+    torch.manual_seed(123)
+    save_checkpoint(EmbeddingNet(config), pipeline.paths["model"])  # same shape, other weights
+    image, _ = _save_test_item(pipeline, tmp_path, 0)
+    with pytest.raises(SystemExit) as exit_:
+        query.main([str(image), "--params", str(pipeline.paths.root + "/params.yaml")])
+    assert exit_.value.code == 2
+    assert "built from another model" in capsys.readouterr().err

@@ -105,16 +105,44 @@ def test_a_champion_from_another_evaluation_set_is_not_compared(evaluated):
 
 
 def test_the_evaluation_set_id_depends_on_which_items_are_scored(evaluated):
-    before = registry.evaluation_set_id(evaluated.paths)
-    assert before == registry.evaluation_set_id(evaluated.paths)
+    """Query ids and gallery ids each: a set that differs in either one is another set."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from tasks import contracts as C
 
+    before = registry.evaluation_set_id(evaluated.paths)
+    assert before == registry.evaluation_set_id(evaluated.paths)
     path = evaluated.paths["embeddings"]
-    table = pq.read_table(path)
-    flags = table[C.IS_QUERY].to_pylist()
-    flags[flags.index(True)] = False
-    table = table.set_column(table.schema.get_field_index(C.IS_QUERY), C.IS_QUERY, __import__("pyarrow").array(flags))
-    pq.write_table(table, path)
-    assert registry.evaluation_set_id(evaluated.paths) != before
+    original = pq.read_table(path)
+
+    def with_one_flag_off(flag):
+        """The original embeddings with one item's ``flag`` turned off; that item keeps its other flag."""
+        flags = original[flag].to_pylist()
+        flags[flags.index(True)] = False
+        pq.write_table(original.set_column(original.schema.get_field_index(flag), flag, pa.array(flags)), path)
+        return registry.evaluation_set_id(evaluated.paths)
+
+    # The synthetic test split is query = gallery: one flag flipped leaves the other set as it was.
+    query_changed = with_one_flag_off(C.IS_QUERY)
+    gallery_changed = with_one_flag_off(C.IS_GALLERY)
+    assert query_changed != before
+    assert gallery_changed != before  # only the gallery changed: hashing the queries alone misses it
+    assert query_changed != gallery_changed  # which set an item left matters, not only that one did
+    pq.write_table(original, path)
+    assert registry.evaluation_set_id(evaluated.paths) == before
+
+
+def test_a_version_that_only_ties_the_champion_is_challenger(evaluated):
+    """Promotion needs a strictly better mAP@R: an equal score (another seed landing on the same
+    value, common on small test sets) leaves the champion in place."""
+    p = evaluated.paths
+    # register() directly with a chosen score: evaluate would only add seconds and an unknown mAP@R.
+    run_id = tracking.parent_from_run_info(p.root, p["run_info"])
+    first = registry.register(p, "embedder", run_id, {"map_at_r": 0.5})
+    assert (first["model_version"], first["model_alias"]) == (1, "champion")
+    _retrain(p, 1)  # other weights, so it is a new version, not the one already registered
+    tie = registry.register(p, "embedder", run_id, {"map_at_r": 0.5})
+    assert (tie["model_version"], tie["model_alias"]) == (2, "challenger"), tie
+    assert "does not beat champion v1" in tie["alias_reason"]
+    assert int(_client(evaluated).get_model_version_by_alias("embedder", "champion").version) == 1

@@ -89,6 +89,52 @@ def test_a_state_from_other_params_is_not_resumed(make_project, capsys):
     assert "starting afresh" in capsys.readouterr().out
 
 
+
+def test_a_state_saved_for_other_input_data_is_not_resumed(make_project, capsys):
+    """The same params over other items or batches (a new data drop, a re-made plan) must not
+    continue a state trained on the old files: the fingerprint holds each input's digest."""
+    params = load_params(make_project(FAST))
+    digests = {"items": "a" * 32, "batches": "b" * 32}
+    fp = resume.fingerprint(params.train, digests)
+    assert fp == resume.fingerprint(params.train, dict(digests))  # a pure function of its inputs
+    # Each input on its own changes it (one digest left out of the hash would go unnoticed).
+    for name in resume.INPUTS:
+        assert resume.fingerprint(params.train, digests | {name: "c" * 32}) != fp, name
+    stateful = _fresh(params, torch.device("cpu")).stateful
+    path = params.paths["train_state"]
+    resume.save(path, fp, 0, stateful, [{"epoch": 0}], {"parent": "p", "child": "c"})
+    assert resume.load(path, fp, stateful) is not None  # the control: same data, resumed
+    capsys.readouterr()
+    assert resume.load(path, resume.fingerprint(params.train, digests | {"items": "c" * 32}), stateful) is None
+    assert "from other params or data; starting afresh" in capsys.readouterr().out
+
+
+def test_train_killed_then_restarted_on_new_data_starts_afresh(make_project, monkeypatch, capsys):
+    """The stage end to end: a run killed after its last epoch's state was saved, the items then
+    replaced (same ids and shapes, other pixels) and the plan re-made: the restart trains anew
+    rather than keep the old data's weights."""
+    params = load_params(make_project(FAST))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+
+    def killed_here(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", killed_here)  # every epoch's state saved, no model
+        with pytest.raises(KeyboardInterrupt):
+            train.run(params.train, params.paths)
+    assert torch.load(params.paths["train_state"], weights_only=True)["epochs_done"] == 2
+    synthetic_items(params.paths["items"], seed=1)
+    make_batches.run(params.make_batches, params.paths)
+    capsys.readouterr()
+    result = train.run(params.train, params.paths)
+    out = capsys.readouterr().out
+    assert "from other params or data; starting afresh" in out
+    assert "resuming after epoch" not in out
+    assert result["epochs"] == 2 and not params.paths["train_state"].exists()
+
+
 # ------------------------------------------------------------------------ every random stream resumes
 
 AUGMENT = {"supervised": True, "crop_scale": [0.7, 1.0], "rotate": 10.0, "translate": 0.1, "hflip": True,

@@ -222,3 +222,63 @@ def test_bf16_is_refused_where_it_does_not_apply():
         next(exact_chunks(x, x, 2, "l2", precision="bf16"))
     with pytest.raises(ValueError, match="precision"):
         next(exact_chunks(x, x, 2, precision="fp16"))
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_leave_one_out_symmetric_path_scores_are_the_metric_scores(metric, cpu_selector):
+    # The symmetric path ranks L2 by q·g - |g|²/2 and must convert the kept scores to -|q - g|²
+    # (higher = closer) like the other paths; positions alone do not show a missing conversion.
+    # Non-unit vectors so |q|² differs per row and the ranking score is far from -|q - g|².
+    x = _unit(41, 8, 2) * np.linspace(0.5, 2.0, 41, dtype=np.float32)[:, None]
+    self_pos = np.arange(41)
+    for chunk in (4096, 5):
+        pos, scores = _run(exact_chunks(x, x, 7, metric, self_pos=self_pos, query_chunk=chunk, gallery_block=chunk))
+        np.testing.assert_array_equal(pos, _reference(x, x, 7, metric, self_pos))
+        expect = x @ x.T if metric == "inner_product" else -((x[:, None] - x[None]) ** 2).sum(-1)
+        np.testing.assert_allclose(scores, np.take_along_axis(expect, pos, 1), rtol=0, atol=1e-5)
+        # And the same scores as the non-symmetric path (a copy with one query not in the gallery).
+        sp = self_pos.copy()
+        sp[0] = -1
+        _, other = _run(exact_chunks(x, x, 7, metric, self_pos=sp, query_chunk=chunk, gallery_block=chunk))
+        np.testing.assert_allclose(scores[1:], other[1:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["inner_product", "l2"])
+def test_same_shaped_queries_with_other_values_are_not_taken_for_the_gallery(metric, cpu_selector):
+    # self_pos == arange(Q) and Q == G but the queries are other vectors (say, augmented views of
+    # the gallery items, each excluding its own item): the one-set symmetric shortcut would search
+    # the gallery against itself. The answer must be the queries' own neighbours.
+    g = _unit(41, 8, 2)
+    self_pos = np.arange(41)
+    for q in (_unit(41, 8, 12), g + 0.3 * _unit(41, 8, 13)):
+        for chunk in (4096, 5):
+            pos, scores = _run(exact_chunks(q, g, 7, metric, self_pos=self_pos, query_chunk=chunk, gallery_block=chunk))
+            np.testing.assert_array_equal(pos, _reference(q, g, 7, metric, self_pos))
+            expect = q @ g.T if metric == "inner_product" else -((q[:, None] - g[None]) ** 2).sum(-1)
+            np.testing.assert_allclose(scores, np.take_along_axis(expect, pos, 1), rtol=0, atol=1e-5)
+    # An equal copy (not the same object) may take the shortcut: the answer is the same either way.
+    pos, _ = _run(exact_chunks(g.copy(), g, 7, metric, self_pos=self_pos, query_chunk=5, gallery_block=5))
+    np.testing.assert_array_equal(pos, _reference(g, g, 7, metric, self_pos))
+
+
+def test_bf16_candidates_certify_rows_on_well_separated_data(monkeypatch):
+    # With the default BF16_SPARE spare candidates, random unit vectors leave a wide gap between the
+    # k-th fp32 score and the worst bf16 candidate: the certificate should pass for (nearly) every
+    # row, so the fp32 re-search is the exception. A certificate that never passes would still give
+    # right answers (every row searched again in fp32) but lose the whole bf16 speed-up.
+    outcomes = []
+    rescore = search._rescore
+
+    def spy(*args):
+        out = rescore(*args)
+        outcomes.append(out[2].clone())
+        return out
+
+    monkeypatch.setattr(search, "_rescore", spy)
+    x = _unit(300, 16, 4)
+    for self_pos in (np.arange(300), None):  # the symmetric path and the plain one
+        pos, _ = _run(exact_chunks(x, x, 5, self_pos=self_pos, query_chunk=64, gallery_block=100, precision="bf16"))
+        np.testing.assert_array_equal(pos, _reference(x, x, 5, "inner_product", self_pos))
+    certified = __import__("torch").cat(outcomes)
+    assert len(certified) == 600  # every row went through the certificate once (no re-search calls it)
+    assert float(certified.float().mean()) > 0.9  # here every row: 600 of 600

@@ -84,6 +84,21 @@ def test_a_changed_param_is_kept_as_a_tag(tmp_path):
     assert run.data.tags["changed.a"] == "2" and "changed.b" not in run.data.tags
 
 
+
+def test_a_param_logged_again_unchanged_gets_no_changed_tag(tmp_path):
+    """Stages log the upstream params again on every run (train logs ingest's and make_batches'):
+    a value that did not change is no change, and must not leave a ``changed.*`` tag behind."""
+    run_id = tracking.start_pipeline_run(tmp_path, "exp")
+    t = tracking.Tracker(tmp_path, run_id)
+    values = {"a": 1, "sizes": [1, 2], "opt": {"name": "AdamW", "lr": 0.001}, "none": None}
+    t.params(values)
+    t.params(values)  # the same values, as a re-run stage logs them
+    t.params({"a": 1, "b": 3})
+    run = MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run_id)
+    assert run.data.params["a"] == "1" and run.data.params["b"] == "3"
+    assert not [k for k in run.data.tags if k.startswith("changed.")], run.data.tags
+
+
 def test_run_info_pointing_at_a_missing_run_starts_a_new_one(tmp_path):
     info = tmp_path / "run.json"
     info.write_text(json.dumps({"run_id": "0" * 32, "experiment": "exp"}))

@@ -195,10 +195,11 @@ def test_bf16_candidates_give_the_fp32_answer(blocks):
         np.testing.assert_allclose(scores, fp32[1], rtol=0, atol=1e-6)  # fp32 scores, not bf16 ones
 
 
-def test_rows_the_bf16_candidates_cannot_certify_are_searched_again(monkeypatch):
-    # No spare candidates: the bf16 k-th score and the fp32 k-th are within the error bound of
-    # each other, so most rows fail the certificate and take the fp32 path — and still agree.
-    monkeypatch.setattr(search, "BF16_SPARE", 0)
+def _bf16_certificates(monkeypatch):
+    """Search 300 random unit vectors in bf16 (symmetric path, then plain); check the answers
+    against fp32 and return each row's certificate outcome (True: no fp32 re-search)."""
+    import torch
+
     outcomes = []
     rescore = search._rescore
 
@@ -212,8 +213,24 @@ def test_rows_the_bf16_candidates_cannot_certify_are_searched_again(monkeypatch)
     for self_pos in (np.arange(300), None):
         pos, _ = _run(exact_chunks(x, x, 5, self_pos=self_pos, query_chunk=64, gallery_block=100, precision="bf16"))
         np.testing.assert_array_equal(pos, _reference(x, x, 5, "inner_product", self_pos))
-    certified = __import__("torch").cat(outcomes)
-    assert len(certified) == 600 and not certified.all()
+    certified = torch.cat(outcomes)
+    assert len(certified) == 600  # every row went through the certificate once (no re-search calls it)
+    return certified
+
+
+def test_rows_the_bf16_candidates_cannot_certify_are_searched_again(monkeypatch):
+    # No spare candidates: the bf16 k-th score and the fp32 k-th are within the error bound of
+    # each other, so most rows fail the certificate and take the fp32 path — and still agree.
+    monkeypatch.setattr(search, "BF16_SPARE", 0)
+    assert not _bf16_certificates(monkeypatch).all()
+
+
+def test_bf16_candidates_certify_rows_on_well_separated_data(monkeypatch):
+    # With the default BF16_SPARE spare candidates, random unit vectors leave a wide gap between the
+    # k-th fp32 score and the worst bf16 candidate: the certificate should pass for (nearly) every
+    # row, so the fp32 re-search is the exception. A certificate that never passes would still give
+    # right answers (every row searched again in fp32) but lose the whole bf16 speed-up.
+    assert float(_bf16_certificates(monkeypatch).float().mean()) > 0.9  # here every row: 600 of 600
 
 
 def test_bf16_is_refused_where_it_does_not_apply():
@@ -259,26 +276,3 @@ def test_same_shaped_queries_with_other_values_are_not_taken_for_the_gallery(met
     # An equal copy (not the same object) may take the shortcut: the answer is the same either way.
     pos, _ = _run(exact_chunks(g.copy(), g, 7, metric, self_pos=self_pos, query_chunk=5, gallery_block=5))
     np.testing.assert_array_equal(pos, _reference(g, g, 7, metric, self_pos))
-
-
-def test_bf16_candidates_certify_rows_on_well_separated_data(monkeypatch):
-    # With the default BF16_SPARE spare candidates, random unit vectors leave a wide gap between the
-    # k-th fp32 score and the worst bf16 candidate: the certificate should pass for (nearly) every
-    # row, so the fp32 re-search is the exception. A certificate that never passes would still give
-    # right answers (every row searched again in fp32) but lose the whole bf16 speed-up.
-    outcomes = []
-    rescore = search._rescore
-
-    def spy(*args):
-        out = rescore(*args)
-        outcomes.append(out[2].clone())
-        return out
-
-    monkeypatch.setattr(search, "_rescore", spy)
-    x = _unit(300, 16, 4)
-    for self_pos in (np.arange(300), None):  # the symmetric path and the plain one
-        pos, _ = _run(exact_chunks(x, x, 5, self_pos=self_pos, query_chunk=64, gallery_block=100, precision="bf16"))
-        np.testing.assert_array_equal(pos, _reference(x, x, 5, "inner_product", self_pos))
-    certified = __import__("torch").cat(outcomes)
-    assert len(certified) == 600  # every row went through the certificate once (no re-search calls it)
-    assert float(certified.float().mean()) > 0.9  # here every row: 600 of 600

@@ -65,6 +65,7 @@ PROXY_LOSSES = (losses.LargeMarginSoftmaxLoss, losses.NormalizedSoftmaxLoss, los
 # Losses that turn a miner's pairs into triplets (pml's convert_to_triplets) before computing.
 TRIPLET_LOSSES = (losses.TripletMarginLoss, losses.MarginLoss, losses.HistogramLoss, losses.DynamicSoftMarginLoss)
 
+
 def _capped(nll: torch.Tensor) -> torch.Tensor:
     """-log(p) -> -log(p + tiny), as pml's NTXentLoss computes it (c_f.small_val, the dtype's
     smallest normal number): each positive pair's loss stops at ≈ 87.3 in float32 and its

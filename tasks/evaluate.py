@@ -81,6 +81,11 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     queries = g_vectors if np.array_equal(is_query, gallery) else vectors[is_query]
     del vectors
     metric = ids_meta["metric"]
+    # Few-shot episodes over the classes the gallery has: a query of none (GLDv2's queries without
+    # a landmark, all one label) is no class to tell apart, as it counts in no retrieval metric.
+    # Before the search: episodes the data cannot fill stop the stage now, not after an hour of it.
+    known = np.isin(qc, gc)
+    few_shot = _few_shot(params, queries[known] if not known.all() else queries, query_labels[known], metric)
 
     def exact():
         chunks = search.exact_chunks(queries, g_vectors, k, metric, self_pos, pick_device(params.device), params.query_chunk, params.gallery_block)
@@ -105,10 +110,7 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
               "non-relevant item score exactly alike, so the metrics depend on the gallery's row order there, not "
               "on the model (identical embeddings: a collapsed model, duplicate images, or a coarse PQ index)",
               file=sys.stderr)
-    # Few-shot episodes over the classes the gallery has: a query of none (GLDv2's queries without
-    # a landmark, all one label) is no class to tell apart, as it counts in no retrieval metric.
-    known = np.isin(qc, gc)
-    result |= _few_shot(params, queries[known] if not known.all() else queries, query_labels[known], metric) | {"index_factory": ids_meta["factory"], "search": "exact" if is_exact else "index"}
+    result |= few_shot | {"index_factory": ids_meta["factory"], "search": "exact" if is_exact else "index"}
     C.write_json(paths["metrics"], result)
 
     ks, recall = retrieval.recall_curve(ret, max(params.recall_at))

@@ -196,14 +196,21 @@ def test_no_query_with_a_relevant_item_is_a_named_error(make_project):
         evaluate.run(params.evaluate, params.paths)
 
 
-def test_few_shot_with_too_few_classes_names_the_key(make_project):
+def test_few_shot_with_too_few_classes_names_the_key_before_searching(make_project, monkeypatch):
+    """Checked before the search: on a large gallery that is the stage's long part."""
     params = _trained(make_project, {"make_batches.epochs": 1, "evaluate.few_shot.ways": [5]})
     export_embeddings.run(params.export_embeddings, params.paths)
     build_index.run(params.build_index, params.paths)
+    from tasks import search
     from tasks.errors import DatasetError
 
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched before checking the few-shot episodes")
+
+    monkeypatch.setattr(search, "exact_chunks", no_search)
     with pytest.raises(DatasetError, match="evaluate.few_shot.*only 2 of 2 classes"):
         evaluate.run(params.evaluate, params.paths)
+    assert not params.paths["metrics"].exists()
 
 
 def test_metrics_resting_on_tied_scores_are_counted_and_warned_of(make_project, capsys):

@@ -570,14 +570,15 @@ def _cross_section_errors(params: Params) -> list[str]:
     if b.factory != "auto":
         import faiss
 
-        metric = faiss.METRIC_INNER_PRODUCT if b.metric == "inner_product" else faiss.METRIC_L2
+        from tasks.build_index import METRICS, id_mapped  # what the stage builds with, checked before it runs
+
         try:
-            index = faiss.index_factory(t.embedding_dim, b.factory, metric)
+            index = faiss.index_factory(t.embedding_dim, b.factory, METRICS[b.metric])
         except RuntimeError as err:
             reason = str(err).strip().splitlines()[-1].split(": ", 1)[-1]  # "could not parse index string Foo"
             errors.append(f"build_index.factory: faiss cannot build {b.factory!r} for {t.embedding_dim}-d vectors: {reason}")
-        else:  # tasks.build_index.id_mapped, without importing that stage (and torch) here
-            if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        else:
+            if id_mapped(index):
                 errors.append(f"build_index.factory: {b.factory!r}: drop the IDMap prefix (the stage keeps its own id map, "
                               "paths.index_ids)")
     return errors

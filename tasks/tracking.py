@@ -242,7 +242,6 @@ def stage_run(
     child.params(flat)
     parent.params(flat)
     start = time.perf_counter()
-    status = "FAILED"
     try:
         yield child, parent
         status = "FINISHED"

@@ -570,15 +570,14 @@ def _cross_section_errors(params: Params) -> list[str]:
     if b.factory != "auto":
         import faiss
 
-        from tasks.build_index import METRICS, id_mapped  # what the stage builds with, checked before it runs
-
+        metric = faiss.METRIC_INNER_PRODUCT if b.metric == "inner_product" else faiss.METRIC_L2
         try:
-            index = faiss.index_factory(t.embedding_dim, b.factory, METRICS[b.metric])
+            index = faiss.index_factory(t.embedding_dim, b.factory, metric)
         except RuntimeError as err:
             reason = str(err).strip().splitlines()[-1].split(": ", 1)[-1]  # "could not parse index string Foo"
             errors.append(f"build_index.factory: faiss cannot build {b.factory!r} for {t.embedding_dim}-d vectors: {reason}")
-        else:
-            if id_mapped(index):
+        else:  # tasks.build_index.id_mapped, without importing that stage (and torch) here
+            if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
                 errors.append(f"build_index.factory: {b.factory!r}: drop the IDMap prefix (the stage keeps its own id map, "
                               "paths.index_ids)")
     return errors

@@ -242,6 +242,7 @@ def stage_run(
     child.params(flat)
     parent.params(flat)
     start = time.perf_counter()
+    status = "FAILED"
     try:
         yield child, parent
         status = "FINISHED"

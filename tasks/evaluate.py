@@ -5,9 +5,10 @@ Landmark Retrieval), Recall@K, Precision@1. Protocols (:mod:`tasks.retrieval`): 
 a query is also in the gallery (it never retrieves itself nor counts itself as relevant), separate
 query / gallery sets, and queries whose class is absent from the gallery (counted as
 ``n_queries_without_relevant``, never averaged, never NaN). k reaches the largest class, so MAP@R
-and R-precision are exact. ``n_queries_tied`` counts the queries whose metrics rest on equal
-scores of a relevant and a non-relevant item (:func:`tasks.retrieval.tied_across_relevance`);
-above 1 % a warning says so.
+and R-precision are exact. Equal scores give no order, so every metric is its expectation over the
+orders of the tied items (:mod:`tasks.ties`): the gallery's row order never changes a figure.
+``n_queries_tied`` counts the queries with equal scores for a relevant and a non-relevant item
+(:func:`tasks.ties.tied_across_relevance`); above 1 % a warning says so.
 
 Search: a ``Flat`` index *is* exact search, so it runs as blocked matmul + top-k
 (:mod:`tasks.search`; CUDA when present) with memory bounded by one tile. An approximate index
@@ -107,8 +108,9 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     answered = result["n_queries"] - result["n_queries_without_relevant"]
     if result["n_queries_tied"] > TIED_WARN * answered:
         print(f"evaluate: warning: for {result['n_queries_tied']:,} of {answered:,} queries a relevant and a "
-              "non-relevant item score exactly alike, so the metrics depend on the gallery's row order there, not "
-              "on the model (identical embeddings: a collapsed model, duplicate images, or a coarse PQ index)",
+              "non-relevant item score exactly alike: the model (or index) cannot tell them apart, and their metrics are "
+              "the chance of a random order there (identical embeddings: a collapsed model, duplicate images, or a "
+              "coarse PQ index)",
               file=sys.stderr)
     result |= few_shot | {"index_factory": ids_meta["factory"], "search": "exact" if is_exact else "index"}
     C.write_json(paths["metrics"], result)

@@ -12,6 +12,8 @@ Everything here works on two arrays the caller builds from its k-NN search:
   the k neighbours.
 
 Per-query functions return float64 ``(Q,)`` arrays, NaN where a metric is undefined (R == 0);
+they take the ranking as given. :func:`per_query`, given the search's scores, averages over the
+orders of tied items instead (:mod:`tasks.ties`), which the pipeline uses;
 :func:`summarize` averages over the queries that have at least one relevant item and reports how
 many did not. For large query sets, :func:`per_query` reduces one chunk of queries to ``(c,)``
 arrays, :func:`concat` joins the chunks and :func:`summarize_per_query` averages them — the same
@@ -25,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from tasks import ties
 
 
 def relevance(
@@ -214,25 +218,49 @@ def precision_at_1(hits: np.ndarray) -> np.ndarray:
     return h[:, 0].astype(np.float64)
 
 
-def per_query(hits: np.ndarray, n_relevant: np.ndarray, map_k: int) -> dict[str, np.ndarray]:
+def per_query(
+    hits: np.ndarray, n_relevant: np.ndarray, map_k: int, scores: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Every per-query value the summary needs, for one chunk of queries (so Q never has to fit).
 
-    ``hits`` bool ``(c, k)`` with ``k >= max(R)`` of the chunk, ``n_relevant`` int ``(c,)``. Returns
-    ``(c,)`` arrays: ``map_at_r``, ``r_precision``, ``map_at_{map_k}`` (NaN where R == 0),
-    ``first_hit`` (0-based rank of the first relevant neighbour, -1 if none in the k: Recall@K and
-    Precision@1 for any K <= k follow from it) and ``n_relevant``. Concatenate chunks along axis 0
-    and pass the result to :func:`summarize_per_query`.
+    ``hits`` bool ``(c, k)`` with ``k >= max(R)`` of the chunk, ``n_relevant`` int ``(c,)`` and
+    ``scores`` float ``(c, k)``, the search's scores (best first), or None to take the ranking as
+    given. Equal scores give no order, so every value is its expectation over all orders of the
+    tied items (:mod:`tasks.ties`); without ties, the plain metric. Returns ``(c,)`` arrays: ``map_at_r``,
+    ``r_precision``, ``map_at_{map_k}`` (NaN where R == 0), ``first_hit`` (0-based rank of the
+    first relevant neighbour — the start of its tie group —, -1 if none in the k), ``first_tied``
+    and ``first_tied_hits`` (that group's size and hits: Recall@K and Precision@1 for any K <= k
+    follow, :func:`tasks.ties.recall`), ``n_relevant`` and ``tied`` (bool: a relevant and a
+    non-relevant item tie, :func:`tasks.ties.tied_across_relevance`). Concatenate chunks along axis 0 and pass
+    the result to :func:`summarize_per_query`.
     """
     h = _check_hits(hits)
     r = _check_n_relevant(n_relevant, h)
+    if scores is not None and np.shape(scores) != h.shape:
+        raise ValueError(f"scores must have the shape of hits {h.shape}, got {np.shape(scores)}")
     found = h.any(axis=1)
-    return {
+    out = {
         "map_at_r": map_at_r(h, r),
         "r_precision": r_precision(h, r),
         f"map_at_{map_k}": map_at_k(h, r, map_k),
         "first_hit": np.where(found, h.argmax(axis=1), -1).astype(np.int64),
+        "first_tied": np.ones(len(h), np.int64),
+        "first_tied_hits": np.ones(len(h), np.int64),
         "n_relevant": r,
+        "tied": np.zeros(len(h), bool) if scores is None else ties.tied_across_relevance(np.asarray(scores), h),
     }
+    if out["tied"].any():
+        # Only these rows' values depend on the order of tied items (few, unless the model collapsed):
+        # their expectations replace the plain values.
+        rows = np.flatnonzero(out["tied"])
+        g = ties.groups(np.asarray(scores)[rows], h[rows])
+        p_rel, ap_terms = ties.expected_terms(g)
+        in_top_r = np.arange(h.shape[1])[None, :] < r[rows, None]
+        out["map_at_r"][rows] = (ap_terms * in_top_r).sum(axis=1) / r[rows]  # a tied hit: R >= 1
+        out["r_precision"][rows] = (p_rel * in_top_r).sum(axis=1) / r[rows]
+        out[f"map_at_{map_k}"][rows] = ap_terms[:, : int(map_k)].sum(axis=1) / np.minimum(r[rows], int(map_k))
+        out["first_hit"][rows], out["first_tied"][rows], out["first_tied_hits"][rows] = ties.first_group(g)
+    return out
 
 
 def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -254,15 +282,15 @@ def summarize_per_query(values: dict[str, np.ndarray], recall_ks: Sequence[int],
     for kk in recall_ks:
         if isinstance(kk, bool) or not isinstance(kk, (int, np.integer)) or kk < 1:
             raise ValueError(f"every K in recall_ks must be a positive integer, got {kk!r}")
-    first = values["first_hit"][keep]
+    first = tuple(values[key][keep] for key in ("first_hit", "first_tied", "first_tied_hits"))
     out: dict[str, float | int] = {
         "map_at_r": float(values["map_at_r"][keep].mean()),
         "r_precision": float(values["r_precision"][keep].mean()),
         f"map_at_{map_k}": float(values[f"map_at_{map_k}"][keep].mean()),
-        "precision_at_1": float((first == 0).mean()),
+        "precision_at_1": float(ties.recall(*first, 1).mean()),
     }
     for kk in recall_ks:
-        out[f"recall_at_{int(kk)}"] = float(((first >= 0) & (first < kk)).mean())
+        out[f"recall_at_{int(kk)}"] = float(ties.recall(*first, int(kk)).mean())
     out["n_queries"] = int(keep.shape[0])
     out["n_queries_without_relevant"] = int((~keep).sum())
     return out

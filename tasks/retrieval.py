@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks import metrics
+from tasks import metrics, ties
 from tasks.search import Chunk
 
 
@@ -72,7 +72,7 @@ def score(
         rows = slice(ch.start, ch.start + len(ch.pos))
         valid = ch.pos >= 0
         hits = valid & (gallery_codes[np.maximum(ch.pos, 0)] == query_codes[rows, None])
-        parts.append(metrics.per_query(hits, r[rows], map_k) | {"tied": tied_across_relevance(ch.scores, hits)})
+        parts.append(metrics.per_query(hits, r[rows], map_k, ch.scores))
         tops.append(ch.pos[:, :keep_top])
         top_scores.append(ch.scores[:, :keep_top])
         top_hits.append(hits[:, :keep_top])
@@ -82,28 +82,17 @@ def score(
     return Retrieval(metrics.concat(parts), np.concatenate(tops), np.concatenate(top_scores), np.concatenate(top_hits), k)
 
 
-def tied_across_relevance(scores: np.ndarray, hits: np.ndarray) -> np.ndarray:
-    """bool (c,): the query's neighbour list (scores (c, k), best first; hits (c, k)) holds equal
-    scores for a relevant and a non-relevant item. Equal scores sit side by side, so one adjacent
-    pair shows it. Such a query's metrics follow the tie-break (gallery position: ingest orders
-    rows by label), not the model — a collapsed model scores far above chance this way. Only the
-    k neighbours searched are seen: a list of misses tied with relevant items past the k-th is not
-    flagged, so the count is a lower bound."""
-    return ((scores[:, 1:] == scores[:, :-1]) & (hits[:, 1:] != hits[:, :-1])).any(axis=1)
-
-
 def summary(ret: Retrieval, recall_ks: Sequence[int], map_k: int) -> dict[str, float | int]:
     """The averaged metrics (see :func:`tasks.metrics.summarize`) and ``n_queries_tied``: of the
-    queries averaged, those whose scores depend on a tie-break (:func:`tied_across_relevance`)."""
+    queries averaged, those with a relevant and a non-relevant item tied (:func:`tasks.ties.tied_across_relevance`)."""
     out = metrics.summarize_per_query(ret.values, recall_ks, map_k)
     return out | {"n_queries_tied": int((ret.values["tied"] & (ret.values["n_relevant"] > 0)).sum())}
 
 
 def recall_curve(ret: Retrieval, max_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Recall@K for K = 1..max_k over the queries with R > 0 -> (ks, recall)."""
+    """Recall@K for K = 1..max_k over the queries with R > 0 -> (ks, recall), each the expectation
+    over the orders of tied neighbours, as in :func:`summary`."""
     keep = ret.values["n_relevant"] > 0
-    first = ret.values["first_hit"][keep]
+    first = tuple(ret.values[key][keep] for key in ("first_hit", "first_tied", "first_tied_hits"))
     ks = np.arange(1, max_k + 1)
-    # Recall@K = share of queries whose first hit is at rank < K: a cumulative histogram.
-    hist = np.bincount(first[(first >= 0) & (first < max_k)], minlength=max_k)
-    return ks, np.cumsum(hist) / max(len(first), 1)
+    return ks, np.array([ties.recall(*first, int(kk)).mean() if len(first[0]) else 0.0 for kk in ks])

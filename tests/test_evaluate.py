@@ -215,12 +215,18 @@ def test_few_shot_with_too_few_classes_names_the_key_before_searching(make_proje
 
 def test_metrics_resting_on_tied_scores_are_counted_and_warned_of(make_project, capsys):
     """A collapsed model: every item of classes a and b has one embedding. Row order (a first)
-    then decides the ranking, so the metrics say nothing of the model — evaluate says so."""
+    must not decide the ranking: a's and b's queries score chance, and evaluate says why."""
     e = np.eye(3, dtype=np.float32)
     rows = [(f"{c}{i}", c, True, True, e[0]) for c in "ab" for i in range(3)]
     rows += [(f"c{i}", "c", True, True, e[2] + 0.01 * i * e[1]) for i in range(3)]  # told apart from a and b
     params = _embeddings_project(make_project, rows)
     result = evaluate.run(params.evaluate, params.paths)
     assert result["n_queries_tied"] == 6  # every a and b query; none of c's
-    assert "for 6 of 9 queries a relevant and a non-relevant item score exactly alike" in capsys.readouterr().err
+    # An a or b query: 5 others tied at the top, 2 of them relevant (R = 2); c's 3 queries are right.
+    assert result["precision_at_1"] == pytest.approx((6 * 2 / 5 + 3) / 9)
+    ap_at_r = (2 / 5 + 2 / 5 * (1 + 1 / 4) / 2) / 2  # E[P(1)·rel(1) + P(2)·rel(2)] / R
+    assert result["map_at_r"] == pytest.approx((6 * ap_at_r + 3) / 9)
+    err = capsys.readouterr().err
+    assert "for 6 of 9 queries a relevant and a non-relevant item score exactly alike" in err
+    assert "the chance of a random order there" in err
     assert json.loads(params.paths["metrics"].read_text())["n_queries_tied"] == 6

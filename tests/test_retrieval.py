@@ -82,11 +82,3 @@ def test_needed_k_reaches_the_largest_class():
     assert retrieval.needed_k(np.array([3, 61, 0]), 1000, 10, 5) == 61
     assert retrieval.needed_k(np.array([3]), 1000, 100) == 100
     assert retrieval.needed_k(np.array([3]), 50, 100) == 50
-
-
-def test_ties_across_relevance_are_found_only_where_they_decide():
-    scores = np.array([[0.9, 0.5, 0.5, 0.1], [0.9, 0.9, 0.5, 0.1], [0.9, 0.5, 0.5, 0.5], [np.nan, np.nan, 0.3, 0.2]])
-    hits = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0]], dtype=bool)
-    # row 0: 0.5 ties a hit with a miss; row 1: ties only among hits; row 2: the 0.5 group mixes
-    # (hit, hit, miss); row 3: missing slots (NaN) never tie.
-    np.testing.assert_array_equal(retrieval.tied_across_relevance(scores, hits), [True, False, True, False])

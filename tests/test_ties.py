@@ -1,0 +1,124 @@
+"""Tests for tasks.ties: tie-aware metrics against the plain metrics averaged over every order of
+the tied items (enumerated), hand cases, and independence from the gallery's row order."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from tasks import metrics, retrieval, ties
+from tasks.search import exact_chunks
+
+
+def _orders(scores: np.ndarray) -> list[np.ndarray]:
+    """Every column order of one ranking that permutes items only within runs of equal scores."""
+    runs, start = [], 0
+    for j in range(1, len(scores) + 1):
+        if j == len(scores) or scores[j] != scores[start]:
+            runs.append(list(itertools.permutations(range(start, j))))
+            start = j
+    return [np.array([c for run in combo for c in run]) for combo in itertools.product(*runs)]
+
+
+def _plain(hits: np.ndarray, r: int, map_k: int, ks: list[int]) -> dict[str, float]:
+    h, rr = hits[None, :], np.array([r])
+    out = {"map_at_r": metrics.map_at_r(h, rr)[0], "r_precision": metrics.r_precision(h, rr)[0],
+           "map_at_k": metrics.map_at_k(h, rr, map_k)[0]}
+    return out | {f"recall_at_{kk}": v[0] for kk, v in metrics.recall_at_k(h, ks).items()}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_value_is_the_mean_over_all_orders_of_the_tied_items(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 8))
+    scores = -np.sort(rng.integers(0, int(rng.integers(1, 4)) + 1, size=k)).astype(np.float32)  # few values: ties
+    hits = rng.random(k) < 0.5
+    r = int(rng.integers(max(hits.sum(), 1), k + 1))  # R <= k: MAP@R needs the top R
+    map_k, ks = int(rng.integers(1, k + 2)), [1, 2, k]
+    orders = _orders(scores)
+    want = {key: np.mean([_plain(hits[o], r, map_k, ks)[key] for o in orders]) for key in _plain(hits, r, map_k, ks)}
+
+    got = metrics.per_query(hits[None, :], np.array([r]), map_k, scores[None, :])
+    first = (got["first_hit"], got["first_tied"], got["first_tied_hits"])
+    for key in ("map_at_r", "r_precision"):
+        assert got[key][0] == pytest.approx(want[key], abs=1e-12), key
+    assert got[f"map_at_{map_k}"][0] == pytest.approx(want["map_at_k"], abs=1e-12)
+    for kk in ks:
+        assert ties.recall(*first, kk)[0] == pytest.approx(want[f"recall_at_{kk}"], abs=1e-12), kk
+
+
+def test_without_ties_the_expectations_are_the_plain_metrics():
+    """The tie-aware sums, run on rankings without ties (per_query keeps such rows on the plain path)."""
+    rng = np.random.default_rng(1)
+    hits = rng.random((50, 9)) < 0.4
+    r = np.minimum(np.maximum(hits.sum(axis=1), 1) + rng.integers(0, 3, 50), 9)
+    g = ties.groups(-np.sort(rng.random((50, 9)), axis=1), hits)
+    p_rel, ap_terms = ties.expected_terms(g)
+    in_top_r = np.arange(9)[None, :] < r[:, None]
+    # The same sums in another order: equal to the last bit or two.
+    np.testing.assert_allclose((ap_terms * in_top_r).sum(axis=1) / r, metrics.map_at_r(hits, r), rtol=1e-14)
+    np.testing.assert_allclose((p_rel * in_top_r).sum(axis=1) / r, metrics.r_precision(hits, r), rtol=1e-14)
+    first, size, h = ties.first_group(g)
+    assert (size == 1).all() and (h == 1).all()
+    for kk, want in metrics.recall_at_k(hits, [1, 3, 9]).items():
+        np.testing.assert_array_equal(ties.recall(first, size, h, kk), want)
+
+
+def test_scores_must_match_the_hits():
+    with pytest.raises(ValueError, match=r"scores must have the shape of hits \(2, 3\)"):
+        metrics.per_query(np.ones((2, 3), bool), np.array([3, 3]), 3, np.zeros((2, 2)))
+
+
+def test_tie_groups_by_hand():
+    scores = np.array([[0.9, 0.5, 0.5, 0.5, 0.1], [np.nan, np.nan, 0.3, 0.3, 0.3]])
+    hits = np.array([[1, 0, 1, 1, 0], [0, 0, 1, 0, 1]], dtype=bool)
+    g = ties.groups(scores, hits)
+    np.testing.assert_array_equal(g["start"], [[0, 1, 1, 1, 4], [0, 1, 2, 2, 2]])
+    np.testing.assert_array_equal(g["size"], [[1, 3, 3, 3, 1], [1, 1, 3, 3, 3]])  # NaN never ties
+    np.testing.assert_array_equal(g["hits"], [[1, 2, 2, 2, 0], [0, 0, 2, 2, 2]])
+    np.testing.assert_array_equal(g["before"], [[0, 1, 1, 1, 3], [0, 0, 0, 0, 0]])
+    first, size, h = ties.first_group(g)
+    np.testing.assert_array_equal(first, [0, 2])
+    # Row 1: the group of three at ranks 3-5 holds two hits; the top 3 miss it with chance 1/3.
+    assert ties.recall(first, size, h, 3)[1] == pytest.approx(2 / 3)
+    assert ties.recall(first, size, h, 4)[1] == 1.0 and ties.recall(first, size, h, 2)[1] == 0.0
+    none = ties.first_group(ties.groups(scores[:1], np.zeros((1, 5), bool)))
+    assert none[0][0] == -1 and ties.recall(*none, 5)[0] == 0.0
+
+
+def test_a_collapsed_model_scores_chance_whatever_the_row_order():
+    """3 classes of 10 identical embeddings: every other item ties. Tie-breaking by row order gave
+    mAP@R 0.33 here (class 0's queries see their class first); chance is what a model that tells
+    nothing apart deserves, and the row order must not change it."""
+    labels = np.repeat(np.arange(3), 10)
+    vectors = np.zeros((30, 4), np.float32)
+    vectors[:, 0] = 1
+    self_pos = np.arange(30)
+
+    def summary(order: np.ndarray) -> dict:
+        qc, gc = retrieval.label_codes(labels[order], labels[order])
+        r = retrieval.n_relevant(qc, gc, self_pos)
+        ret = retrieval.score(exact_chunks(vectors, vectors, 29, self_pos=self_pos), qc, gc, r, 29)
+        return retrieval.summary(ret, [1, 5], 29) | {"curve": retrieval.recall_curve(ret, 5)[1]}
+
+    by_label = summary(np.arange(30))
+    shuffled = summary(np.random.default_rng(0).permutation(30))
+    # Each query: 29 tied others, 9 relevant. P@1 = 9/29; Recall@5 = 1 - C(20,5)/C(29,5).
+    assert by_label["precision_at_1"] == pytest.approx(9 / 29)
+    assert by_label["recall_at_5"] == pytest.approx(1 - math.comb(20, 5) / math.comb(29, 5))
+    # MAP@R with every order equally likely: (1/R) sum_i (9/29)(1 + (i-1)·8/28)/i over i = 1..9.
+    chance = sum(9 / 29 * (1 + (i - 1) * 8 / 28) / i for i in range(1, 10)) / 9
+    assert by_label["map_at_r"] == pytest.approx(chance) and chance < 0.2
+    assert by_label["n_queries_tied"] == 30
+    np.testing.assert_allclose(by_label["curve"][[0, 4]], [9 / 29, by_label["recall_at_5"]])
+    for key in ("map_at_r", "r_precision", "map_at_29", "precision_at_1", "recall_at_5", "curve"):
+        np.testing.assert_allclose(shuffled[key], by_label[key], rtol=1e-12, err_msg=key)
+
+
+def test_ties_across_relevance_are_found_only_where_they_decide():
+    scores = np.array([[0.9, 0.5, 0.5, 0.1], [0.9, 0.9, 0.5, 0.1], [0.9, 0.5, 0.5, 0.5], [np.nan, np.nan, 0.3, 0.2]])
+    hits = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0]], dtype=bool)
+    # row 0: 0.5 ties a hit with a miss; row 1: ties only among hits; row 2: the 0.5 group mixes
+    # (hit, hit, miss); row 3: missing slots (NaN) never tie.
+    np.testing.assert_array_equal(ties.tied_across_relevance(scores, hits), [True, False, True, False])

@@ -205,16 +205,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: in
 @torch.no_grad()
 def recall_at_1(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024) -> float:
     """Leave-one-out Recall@1 of uint8 images (N, C, H, W) with labels (N,): the share whose nearest
-    other image has their label. Blocks of ``batch_size`` rows bound memory to batch × N."""
+    other image has their label — tied nearest images share the credit, as evaluate counts them
+    (:mod:`tasks.ties`): else a collapsed model, all its images tied, would score by row order.
+    Blocks of ``batch_size`` rows bound memory to batch × N."""
     model.eval()
     emb = torch.cat([model(pixels[i : i + batch_size]).float() for i in range(0, len(pixels), batch_size)])
-    nearest = torch.empty(len(emb), dtype=torch.long, device=emb.device)
+    right = torch.empty(len(emb), dtype=torch.float64, device=emb.device)
     for i in range(0, len(emb), batch_size):
         sim = emb[i : i + batch_size] @ emb.T
         rows = torch.arange(len(sim), device=emb.device)
         sim[rows, rows + i] = float("-inf")  # never oneself
-        nearest[i : i + batch_size] = sim.argmax(1)
-    return (labels[nearest] == labels).float().mean().item()
+        nearest = sim == sim.amax(1, keepdim=True)  # (b, N): the tied maxima
+        same = labels[None, :] == labels[i : i + batch_size, None]
+        right[i : i + batch_size] = (nearest & same).sum(1) / nearest.sum(1).clamp(min=1)
+    return right.mean().item()
 
 
 class EarlyStopping:

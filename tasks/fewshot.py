@@ -11,13 +11,16 @@ half-width ``1.96 · std / sqrt(episodes)`` (the sample std, ddof 1; 0 for one e
 Nearest: for ``l2``, the smallest squared Euclidean distance to the prototype (Snell et al.); for
 ``inner_product``, the largest cosine between query and prototype (the mean of unit vectors is not
 unit; normalising it is what cosine retrieval does). With K = 1 both are 1-nearest-neighbour.
-Ties go to the class drawn first in the episode (``argmax``'s first maximum). Episodes depend only on
+Ties are drawn at random: a query tied between its class and another counts 1/2
+(:func:`tasks.ties.argmax_hit`). Episodes depend only on
 ``seed`` and the labels, so two models are compared on the same episodes.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from tasks import ties
 
 
 def episodes_accuracy(
@@ -63,6 +66,6 @@ def episodes_accuracy(
             score = -((query[:, None, :] - proto[None, :, :]) ** 2).sum(-1)
         else:
             score = query @ (proto / np.maximum(np.linalg.norm(proto, axis=1, keepdims=True), 1e-12)).T
-        acc[e] = (score.argmax(axis=1) == truth).mean()
+        acc[e] = ties.argmax_hit(score, truth).mean()
     half = 1.96 * acc.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else 0.0
     return float(acc.mean()), float(half)

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from tasks import ties
 from tasks.cli import USER_ERRORS
 from tasks.errors import DatasetError
 from tasks.sources import decode
@@ -86,7 +87,8 @@ def score_runs(
     """Classify each test image as its nearest training image; per-run and mean accuracy, error rate.
 
     ``embed``: uint8 (N, H, W, C) -> float (N, D). Nearest = largest inner product (cosine on the
-    pipeline's unit embeddings) or smallest L2 distance; ties go to the lower training index.
+    pipeline's unit embeddings) or smallest L2 distance; tied nearest images share the credit
+    (:func:`tasks.ties.argmax_hit`).
     """
     per_run = {}
     for run in runs:
@@ -97,7 +99,7 @@ def score_runs(
             score = -((test[:, None, :] - train[None, :, :]) ** 2).sum(-1)
         else:
             score = test @ train.T
-        per_run[run.name] = float((score.argmax(axis=1) == run.answer).mean())
+        per_run[run.name] = float(ties.argmax_hit(score, run.answer).mean())
     mean = float(np.mean(list(per_run.values())))
     return {"runs": len(runs), "accuracy_per_run": per_run, "mean_accuracy": mean, "error_rate": 1.0 - mean}
 

@@ -21,7 +21,8 @@ when the cut (R or k) falls inside a group. Recall@K needs the first tie group h
 plain metric of :mod:`tasks.metrics`.
 
 Only the neighbours searched are seen: a group running past the last column is taken to end there.
-Numpy only, ``(c, k)`` arrays.
+Classification by the nearest item or prototype (few-shot, one-shot) is scored the same way
+(:func:`argmax_hit`). Numpy only, ``(c, k)`` arrays.
 """
 
 from __future__ import annotations
@@ -95,3 +96,13 @@ def recall(first: np.ndarray, size: np.ndarray, hits: np.ndarray, k: int) -> np.
         step = j < m
         miss[step] *= np.maximum(size - hits - j, 0)[step] / (size - j)[step]
     return np.where(first >= 0, 1.0 - miss, 0.0)
+
+
+def argmax_hit(score: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """float64 ``(c,)``: the chance that ``argmax`` of each row of ``score`` (c, n) is ``truth``
+    (c,) when tied maxima are drawn at random — 1 / (number of tied maxima) where the truth is one
+    of them, else 0. A classification accuracy with no tie-break to favour any class."""
+    s = np.asarray(score)
+    top = s == s.max(axis=1, keepdims=True)
+    right = np.take_along_axis(top, np.asarray(truth)[:, None], axis=1)[:, 0]
+    return np.where(right, 1.0 / np.maximum(top.sum(axis=1), 1), 0.0)

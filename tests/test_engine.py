@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.engine import loss_of, make_scheduler, train_epoch
+from tasks.engine import loss_of, make_scheduler, recall_at_1, train_epoch
 from tasks.objectives import FusedTriplet
 
 
@@ -69,3 +69,31 @@ def test_a_frozen_part_keeps_the_statistics_of_its_unweighted_batchnorm():
     train_epoch(model, compute, opt, pixels, torch.arange(8) // 2, [np.arange(8)], epoch=0)
     assert torch.equal(model.trunk[1].running_mean, torch.zeros(2)) and model.trunk[1].num_batches_tracked == 0
     assert model.head[1].num_batches_tracked == 1  # the part that trains keeps tracking
+
+
+class _Lookup(torch.nn.Module):
+    """"Images" are row numbers (N, 1, 1, 1); the embedding of row i is ``table[i]``."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x.reshape(-1).long()]
+
+
+def test_validation_recall_at_1_shares_tied_neighbours_and_ignores_row_order():
+    labels = torch.tensor([0] * 4 + [1] * 3 + [2] * 2)
+    rows = torch.arange(9, dtype=torch.uint8).reshape(9, 1, 1, 1)
+    collapsed = _Lookup(torch.ones(9, 3))
+    # Every image ties with the 8 others: chance is (its class size - 1) / 8, blocks or not.
+    chance = (4 * 3 + 3 * 2 + 2 * 1) / 8 / 9
+    assert recall_at_1(collapsed, rows, labels, batch_size=2) == pytest.approx(chance)
+    assert recall_at_1(collapsed, rows, labels.flip(0), batch_size=4) == pytest.approx(chance)
+    # Distinct embeddings: the plain Recall@1 (2 classes on the unit circle, one image misplaced).
+    angle = torch.tensor([0.0, 0.1, 0.2, 1.0, 1.1, 0.35])
+    points = _Lookup(torch.stack([angle.cos(), angle.sin()], 1))
+    two = torch.tensor([0, 0, 0, 1, 1, 1])
+    plain = np.mean([1, 1, 1, 1, 1, 0])  # image 5 (at 0.35) sits nearest class 0's image at 0.2
+    assert recall_at_1(points, rows[:6], two, batch_size=4) == pytest.approx(plain)
+

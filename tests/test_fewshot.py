@@ -85,7 +85,7 @@ def test_half_width_is_1_96_sample_std_over_sqrt_episodes():
     """The module's 95% half-width, 1.96 · std / sqrt(episodes), with the sample std (ddof=1, as
     the Prototypical Networks code's torchnet meter computes it), checked exactly. Items are
     identical within a class, so only which 2 of 3 classes an episode draws matters: class 2
-    duplicates class 0, so the pair {0, 2} ties (both queries go to the class drawn first: 0.5)
+    duplicates class 0, so the pair {0, 2} ties (each query counts 1/2: 0.5)
     and the other pairs score 1.0. With two possible values the mean tells how many episodes
     scored each, hence the per-episode accuracies."""
     x = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 0], [1, 0]], dtype=np.float32)

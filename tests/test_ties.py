@@ -122,3 +122,11 @@ def test_ties_across_relevance_are_found_only_where_they_decide():
     # row 0: 0.5 ties a hit with a miss; row 1: ties only among hits; row 2: the 0.5 group mixes
     # (hit, hit, miss); row 3: missing slots (NaN) never tie.
     np.testing.assert_array_equal(ties.tied_across_relevance(scores, hits), [True, False, True, False])
+
+
+def test_a_tied_argmax_shares_the_credit():
+    score = np.array([[0.9, 0.9, 0.1], [0.9, 0.9, 0.1], [0.2, 0.5, 0.5], [1.0, 1.0, 1.0], [0.3, 0.7, 0.1]])
+    truth = np.array([0, 2, 2, 1, 1])
+    # Tied with one other: 1/2; not among the maxima: 0; a three-way tie: 1/3; no tie: argmax.
+    np.testing.assert_allclose(ties.argmax_hit(score, truth), [0.5, 0.0, 0.5, 1 / 3, 1.0])
+

@@ -6,7 +6,8 @@ a query is also in the gallery (it never retrieves itself nor counts itself as r
 query / gallery sets, and queries whose class is absent from the gallery (counted as
 ``n_queries_without_relevant``, never averaged, never NaN). k reaches the largest class, so MAP@R
 and R-precision are exact. Equal scores give no order, so every metric is its expectation over the
-orders of the tied items (:mod:`tasks.ties`): the gallery's row order never changes a figure.
+orders of the tied items (:mod:`tasks.ties`), with a tie group that k cuts searched on
+(:func:`tasks.retrieval.score`): the gallery's row order never changes a figure.
 ``n_queries_tied`` counts the queries with equal scores for a relevant and a non-relevant item
 (:func:`tasks.ties.tied_across_relevance`); above 1 % a warning says so.
 
@@ -88,17 +89,23 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     known = np.isin(qc, gc)
     few_shot = _few_shot(params, queries[known] if not known.all() else queries, query_labels[known], metric)
 
+    # One column past k: a tie there with the k-th means the last tie group runs on (retrieval.score).
+    spare = min(k + 1, len(gallery_ids))
+    device = pick_device(params.device)
+
     def exact():
-        chunks = search.exact_chunks(queries, g_vectors, k, metric, self_pos, pick_device(params.device), params.query_chunk, params.gallery_block)
-        return retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k)
+        chunks = search.exact_chunks(queries, g_vectors, spare, metric, self_pos, device, params.query_chunk, params.gallery_block)
+        wider = search.exact_research(queries, g_vectors, metric, self_pos, device, params.gallery_block)
+        return retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k, wider)
 
     is_exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
     if is_exact:
         del index  # its vectors are g_vectors: free the copy (512 MB at 1M × 128)
         ret = exact()
     else:
-        chunks = search.index_chunks(index, queries, k, self_pos, params.query_chunk, negate=metric == "l2")
-        ret = retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k)
+        chunks = search.index_chunks(index, queries, spare, self_pos, params.query_chunk, negate=metric == "l2")
+        wider = search.index_research(index, queries, self_pos, negate=metric == "l2")
+        ret = retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k, wider)
     try:
         result = retrieval.summary(ret, params.recall_at, params.map_at)
         if not is_exact:

@@ -576,7 +576,8 @@ def _cross_section_errors(params: Params) -> list[str]:
         except RuntimeError as err:
             reason = str(err).strip().splitlines()[-1].split(": ", 1)[-1]  # "could not parse index string Foo"
             errors.append(f"build_index.factory: faiss cannot build {b.factory!r} for {t.embedding_dim}-d vectors: {reason}")
-        else:  # tasks.build_index.id_mapped, without importing that stage (and torch) here
+        else:  # tasks.build_index.id_mapped's check, not imported: every stage imports params, so DVC
+            # would make every stage depend on build_index's code (tests/test_dvc_graph.py)
             if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
                 errors.append(f"build_index.factory: {b.factory!r}: drop the IDMap prefix (the stage keeps its own id map, "
                               "paths.index_ids)")

@@ -14,13 +14,13 @@ Memory: per chunk ``(c, k)`` arrays; kept for all queries only ``(Q,)`` metric v
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from tasks import metrics, ties
-from tasks.search import Chunk
+from tasks.search import Chunk, Research
 
 
 @dataclass(frozen=True)
@@ -65,14 +65,26 @@ def score(
     r: np.ndarray,
     map_k: int,
     keep_top: int = 0,
+    research: Research | None = None,
 ) -> Retrieval:
-    """Reduce search chunks to per-query metrics. Every chunk needs k >= max R of its queries."""
+    """Reduce search chunks to per-query metrics. Every chunk needs k >= max R of its queries.
+
+    With ``research``, chunks carry one spare column past the k the metrics need: a row whose last
+    two scores are equal has a tie group that may run on past it, and which of its items made the
+    cut was the tie-break's choice. Such rows are searched again, ``GROW`` times wider each time,
+    until their last group closes (or ``MAX_WIDTH``, or the whole gallery), so the tie-aware
+    metrics see every item of every group they average over (:func:`_closed`)."""
     parts, tops, top_scores, top_hits, k = [], [], [], [], 0
     for ch in chunks:
         rows = slice(ch.start, ch.start + len(ch.pos))
-        valid = ch.pos >= 0
-        hits = valid & (gallery_codes[np.maximum(ch.pos, 0)] == query_codes[rows, None])
-        parts.append(metrics.per_query(hits, r[rows], map_k, ch.scores))
+        hits = _hits(ch.pos, query_codes[rows], gallery_codes)
+        values = metrics.per_query(hits, r[rows], map_k, ch.scores)
+        if research is not None:
+            for local, wide in _closed(ch, research, min(len(gallery_codes), MAX_WIDTH)):
+                again = metrics.per_query(_hits(wide.pos, query_codes[rows][local], gallery_codes), r[rows][local], map_k, wide.scores)
+                for key, v in again.items():
+                    values[key][local] = v
+        parts.append(values)
         tops.append(ch.pos[:, :keep_top])
         top_scores.append(ch.scores[:, :keep_top])
         top_hits.append(hits[:, :keep_top])
@@ -80,6 +92,59 @@ def score(
     if not parts:
         raise ValueError("no queries to score")
     return Retrieval(metrics.concat(parts), np.concatenate(tops), np.concatenate(top_scores), np.concatenate(top_hits), k)
+
+
+# A re-search grows by GROW (few rounds, and at most GROW× the width it needed) and holds at most
+# CELLS neighbours at a time (~200 MB with the metrics' (rows, width) arrays); MAX_WIDTH bounds the
+# work a collapsed model (every item tied) costs, and past it a group counts as ending there.
+GROW, CELLS, MAX_WIDTH = 8, 1 << 21, 1 << 12
+
+
+def _hits(pos: np.ndarray, query_codes: np.ndarray, gallery_codes: np.ndarray) -> np.ndarray:
+    """bool (c, w): neighbour j of query i is relevant (a real result with the query's label)."""
+    return (pos >= 0) & (gallery_codes[np.maximum(pos, 0)] == query_codes[:, None])
+
+
+def _open(scores: np.ndarray) -> np.ndarray:
+    """bool (c,): the last two columns tie (NaN, an empty slot, ties nothing): the last group may
+    run on past the columns searched."""
+    return scores[:, -1] == scores[:, -2] if scores.shape[1] >= 2 else np.zeros(len(scores), bool)
+
+
+def _closed(ch: Chunk, research: Research, limit: int) -> Iterator[tuple[np.ndarray, Chunk]]:
+    """(local rows, their neighbour lists with the last tie group whole) for every open row of
+    ``ch``: searched ``GROW``× wider until the group's score is no longer the last column's (or the
+    width reaches ``limit``: then the group as far as it was seen)."""
+    rows, width, value = np.flatnonzero(_open(ch.scores)), ch.pos.shape[1], ch.scores[:, -1]
+    while rows.size and width < limit:
+        width, still = min(width * GROW, limit), []
+        for b in range(0, len(rows), max(1, CELLS // width)):
+            local = rows[b : b + max(1, CELLS // width)]
+            wide = research(ch.start + local, width)
+            done = (wide.scores[:, -1] != value[local]) | (width >= limit)
+            if done.any():
+                yield local[done], _with_group(ch, local[done], Chunk(0, wide.pos[done], wide.scores[done]))
+            still.append(local[~done])
+        rows = np.concatenate(still)
+
+
+def _with_group(ch: Chunk, local: np.ndarray, wide: Chunk) -> Chunk:
+    """Rows ``local`` of ``ch`` as searched (up to their last tie group), then that group whole:
+    its items in ``ch`` and every item ``wide`` (the same rows searched wider) gives the group's
+    score. Only the group is taken from the wider search — an approximate index may find other
+    neighbours when asked for more (HNSW searches max(efSearch, k)), and the metrics must be those
+    of the search as deployed. (c, w) arrays padded with -1 / NaN."""
+    pos, scores = [], []
+    for i, row in enumerate(local):
+        s, v = ch.scores[row], ch.scores[row, -1]
+        start = len(s) - int(np.argmin(s[::-1] == v)) if (s != v).any() else 0  # first column of the last group
+        group = np.sort(np.concatenate([ch.pos[row, start:], wide.pos[i][wide.scores[i] == v]]))
+        group = group[np.r_[True, group[1:] != group[:-1]]]  # each item once (np.union1d hashes: 5x slower here)
+        pos.append(np.concatenate([ch.pos[row, :start], group]))
+        scores.append(np.concatenate([s[:start], np.full(len(group), v, np.float32)]))
+    w = max(map(len, pos), default=0)
+    return Chunk(0, np.array([np.pad(p, (0, w - len(p)), constant_values=-1) for p in pos], np.int64).reshape(len(pos), w),
+                 np.array([np.pad(x, (0, w - len(x)), constant_values=np.nan) for x in scores], np.float32).reshape(len(pos), w))
 
 
 def summary(ret: Retrieval, recall_ks: Sequence[int], map_k: int) -> dict[str, float | int]:

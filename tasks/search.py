@@ -39,7 +39,7 @@ position -1 and score NaN.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -324,3 +324,29 @@ def index_chunks(
             pos, scores = pos[:, :k], scores[:, :k]
         scores = np.where(pos >= 0, scores, -np.inf).astype(np.float32)
         yield _finish(start, torch.from_numpy(scores), torch.from_numpy(pos), k)
+
+
+# (query rows (m,), k) -> their top k as one Chunk (start 0), searched as the first pass was: how
+# tasks.retrieval sees where a tie group running past the k-th column ends.
+Research = Callable[[np.ndarray, int], Chunk]
+
+
+def exact_research(
+    queries: np.ndarray, gallery: np.ndarray, metric: str, self_pos: np.ndarray | None, device: torch.device | str,
+    gallery_block: int,
+) -> Research:
+    """A :data:`Research` by :func:`exact_chunks` (the same tie-break: gallery position)."""
+    return lambda rows, k: _joined(exact_chunks(
+        queries[rows], gallery, k, metric, None if self_pos is None else self_pos[rows], device, len(rows), gallery_block))
+
+
+def index_research(index, queries: np.ndarray, self_pos: np.ndarray | None, negate: bool) -> Research:
+    """A :data:`Research` by :func:`index_chunks` through the same faiss index."""
+    return lambda rows, k: _joined(index_chunks(
+        index, queries[rows], k, None if self_pos is None else self_pos[rows], max(len(rows), 1), negate))
+
+
+def _joined(chunks: Iterator[Chunk]) -> Chunk:
+    parts = list(chunks)
+    return Chunk(0, np.concatenate([c.pos for c in parts]), np.concatenate([c.scores for c in parts]))
+

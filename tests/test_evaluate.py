@@ -230,3 +230,19 @@ def test_metrics_resting_on_tied_scores_are_counted_and_warned_of(make_project, 
     assert "for 6 of 9 queries a relevant and a non-relevant item score exactly alike" in err
     assert "the chance of a random order there" in err
     assert json.loads(params.paths["metrics"].read_text())["n_queries_tied"] == 6
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16"])
+def test_a_collapsed_model_scores_chance_though_k_cuts_its_tie_group(make_project, factory):
+    """4 classes × 8 items, all one embedding, rows sorted by label: every query ties with the 31
+    others, and k (7 = R) cuts that group. Searched wider past the cut, the metrics are chance —
+    by exact search and through an approximate index."""
+    v = np.eye(3, dtype=np.float32)[0]
+    rows = [(f"{c}{i}", c, True, True, v) for c in "abcd" for i in range(8)]
+    params = _embeddings_project(make_project, rows, factory, name=factory.lower(), **{
+        "evaluate.map_at": 5, "evaluate.recall_at": [1, 5], "evaluate.grid_top_k": 2})
+    result = evaluate.run(params.evaluate, params.paths)
+    assert result["search"] == ("exact" if factory == "Flat" else "index")
+    assert result["precision_at_1"] == pytest.approx(7 / 31)
+    assert result["map_at_r"] == pytest.approx(sum(7 / 31 * (1 + (i - 1) * 6 / 30) / i for i in range(1, 8)) / 7)
+    assert result["n_queries_tied"] == 32

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tasks import metrics, retrieval, ties
-from tasks.search import exact_chunks
+from tasks.search import Chunk, exact_chunks, exact_research, index_chunks, index_research
 
 
 def _orders(scores: np.ndarray) -> list[np.ndarray]:
@@ -87,20 +87,24 @@ def test_tie_groups_by_hand():
     assert none[0][0] == -1 and ties.recall(*none, 5)[0] == 0.0
 
 
-def test_a_collapsed_model_scores_chance_whatever_the_row_order():
+@pytest.mark.parametrize("k", [29, 9])
+def test_a_collapsed_model_scores_chance_whatever_the_row_order(k):
     """3 classes of 10 identical embeddings: every other item ties. Tie-breaking by row order gave
     mAP@R 0.33 here (class 0's queries see their class first); chance is what a model that tells
-    nothing apart deserves, and the row order must not change it."""
+    nothing apart deserves, and the row order must not change it. k = 9 (max R, what evaluate
+    searches) cuts the tie group: the spare column shows it runs on, and a wider search closes it."""
     labels = np.repeat(np.arange(3), 10)
     vectors = np.zeros((30, 4), np.float32)
     vectors[:, 0] = 1
     self_pos = np.arange(30)
 
-    def summary(order: np.ndarray) -> dict:
+    def summary(order: np.ndarray, wider: bool = True) -> dict:
         qc, gc = retrieval.label_codes(labels[order], labels[order])
         r = retrieval.n_relevant(qc, gc, self_pos)
-        ret = retrieval.score(exact_chunks(vectors, vectors, 29, self_pos=self_pos), qc, gc, r, 29)
-        return retrieval.summary(ret, [1, 5], 29) | {"curve": retrieval.recall_curve(ret, 5)[1]}
+        chunks = exact_chunks(vectors, vectors, min(k + 1, 29), self_pos=self_pos, query_chunk=7)
+        research = exact_research(vectors, vectors, "inner_product", self_pos, "cpu", 16384) if wider else None
+        ret = retrieval.score(chunks, qc, gc, r, k, research=research)
+        return retrieval.summary(ret, [1, 5], k) | {"curve": retrieval.recall_curve(ret, 5)[1]}
 
     by_label = summary(np.arange(30))
     shuffled = summary(np.random.default_rng(0).permutation(30))
@@ -112,8 +116,59 @@ def test_a_collapsed_model_scores_chance_whatever_the_row_order():
     assert by_label["map_at_r"] == pytest.approx(chance) and chance < 0.2
     assert by_label["n_queries_tied"] == 30
     np.testing.assert_allclose(by_label["curve"][[0, 4]], [9 / 29, by_label["recall_at_5"]])
-    for key in ("map_at_r", "r_precision", "map_at_29", "precision_at_1", "recall_at_5", "curve"):
+    for key in ("map_at_r", "r_precision", f"map_at_{k}", "precision_at_1", "recall_at_5", "curve"):
         np.testing.assert_allclose(shuffled[key], by_label[key], rtol=1e-12, err_msg=key)
+    if k < 29:  # the group cut at the k-th, as searched: class 0's queries saw only their class
+        assert summary(np.arange(30), wider=False)["map_at_r"] > chance + 0.1  # 0.28
+
+
+def test_through_faiss_the_cut_tie_group_is_searched_whole():
+    """Duplicates of 6 points, 10 copies each on average, through a faiss index: k = max R cuts tie
+    groups; with the wider search the metrics equal those of the whole ranking."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((6, 8)).astype(np.float32)
+    labels = rng.integers(0, 3, 60)
+    vectors = base[rng.integers(0, 6, 60)]
+    index = faiss.IndexFlatL2(8)
+    index.add(vectors)
+    self_pos = np.arange(60)
+    qc, gc = retrieval.label_codes(labels, labels)
+    r = retrieval.n_relevant(qc, gc, self_pos)
+    k = retrieval.needed_k(r, 60)
+    research = index_research(index, vectors, self_pos, negate=True)
+    got = retrieval.score(index_chunks(index, vectors, k + 1, self_pos, 16, negate=True), qc, gc, r, k, research=research)
+    whole = retrieval.score(index_chunks(index, vectors, 59, self_pos, 16, negate=True), qc, gc, r, k)
+    cut = retrieval.score(index_chunks(index, vectors, k + 1, self_pos, 16, negate=True), qc, gc, r, k)
+    assert k < 30 and got.values["tied"].sum() > 30
+    for key in ("map_at_r", "r_precision", f"map_at_{k}", "first_hit", "first_tied", "first_tied_hits"):
+        np.testing.assert_allclose(got.values[key], whole.values[key], rtol=1e-12, err_msg=key)
+    assert not np.allclose(cut.values["map_at_r"], whole.values["map_at_r"])  # the case needs the wider search
+
+
+def test_only_the_last_tie_group_comes_from_the_wider_search():
+    """An approximate index may find other neighbours when asked for more (HNSW searches
+    max(efSearch, k)): the metrics stay those of the search as deployed, the wider one only
+    completes the group that the k-th column cut."""
+    codes = np.array([0, 0, 0, 1, 1, 1, 0])  # gallery labels; the query is of class 0 (R = 4, k = 4)
+    narrow = Chunk(0, np.array([[3, 0, 4, 5, 1]]), np.array([[0.9, 0.5, 0.5, 0.5, 0.5]], np.float32))
+    # Asked for more, the "index" ranks 6 first (a relevant item the deployed search missed) and
+    # finds the rest of the 0.5 group: item 2.
+    wide = Chunk(0, np.array([[6, 3, 0, 4, 5, 1, 2, -1]]), np.array([[0.95, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5, np.nan]], np.float32))
+    calls = []
+
+    def research(rows, width):
+        calls.append((rows.tolist(), width))
+        return Chunk(0, wide.pos[:, :width], wide.scores[:, :width])
+
+    got = retrieval.score([narrow], np.array([0]), codes, np.array([4]), 4, research=research)
+    assert calls == [([0], 7)]  # 5 columns, 8× wider, capped at the gallery's 7
+    # Deployed: 3 (a miss) first; then the 0.5 group is {0, 1, 2, 4, 5}: 3 hits among 5 at ranks 2-4.
+    g = ties.groups(np.array([[0.9, 0.5, 0.5, 0.5, 0.5, 0.5]]), np.array([[0, 1, 1, 1, 0, 0]], bool))
+    _, ap_terms = ties.expected_terms(g)
+    assert got.values["map_at_r"][0] == pytest.approx(ap_terms[0, :4].sum() / 4)
+    assert got.values["first_hit"][0] == 1 and got.values["first_tied"][0] == 5 and got.values["first_tied_hits"][0] == 3
 
 
 def test_ties_across_relevance_are_found_only_where_they_decide():

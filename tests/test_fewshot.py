@@ -97,3 +97,13 @@ def test_half_width_is_1_96_sample_std_over_sqrt_episodes():
     acc = np.array([1.0] * ones + [0.5] * (n - ones))
     assert mean == pytest.approx(acc.mean(), abs=1e-12)
     assert half == pytest.approx(1.96 * acc.std(ddof=1) / np.sqrt(n), rel=1e-9)
+
+
+def test_a_query_tied_between_two_prototypes_counts_one_half_whichever_class_was_drawn_first():
+    """L2, 1-shot: class a is {0, e0}, class b is {2e0, 2e0}. When a's support is 0 its query e0
+    sits exactly between the prototypes 0 and 2e0: that query counts 1/2, so an episode scores 0.75
+    (b's query is always right) or 1.0 — never 0.5 or 1.0 by the order the classes were drawn in."""
+    x = np.array([[0, 0], [1, 0], [2, 0], [2, 0]], dtype=np.float32)
+    y = np.array(["a", "a", "b", "b"])
+    scores = {episodes_accuracy(x, y, 2, 1, 1, 1, seed=s, metric="l2")[0] for s in range(20)}
+    assert scores == {0.75, 1.0}

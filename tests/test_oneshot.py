@@ -77,6 +77,25 @@ def test_a_constant_embedding_scores_the_tie_rule(tmp_path):
     assert result["accuracy_per_run"] == {"run01": 0.25, "run02": 0.25}
 
 
+
+def test_a_test_image_tied_between_its_class_and_another_counts_one_half(tmp_path):
+    """One-hot embeddings: test image i is its answer's vector, except that the image of class 1
+    also scores 1 against class 0: right with chance 1/2 — not wrong because class 0 comes first."""
+    runs = oneshot.read_runs(_replica(tmp_path))
+    order = iter(runs)
+
+    def embed(pixels: np.ndarray) -> np.ndarray:
+        run = next(order)  # score_runs embeds one run at a time: its training images, then its tests
+        n = len(run.training)
+        e = np.zeros((len(pixels), n))
+        e[np.arange(n), np.arange(n)] = 1
+        e[n + np.arange(len(run.answer)), run.answer] = 1
+        e[n + int(np.flatnonzero(run.answer == 1)[0]), 0] = 1
+        return e
+
+    result = oneshot.score_runs(runs, embed, image_size=20, channels=1)
+    assert result["accuracy_per_run"] == {"run01": 3.5 / 4, "run02": 3.5 / 4}
+
 def _shifted_embed(pixels: np.ndarray) -> np.ndarray:
     """_pixels_embed moved far off the origin by one fixed vector: L2 distances are unchanged (so
     the nearest is still right), inner products are not (they now favour whichever training image

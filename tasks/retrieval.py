@@ -115,30 +115,41 @@ def _closed(ch: Chunk, research: Research, limit: int) -> Iterator[tuple[np.ndar
     """(local rows, their neighbour lists with the last tie group whole) for every open row of
     ``ch``: searched ``GROW``× wider until the group's score is no longer the last column's (or the
     width reaches ``limit``: then the group as far as it was seen)."""
-    rows, width, value = np.flatnonzero(_open(ch.scores)), ch.pos.shape[1], ch.scores[:, -1]
+    rows, width = np.flatnonzero(_open(ch.scores)), ch.pos.shape[1]
     while rows.size and width < limit:
         width, still = min(width * GROW, limit), []
         for b in range(0, len(rows), max(1, CELLS // width)):
             local = rows[b : b + max(1, CELLS // width)]
             wide = research(ch.start + local, width)
-            done = (wide.scores[:, -1] != value[local]) | (width >= limit)
+            # The group's score as the wider search computes it: another tiling (leave-one-out's
+            # symmetric pass against a plain one) may round the same dot product another way.
+            same = wide.pos == ch.pos[local, -1:]
+            value = np.where(same.any(axis=1), wide.scores[np.arange(len(local)), same.argmax(axis=1)], ch.scores[local, -1])
+            cut = (wide.scores[:, -1] == value) & (width >= limit)
+            done = (wide.scores[:, -1] != value) | cut
             if done.any():
-                yield local[done], _with_group(ch, local[done], Chunk(0, wide.pos[done], wide.scores[done]))
+                yield local[done], _with_group(ch, local[done], Chunk(0, wide.pos[done], wide.scores[done]), value[done], cut[done])
             still.append(local[~done])
         rows = np.concatenate(still)
 
 
-def _with_group(ch: Chunk, local: np.ndarray, wide: Chunk) -> Chunk:
-    """Rows ``local`` of ``ch`` as searched (up to their last tie group), then that group whole:
-    its items in ``ch`` and every item ``wide`` (the same rows searched wider) gives the group's
-    score. Only the group is taken from the wider search — an approximate index may find other
-    neighbours when asked for more (HNSW searches max(efSearch, k)), and the metrics must be those
-    of the search as deployed. (c, w) arrays padded with -1 / NaN."""
+def _with_group(ch: Chunk, local: np.ndarray, wide: Chunk, value: np.ndarray, cut: np.ndarray) -> Chunk:
+    """Rows ``local`` of ``ch`` as searched up to their last tie group, then that group whole: its
+    items in ``ch`` and every other item that ``wide`` (the same rows searched wider) scores
+    ``value`` (c,), the group's score there. Only the group is taken from the wider search — an
+    approximate index may find other neighbours when asked for more (HNSW searches
+    max(efSearch, k)), and the metrics must be those of the search as deployed; an item ``ch``
+    ranked before the group stays there, whatever ``wide`` scores it. Where the group was ``cut``
+    (c,) at the widest search, only ``wide``'s part of it: a random draw from the group when the
+    research shuffles the gallery (:func:`tasks.search.exact_research`), which ``ch``'s lowest
+    positions are not. (c, w) arrays padded with -1 / NaN."""
     pos, scores = [], []
     for i, row in enumerate(local):
         s, v = ch.scores[row], ch.scores[row, -1]
         start = len(s) - int(np.argmin(s[::-1] == v)) if (s != v).any() else 0  # first column of the last group
-        group = np.sort(np.concatenate([ch.pos[row, start:], wide.pos[i][wide.scores[i] == v]]))
+        found = wide.pos[i][wide.scores[i] == value[i]]
+        found = found[~np.isin(found, ch.pos[row, :start])]
+        group = np.sort(found if cut[i] else np.concatenate([ch.pos[row, start:], found]))
         group = group[np.r_[True, group[1:] != group[:-1]]]  # each item once (np.union1d hashes: 5x slower here)
         pos.append(np.concatenate([ch.pos[row, :start], group]))
         scores.append(np.concatenate([s[:start], np.full(len(group), v, np.float32)]))
@@ -158,6 +169,13 @@ def recall_curve(ret: Retrieval, max_k: int) -> tuple[np.ndarray, np.ndarray]:
     """Recall@K for K = 1..max_k over the queries with R > 0 -> (ks, recall), each the expectation
     over the orders of tied neighbours, as in :func:`summary`."""
     keep = ret.values["n_relevant"] > 0
-    first = tuple(ret.values[key][keep] for key in ("first_hit", "first_tied", "first_tied_hits"))
+    first, size, hits = (ret.values[key][keep] for key in ("first_hit", "first_tied", "first_tied_hits"))
     ks = np.arange(1, max_k + 1)
-    return ks, np.array([ties.recall(*first, int(kk)).mean() if len(first[0]) else 0.0 for kk in ks])
+    # A first hit without a tie counts from its rank on: a cumulative histogram. Only queries whose
+    # first hit is tied need the expectation, K by K.
+    plain = (size == 1) & (first >= 0)
+    found = np.cumsum(np.bincount(first[plain & (first < max_k)], minlength=max_k)).astype(np.float64)
+    tied = (size > 1) & (first >= 0)
+    if tied.any():
+        found += [ties.recall(first[tied], size[tied], hits[tied], int(kk)).sum() for kk in ks]
+    return ks, found / max(len(first), 1)

@@ -333,11 +333,23 @@ Research = Callable[[np.ndarray, int], Chunk]
 
 def exact_research(
     queries: np.ndarray, gallery: np.ndarray, metric: str, self_pos: np.ndarray | None, device: torch.device | str,
-    gallery_block: int,
+    gallery_block: int, seed: int = 0,
 ) -> Research:
-    """A :data:`Research` by :func:`exact_chunks` (the same tie-break: gallery position)."""
-    return lambda rows, k: _joined(exact_chunks(
-        queries[rows], gallery, k, metric, None if self_pos is None else self_pos[rows], device, len(rows), gallery_block))
+    """A :data:`Research` by :func:`exact_chunks` over the gallery in a seeded random order, mapped
+    back: where a group is too large to list whole (tasks.retrieval.MAX_WIDTH), the items that make
+    the cut are then a random draw from it — whose tie-aware metrics are unbiased — not the lowest
+    gallery positions (ingest sorts rows by label). The shuffled copy is made at the first call."""
+    state: dict[str, np.ndarray] = {}
+
+    def research(rows: np.ndarray, k: int) -> Chunk:
+        if not state:
+            perm = np.random.default_rng(seed).permutation(len(gallery))
+            state.update(perm=perm, gallery=gallery[perm], moved_to=np.argsort(perm))
+        sp = None if self_pos is None else np.where(self_pos[rows] >= 0, state["moved_to"][np.maximum(self_pos[rows], 0)], -1)
+        ch = _joined(exact_chunks(queries[rows], state["gallery"], k, metric, sp, device, len(rows), gallery_block))
+        return Chunk(0, np.where(ch.pos >= 0, state["perm"][np.maximum(ch.pos, 0)], -1), ch.scores)
+
+    return research
 
 
 def index_research(index, queries: np.ndarray, self_pos: np.ndarray | None, negate: bool) -> Research:

@@ -89,13 +89,17 @@ def first_group(g: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.nd
 def recall(first: np.ndarray, size: np.ndarray, hits: np.ndarray, k: int) -> np.ndarray:
     """Expected Recall@k, float64 ``(c,)``, from :func:`first_group`'s arrays: 1 - the chance that
     the ``m = k - first`` group positions inside the top k all hold misses,
-    ``prod_{j<m} (n-h-j) / (n-j)``."""
+    ``C(n-h, m) / C(n, m)`` — from a table of log-factorials, so O(1) per query whatever n."""
     m = np.clip(k - first, 0, size)
-    miss = np.ones(first.shape)
-    for j in range(int(m.max(initial=0))):  # m <= the largest tie group: one step without ties
-        step = j < m
-        miss[step] *= np.maximum(size - hits - j, 0)[step] / (size - j)[step]
-    return np.where(first >= 0, 1.0 - miss, 0.0)
+    rest = size - hits - m  # misses left over once m are drawn; < 0: a hit must be among them
+    lf = _log_factorials(int(size.max(initial=1)))
+    miss = np.exp(lf[np.maximum(size - hits, 0)] - lf[np.maximum(rest, 0)] - lf[size] + lf[size - m])
+    return np.where((first >= 0) & (rest >= 0), 1.0 - miss, np.where(first >= 0, 1.0, 0.0))
+
+
+def _log_factorials(n: int) -> np.ndarray:
+    """float64 (n + 1,): log(i!) for i = 0..n."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
 
 
 def argmax_hit(score: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -123,28 +123,36 @@ def test_a_collapsed_model_scores_chance_whatever_the_row_order(k):
 
 
 def test_through_faiss_the_cut_tie_group_is_searched_whole():
-    """Duplicates of 6 points, 10 copies each on average, through a faiss index: k = max R cuts tie
+    """Duplicates of 6 points, 10 copies each on average (and 20 points without), through faiss: k = max R cuts tie
     groups; with the wider search the metrics equal those of the whole ranking."""
     import faiss
 
     rng = np.random.default_rng(3)
     base = rng.standard_normal((6, 8)).astype(np.float32)
-    labels = rng.integers(0, 3, 60)
-    vectors = base[rng.integers(0, 6, 60)]
+    labels = rng.integers(0, 3, 80)
+    # 60 copies of 6 points, and 20 points of their own (their first hits are not tied)
+    vectors = np.concatenate([base[rng.integers(0, 6, 60)], rng.standard_normal((20, 8)).astype(np.float32)])
     index = faiss.IndexFlatL2(8)
     index.add(vectors)
-    self_pos = np.arange(60)
+    self_pos = np.arange(80)
     qc, gc = retrieval.label_codes(labels, labels)
     r = retrieval.n_relevant(qc, gc, self_pos)
-    k = retrieval.needed_k(r, 60)
+    k = retrieval.needed_k(r, 80)
     research = index_research(index, vectors, self_pos, negate=True)
     got = retrieval.score(index_chunks(index, vectors, k + 1, self_pos, 16, negate=True), qc, gc, r, k, research=research)
-    whole = retrieval.score(index_chunks(index, vectors, 59, self_pos, 16, negate=True), qc, gc, r, k)
+    whole = retrieval.score(index_chunks(index, vectors, 79, self_pos, 16, negate=True), qc, gc, r, k)
     cut = retrieval.score(index_chunks(index, vectors, k + 1, self_pos, 16, negate=True), qc, gc, r, k)
-    assert k < 30 and got.values["tied"].sum() > 30
+    assert k < 40 and got.values["tied"].sum() > 30
     for key in ("map_at_r", "r_precision", f"map_at_{k}", "first_hit", "first_tied", "first_tied_hits"):
         np.testing.assert_allclose(got.values[key], whole.values[key], rtol=1e-12, err_msg=key)
     assert not np.allclose(cut.values["map_at_r"], whole.values["map_at_r"])  # the case needs the wider search
+    # The Recall@K curve (a histogram for untied first hits, expectations for tied ones) agrees with
+    # the summary's Recall@K at every K, over a mix of both kinds of query.
+    ks, curve = retrieval.recall_curve(got, k)
+    size = got.values["first_tied"][got.values["n_relevant"] > 0]
+    assert (size == 1).any() and (size > 1).any()
+    summary = retrieval.summary(got, list(ks), k)
+    np.testing.assert_allclose(curve, [summary[f"recall_at_{kk}"] for kk in ks], rtol=1e-12)
 
 
 def test_only_the_last_tie_group_comes_from_the_wider_search():
@@ -185,3 +193,50 @@ def test_a_tied_argmax_shares_the_credit():
     # Tied with one other: 1/2; not among the maxima: 0; a three-way tie: 1/3; no tie: argmax.
     np.testing.assert_allclose(ties.argmax_hit(score, truth), [0.5, 0.0, 0.5, 1 / 3, 1.0])
 
+
+
+def test_near_duplicates_in_leave_one_out_never_count_an_item_twice():
+    """Leave-one-out exact search computes each tile once for both its blocks; the wider search
+    tiles another way, so the same dot product can round differently there. An item the first pass
+    ranked just before the tie group, scored exactly the group's value by the wider one, was counted
+    twice (2 relevant neighbours with R = 1: a ValueError). Classes of 2, copies scaled by ±1-2 ulp."""
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        base = rng.standard_normal((4, 16)).astype(np.float32)
+        g = np.repeat(base, rng.integers(20, 80, 4), axis=0)
+        g = (g * (1 + rng.integers(-2, 3, (len(g), 1)) * np.float32(2**-23))).astype(np.float32)
+        labels = np.arange(len(g)) // 2
+        perm = rng.permutation(len(g))
+        g, labels, self_pos = g[perm], labels[perm], np.arange(len(g))
+        qc, gc = retrieval.label_codes(labels, labels)
+        r = retrieval.n_relevant(qc, gc, self_pos)
+        k = retrieval.needed_k(r, len(g), 3, 5)
+        for metric in ("inner_product", "l2"):
+            chunks = exact_chunks(g, g, k + 1, metric, self_pos, "cpu", 64, 16)
+            ret = retrieval.score(chunks, qc, gc, r, 3, research=exact_research(g, g, metric, self_pos, "cpu", 16))
+            assert 0 <= retrieval.summary(ret, [1], 3)["map_at_r"] <= 1
+
+
+def test_a_group_too_large_to_list_is_scored_from_a_random_draw_of_it(monkeypatch):
+    """Past MAX_WIDTH a tie group is cut. The exact wider search shuffles the gallery (seeded), so
+    the items that make the cut are a random draw, whose tie-aware metrics are unbiased: a collapsed
+    model scores chance with rows sorted by label, not its first classes' items."""
+    monkeypatch.setattr(retrieval, "MAX_WIDTH", 256)
+    n, classes = 2000, 20
+    vectors = np.tile(np.eye(4, dtype=np.float32)[:1], (n, 1))
+    self_pos = np.arange(n)
+    labels = np.repeat(np.arange(classes), n // classes)  # sorted: the tie-break's first 256 are classes 0-2
+    qc, gc = retrieval.label_codes(labels, labels)
+    r = retrieval.n_relevant(qc, gc, self_pos)
+    k = retrieval.needed_k(r, n, 10)
+    research = exact_research(vectors, vectors, "inner_product", self_pos, "cpu", 16384)
+    ret = retrieval.score(exact_chunks(vectors, vectors, k + 1, self_pos=self_pos), qc, gc, r, 10, research=research)
+    got = retrieval.summary(ret, [1], 10)
+    h, m = n // classes - 1, n - 1  # each query: 99 relevant among 1999 tied
+    chance = sum(h / m * (1 + (i - 1) * (h - 1) / (m - 1)) / i for i in range(1, h + 1)) / h
+    assert got["precision_at_1"] == pytest.approx(h / m, rel=0.05)
+    assert got["map_at_r"] == pytest.approx(chance, rel=0.05)
+    # The draw is seeded: the same figures every run.
+    again = retrieval.score(exact_chunks(vectors, vectors, k + 1, self_pos=self_pos), qc, gc, r, 10,
+                            research=exact_research(vectors, vectors, "inner_product", self_pos, "cpu", 16384))
+    assert retrieval.summary(again, [1], 10) == got

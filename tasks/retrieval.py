@@ -80,7 +80,8 @@ def score(
         hits = _hits(ch.pos, query_codes[rows], gallery_codes)
         values = metrics.per_query(hits, r[rows], map_k, ch.scores)
         if research is not None:
-            for local, wide in _closed(ch, research, min(len(gallery_codes), MAX_WIDTH)):
+            # One wider search at least, however wide the first (k past MAX_WIDTH: R or a K that large).
+            for local, wide in _closed(ch, research, min(len(gallery_codes), max(MAX_WIDTH, GROW * ch.pos.shape[1]))):
                 again = metrics.per_query(_hits(wide.pos, query_codes[rows][local], gallery_codes), r[rows][local], map_k, wide.scores)
                 for key, v in again.items():
                     values[key][local] = v
@@ -123,8 +124,11 @@ def _closed(ch: Chunk, research: Research, limit: int) -> Iterator[tuple[np.ndar
             wide = research(ch.start + local, width)
             # The group's score as the wider search computes it: another tiling (leave-one-out's
             # symmetric pass against a plain one) may round the same dot product another way.
+            # Not listed (a cut group drawn at random, an approximate index): at the widest search
+            # its last column is the group's, else the first pass's value is all there is.
             same = wide.pos == ch.pos[local, -1:]
-            value = np.where(same.any(axis=1), wide.scores[np.arange(len(local)), same.argmax(axis=1)], ch.scores[local, -1])
+            fallback = wide.scores[:, -1] if width >= limit else ch.scores[local, -1]
+            value = np.where(same.any(axis=1), wide.scores[np.arange(len(local)), same.argmax(axis=1)], fallback)
             cut = (wide.scores[:, -1] == value) & (width >= limit)
             done = (wide.scores[:, -1] != value) | cut
             if done.any():
@@ -151,6 +155,10 @@ def _with_group(ch: Chunk, local: np.ndarray, wide: Chunk, value: np.ndarray, cu
         found = found[~np.isin(found, ch.pos[row, :start])]
         group = np.sort(found if cut[i] else np.concatenate([ch.pos[row, start:], found]))
         group = group[np.r_[True, group[1:] != group[:-1]]]  # each item once (np.union1d hashes: 5x slower here)
+        if start + len(group) < len(s):  # found less than the first pass showed: keep that
+            pos.append(ch.pos[row])
+            scores.append(s)
+            continue
         pos.append(np.concatenate([ch.pos[row, :start], group]))
         scores.append(np.concatenate([s[:start], np.full(len(group), v, np.float32)]))
     w = max(map(len, pos), default=0)

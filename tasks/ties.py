@@ -93,8 +93,8 @@ def recall(first: np.ndarray, size: np.ndarray, hits: np.ndarray, k: int) -> np.
     m = np.clip(k - first, 0, size)
     rest = size - hits - m  # misses left over once m are drawn; < 0: a hit must be among them
     lf = _log_factorials(int(size.max(initial=1)))
-    miss = np.exp(lf[np.maximum(size - hits, 0)] - lf[np.maximum(rest, 0)] - lf[size] + lf[size - m])
-    return np.where((first >= 0) & (rest >= 0), 1.0 - miss, np.where(first >= 0, 1.0, 0.0))
+    log_miss = lf[np.maximum(size - hits, 0)] - lf[np.maximum(rest, 0)] - lf[size] + lf[size - m]
+    return np.where((first >= 0) & (rest >= 0), -np.expm1(log_miss), np.where(first >= 0, 1.0, 0.0))  # 1 - miss, exact near 0
 
 
 def _log_factorials(n: int) -> np.ndarray:

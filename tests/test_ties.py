@@ -240,3 +240,31 @@ def test_a_group_too_large_to_list_is_scored_from_a_random_draw_of_it(monkeypatc
     again = retrieval.score(exact_chunks(vectors, vectors, k + 1, self_pos=self_pos), qc, gc, r, 10,
                             research=exact_research(vectors, vectors, "inner_product", self_pos, "cpu", 16384))
     assert retrieval.summary(again, [1], 10) == got
+
+
+def test_a_wider_search_that_finds_less_of_the_group_leaves_the_first_pass_as_it_was():
+    """An approximate index asked for more may rank other items above the group, and list little
+    of it: the row must never end up shorter than the first pass showed (MAP@R needs R columns)."""
+    codes = (np.arange(20) >= 5).astype(np.int64)  # gallery labels; the query (class 0) has R = 5
+    first = Chunk(0, np.arange(6)[None], np.full((1, 6), 0.5, np.float32))  # six tied at 0.5
+
+    def research(rows, width):  # better items first; the group's score only in the last column
+        return Chunk(0, np.r_[np.arange(10, 9 + width), 19][None], np.r_[np.full(width - 1, 0.9), 0.5].astype(np.float32)[None])
+
+    got = retrieval.score([first], np.zeros(1, np.int64), codes, np.array([5]), 5, research=research)
+    plain = metrics.per_query(np.arange(6)[None] < 5, np.array([5]), 5, first.scores)
+    for key in ("map_at_r", "first_tied", "first_tied_hits"):
+        np.testing.assert_array_equal(got.values[key], plain[key])
+
+
+def test_a_first_search_as_wide_as_max_width_is_still_searched_wider(monkeypatch):
+    """k + 1 >= MAX_WIDTH (R or a K that large): one wider search still runs, or the cut would
+    keep the lowest gallery positions — class 0's items, rows sorted by label."""
+    monkeypatch.setattr(retrieval, "MAX_WIDTH", 8)
+    g, labels, self_pos = np.ones((40, 4), np.float32), np.repeat(np.arange(4), 10), np.arange(40)
+    qc, gc = retrieval.label_codes(labels, labels)
+    r = retrieval.n_relevant(qc, gc, self_pos)
+    whole = retrieval.score(exact_chunks(g, g, 39, self_pos=self_pos), qc, gc, r, 5)
+    got = retrieval.score(exact_chunks(g, g, 10, self_pos=self_pos), qc, gc, r, 5,
+                          research=exact_research(g, g, "inner_product", self_pos, "cpu", 16))
+    assert retrieval.summary(got, [1], 5)["map_at_r"] == pytest.approx(retrieval.summary(whole, [1], 5)["map_at_r"], rel=1e-12)

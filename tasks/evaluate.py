@@ -7,7 +7,7 @@ query / gallery sets, and queries whose class is absent from the gallery (counte
 ``n_queries_without_relevant``, never averaged, never NaN). k reaches the largest class, so MAP@R
 and R-precision are exact. Equal scores give no order, so every metric is its expectation over the
 orders of the tied items (:mod:`tasks.ties`), with a tie group that k cuts searched on
-(:func:`tasks.retrieval.score`): the gallery's row order never changes a figure.
+(:func:`tasks.retrieval.score`; a group over 4,096 items is scored from a random draw of it).
 ``n_queries_tied`` counts the queries with equal scores for a relevant and a non-relevant item
 (:func:`tasks.ties.tied_across_relevance`); above 1 % a warning says so.
 

@@ -97,7 +97,8 @@ def score(
 
 # A re-search grows by GROW (few rounds, and at most GROW× the width it needed) and holds at most
 # CELLS neighbours at a time (~200 MB with the metrics' (rows, width) arrays); MAX_WIDTH bounds the
-# work a collapsed model (every item tied) costs, and past it a group counts as ending there.
+# work a collapsed model (every item tied) costs: a group still open there is scored from the part
+# the widest search lists (_with_group).
 GROW, CELLS, MAX_WIDTH = 8, 1 << 21, 1 << 12
 
 

@@ -95,7 +95,7 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
 
     def exact():
         chunks = search.exact_chunks(queries, g_vectors, spare, metric, self_pos, device, params.query_chunk, params.gallery_block)
-        wider = search.exact_research(queries, g_vectors, metric, self_pos, device, params.gallery_block)
+        wider = search.exact_research(queries, g_vectors, metric, self_pos, device, params.gallery_block, shuffle_from=retrieval.MAX_WIDTH)
         return retrieval.score(chunks, qc, gc, r, params.map_at, params.grid_top_k, wider)
 
     is_exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)

@@ -333,19 +333,25 @@ Research = Callable[[np.ndarray, int], Chunk]
 
 def exact_research(
     queries: np.ndarray, gallery: np.ndarray, metric: str, self_pos: np.ndarray | None, device: torch.device | str,
-    gallery_block: int, seed: int = 0,
+    gallery_block: int, seed: int = 0, shuffle_from: int = 0,
 ) -> Research:
-    """A :data:`Research` by :func:`exact_chunks` over the gallery in a seeded random order, mapped
-    back: where a group is too large to list whole (tasks.retrieval.MAX_WIDTH), the items that make
-    the cut are then a random draw from it — whose tie-aware metrics are unbiased — not the lowest
-    gallery positions (ingest sorts rows by label). The shuffled copy is made at the first call."""
+    """A :data:`Research` by :func:`exact_chunks`. From ``shuffle_from`` neighbours on (the width
+    at which tasks.retrieval cuts a group it cannot list whole), over the gallery in a seeded random
+    order, mapped back: the items that make such a cut are then a random draw from the group —
+    whose tie-aware metrics are unbiased — not the lowest gallery positions (ingest sorts rows by
+    label). The shuffled copy of the gallery is made at the first such call only, so narrower
+    searches (a few duplicate images) never pay for it."""
     state: dict[str, np.ndarray] = {}
 
     def research(rows: np.ndarray, k: int) -> Chunk:
+        sp = None if self_pos is None else self_pos[rows]
+        if k < shuffle_from:
+            return _joined(exact_chunks(queries[rows], gallery, k, metric, sp, device, len(rows), gallery_block))
         if not state:
             perm = np.random.default_rng(seed).permutation(len(gallery))
             state.update(perm=perm, gallery=gallery[perm], moved_to=np.argsort(perm))
-        sp = None if self_pos is None else np.where(self_pos[rows] >= 0, state["moved_to"][np.maximum(self_pos[rows], 0)], -1)
+        if sp is not None:
+            sp = np.where(sp >= 0, state["moved_to"][np.maximum(sp, 0)], -1)
         ch = _joined(exact_chunks(queries[rows], state["gallery"], k, metric, sp, device, len(rows), gallery_block))
         return Chunk(0, np.where(ch.pos >= 0, state["perm"][np.maximum(ch.pos, 0)], -1), ch.scores)
 

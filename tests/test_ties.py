@@ -268,3 +268,17 @@ def test_a_first_search_as_wide_as_max_width_is_still_searched_wider(monkeypatch
     got = retrieval.score(exact_chunks(g, g, 10, self_pos=self_pos), qc, gc, r, 5,
                           research=exact_research(g, g, "inner_product", self_pos, "cpu", 16))
     assert retrieval.summary(got, [1], 5)["map_at_r"] == pytest.approx(retrieval.summary(whole, [1], 5)["map_at_r"], rel=1e-12)
+
+
+def test_the_exact_wider_search_shuffles_only_from_the_cutting_width():
+    """Below ``shuffle_from`` the wider search is exact_chunks itself (no shuffled copy of the
+    gallery for a few duplicates); from it on, tied items come in a seeded random order."""
+    g = np.ones((30, 4), np.float32)
+    self_pos, rows = np.arange(30), np.array([3, 17])
+    plain = next(exact_chunks(g[rows], g, 12, self_pos=self_pos[rows]))
+    research = exact_research(g, g, "inner_product", self_pos, "cpu", 16, shuffle_from=16)
+    narrow, wide = research(rows, 12), research(rows, 20)
+    np.testing.assert_array_equal(narrow.pos, plain.pos)  # gallery order: 0, 1, 2, ...
+    assert not np.array_equal(wide.pos[:, :12], plain.pos)  # shuffled
+    for i, row in enumerate(rows):  # still the query's neighbours, never itself, each once
+        assert row not in wide.pos[i] and len(set(wide.pos[i])) == 20 and wide.pos[i].min() >= 0

@@ -120,8 +120,9 @@ def _closed(ch: Chunk, research: Research, limit: int) -> Iterator[tuple[np.ndar
     rows, width = np.flatnonzero(_open(ch.scores)), ch.pos.shape[1]
     while rows.size and width < limit:
         width, still = min(width * GROW, limit), []
-        for b in range(0, len(rows), max(1, CELLS // width)):
-            local = rows[b : b + max(1, CELLS // width)]
+        step = max(1, CELLS // width)  # rows per wider search: CELLS neighbours at most
+        for b in range(0, len(rows), step):
+            local = rows[b : b + step]
             wide = research(ch.start + local, width)
             # The group's score as the wider search computes it: another tiling (leave-one-out's
             # symmetric pass against a plain one) may round the same dot product another way.

@@ -38,10 +38,6 @@ from tasks.errors import DatasetError
 from tasks.models import pick_device
 from tasks.params import EvaluateParams, Paths
 
-# Warn above this share of tied queries: a few exact ties happen (near-duplicate images); many
-# mean the model (or the index) no longer tells those items apart.
-TIED_WARN = 0.01
-
 
 def _read(paths: Paths):
     """-> embeddings table, vectors (N, D), gallery mask (N,), index, index id-map table; checked
@@ -87,7 +83,8 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     # a landmark, all one label) is no class to tell apart, as it counts in no retrieval metric.
     # Before the search: episodes the data cannot fill stop the stage now, not after an hour of it.
     known = np.isin(qc, gc)
-    few_shot = _few_shot(params, queries[known] if not known.all() else queries, query_labels[known], metric)
+    few_shot = fewshot.report(params.few_shot, queries[known] if not known.all() else queries, query_labels[known],
+                              params.seed, metric)
 
     # One column past k: a tie there with the k-th means the last tie group runs on (retrieval.score).
     spare = min(k + 1, len(gallery_ids))
@@ -112,13 +109,8 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
             result |= {f"exact_{key}": v for key, v in retrieval.summary(exact(), params.recall_at, params.map_at).items() if not key.startswith("n_")}
     except ValueError as err:
         raise DatasetError(f"{paths['embeddings']}: {err}") from None
-    answered = result["n_queries"] - result["n_queries_without_relevant"]
-    if result["n_queries_tied"] > TIED_WARN * answered:
-        print(f"evaluate: warning: for {result['n_queries_tied']:,} of {answered:,} queries a relevant and a "
-              "non-relevant item score exactly alike: the model (or index) cannot tell them apart, and their metrics are "
-              "the chance of a random order there (identical embeddings: a collapsed model, duplicate images, or a "
-              "coarse PQ index)",
-              file=sys.stderr)
+    if warning := retrieval.tied_warning(result):
+        print(f"evaluate: warning: {warning}", file=sys.stderr)
     result |= few_shot | {"index_factory": ids_meta["factory"], "search": "exact" if is_exact else "index"}
     C.write_json(paths["metrics"], result)
 
@@ -140,19 +132,6 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
             child.tags({f"tripletflow.{k}": str(v) for k, v in registered.items()})
     tracking.finish_pipeline_run(Path(paths.root), parent.run_id)
     return result | registered
-
-
-def _few_shot(params: EvaluateParams, x: np.ndarray, labels: np.ndarray, metric: str) -> dict[str, float]:
-    """``few_shot_{N}way_{K}shot`` accuracy and its ``_ci95`` half-width for each N and K (tasks.fewshot)."""
-    fs, out = params.few_shot, {}
-    for ways in fs.ways:
-        for shots in fs.shots:
-            try:
-                mean, half = fewshot.episodes_accuracy(x, labels, ways, shots, fs.queries, fs.episodes, params.seed, metric)
-            except ValueError as err:
-                raise DatasetError(f"evaluate.few_shot: {err} (set evaluate.few_shot.ways: [] to skip)") from None
-            out |= {f"few_shot_{ways}way_{shots}shot": mean, f"few_shot_{ways}way_{shots}shot_ci95": half}
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from tasks import ties
+from tasks.errors import DatasetError
+from tasks.params import FewShotParams
 
 
 def episodes_accuracy(
@@ -69,3 +71,17 @@ def episodes_accuracy(
         acc[e] = ties.argmax_hit(score, truth).mean()
     half = 1.96 * acc.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else 0.0
     return float(acc.mean()), float(half)
+
+
+def report(fs: FewShotParams, embeddings: np.ndarray, labels: np.ndarray, seed: int, metric: str) -> dict[str, float]:
+    """``few_shot_{N}way_{K}shot`` accuracy and its ``_ci95`` half-width for each N in ``fs.ways``
+    and K in ``fs.shots``; episodes the data cannot fill are a DatasetError naming the key."""
+    out: dict[str, float] = {}
+    for ways in fs.ways:
+        for shots in fs.shots:
+            try:
+                mean, half = episodes_accuracy(embeddings, labels, ways, shots, fs.queries, fs.episodes, seed, metric)
+            except ValueError as err:
+                raise DatasetError(f"evaluate.few_shot: {err} (set evaluate.few_shot.ways: [] to skip)") from None
+            out |= {f"few_shot_{ways}way_{shots}shot": mean, f"few_shot_{ways}way_{shots}shot_ci95": half}
+    return out

@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from tasks import contracts as C
-from tasks import classes, decoding, progress, scan, sources
+from tasks import classes, decoding, progress, quarantine, scan, sources
 from tasks.errors import DatasetError
 from tasks.params import IngestParams, Paths
 
@@ -57,9 +57,9 @@ def _tables(
         for j, (item_id, error) in enumerate(zip(got, errors)):
             rec = kept[rows[j]]
             if error is not None:
-                rejected.append(sources.Rejected(rec.source, error, _category(error)))
+                rejected.append(sources.Rejected(rec.source, error, quarantine.category(error)))
             elif item_id in first:
-                rejected.append(sources.Rejected(rec.source, _duplicate(rec, kept[first[item_id]]), "duplicate"))
+                rejected.append(sources.Rejected(rec.source, quarantine.duplicate(rec, kept[first[item_id]]), "duplicate"))
             else:
                 first[item_id] = rows[j]
                 good.append(j)
@@ -83,35 +83,13 @@ def _tables(
         yield pa.concat_tables(buffered)
 
 
-def _duplicate(rec: sources.Record, kept: sources.Record) -> str:
-    """Why ``rec`` is dropped for ``kept`` (the same bytes), with the labels when they disagree:
-    one image under two labels is a labelling error the user will want to find."""
-    why = "listed twice" if rec.source == kept.source else f"duplicate of {kept.source}"
-    notes = [f"labelled {kept.label!r} there, {rec.label!r} here"] if rec.label != kept.label else []
-    # A source's own protocol (a manifest's is_query / is_gallery): the kept row carries only its
-    # own roles (it may be written already), so say which role of this copy evaluation loses.
-    lost = [role for role, here, there in (("query", rec.query, kept.query), ("gallery item", rec.gallery, kept.gallery))
-            if here and there is False]
-    if lost:
-        notes.append(f"a {' and a '.join(lost)} here, not there: evaluation has one {' and one '.join(lost)} fewer")
-    return why + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def _category(reason: str) -> str:
-    """The summary's word for a decode failure (sources.decode and decoding.decode_chunk reasons)."""
-    for start in ("too large", "unreadable", "missing", "empty"):
-        if reason.startswith(start):
-            return start
-    return "corrupt"
-
-
 def run(params: IngestParams, paths: Paths) -> dict:
     """Read the source, split by class, decode, write ``paths.items`` and ``paths.quarantine``."""
     kept, ids, rejected = scan.first_pass(params, Path(paths.root))
     for name in scan.outside_raw(params, paths):
         print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
     if not kept:
-        raise _explained(DatasetError(f"no usable image in source {params.source.model_dump()}"), rejected)
+        raise quarantine.explained(DatasetError(f"no usable image in source {params.source.model_dump()}"), rejected)
     clash = next((r.label for r in kept if C.unrotated(r.label) != r.label), None) if params.train_rotations else None
     if clash is not None:
         raise DatasetError(f"label {clash!r} looks like a rotated copy's; with ingest.train_rotations, "
@@ -120,7 +98,7 @@ def run(params: IngestParams, paths: Paths) -> dict:
     try:
         classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
     except DatasetError as err:
-        raise _explained(err, rejected) from None
+        raise quarantine.explained(err, rejected) from None
     # Deterministic row order whatever the file-system order: by split, label, then source path.
     # Known before decoding (content ids are not: workers hash what they decode), so rows stream
     # out as they are decoded; of duplicate files, the first in this order is kept.
@@ -136,7 +114,7 @@ def run(params: IngestParams, paths: Paths) -> dict:
                 raise DatasetError(f"no usable image in source {params.source.model_dump()}")
             classes.check_usable(counts)  # decode failures or duplicates may have emptied classes
         except DatasetError as err:  # no output is written
-            raise _explained(err, rejected) from None
+            raise quarantine.explained(err, rejected) from None
         summary = classes.summary(counts, rejected, len(params.train_rotations))
         w.finish({
             "height": params.image_size,
@@ -146,28 +124,9 @@ def run(params: IngestParams, paths: Paths) -> dict:
             "params": params.model_dump(exclude={"workers"}),
             "summary": summary,
         })
-    _write_quarantine(rejected, paths["quarantine"])
-    print(f"ingest: {w.rows:,} ingested, {len(rejected):,} skipped" + (f": {_detail(rejected)}" if rejected else ""))
+    quarantine.write(rejected, paths["quarantine"])
+    print(f"ingest: {w.rows:,} ingested, {len(rejected):,} skipped" + (f": {quarantine.detail(rejected)}" if rejected else ""))
     return summary
-
-
-def _write_quarantine(rejected: list[sources.Rejected], path: Path) -> None:
-    table = pa.table({C.PATH: [r.source for r in rejected], C.REASON: [r.reason for r in rejected]}, schema=C.QUARANTINE.schema())
-    C.write_table(table, path, C.QUARANTINE)
-
-
-def _explained(err: DatasetError, rejected: list[sources.Rejected]) -> DatasetError:
-    """``err`` saying which files were skipped, and why: "no usable image" alone leaves a user to
-    guess whether every row was a missing file or a path outside the root."""
-    if not rejected:
-        return err
-    examples = "; ".join(f"{r.source}: {r.reason}" for r in rejected[:5])
-    return DatasetError(f"{err}; {len(rejected):,} files were skipped ({_detail(rejected)}), e.g. {examples}")
-
-
-def _detail(rejected: list[sources.Rejected]) -> str:
-    """"5 duplicate, 2 corrupt": the skipped files by category, most first."""
-    return ", ".join(f"{n} {why}" for why, n in Counter(r.category for r in rejected).most_common())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -100,6 +100,9 @@ def score(
 # work a collapsed model (every item tied) costs: a group still open there is scored from the part
 # the widest search lists (_with_group).
 GROW, CELLS, MAX_WIDTH = 8, 1 << 21, 1 << 12
+# Warn above this share of tied queries: a few exact ties happen (near-duplicate images); many
+# mean the model (or the index) no longer tells those items apart.
+TIED_WARN = 0.01
 
 
 def _hits(pos: np.ndarray, query_codes: np.ndarray, gallery_codes: np.ndarray) -> np.ndarray:
@@ -173,6 +176,17 @@ def summary(ret: Retrieval, recall_ks: Sequence[int], map_k: int) -> dict[str, f
     queries averaged, those with a relevant and a non-relevant item tied (:func:`tasks.ties.tied_across_relevance`)."""
     out = metrics.summarize_per_query(ret.values, recall_ks, map_k)
     return out | {"n_queries_tied": int((ret.values["tied"] & (ret.values["n_relevant"] > 0)).sum())}
+
+
+def tied_warning(result: dict[str, float | int]) -> str | None:
+    """What to tell a user when over TIED_WARN of the answered queries in ``result`` (a
+    :func:`summary`) have a tie across relevance; None below it."""
+    answered = result["n_queries"] - result["n_queries_without_relevant"]
+    if result["n_queries_tied"] <= TIED_WARN * answered:
+        return None
+    return (f"for {result['n_queries_tied']:,} of {answered:,} queries a relevant and a non-relevant item score exactly "
+            "alike: the model (or index) cannot tell them apart, and their metrics are the chance of a random order there "
+            "(identical embeddings: a collapsed model, duplicate images, or a coarse PQ index)")
 
 
 def recall_curve(ret: Retrieval, max_k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -107,6 +107,16 @@ def no_run() -> Iterator[tuple[NullTracker, NullTracker]]:
     yield NullTracker(), NullTracker()
 
 
+def log_ingest(parent: Tracker | NullTracker, summary: dict, quarantine: Path) -> None:
+    """Ingest runs before any MLflow run exists: its counts (``ingest.*``, ``ingest.skipped.<why>``)
+    and quarantine report go to the pipeline run ``parent`` from train, the first stage with one."""
+    counts = {f"ingest.{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+    counts |= {f"ingest.skipped.{k}": v for k, v in summary.get("skipped_by_reason", {}).items()}
+    parent.metrics(counts)
+    if quarantine.exists():
+        parent.artifact(quarantine, "ingest")
+
+
 def _param_str(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:6000]  # MLflow's param value limit

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tasks import contracts as C
-from tasks import distributed, progress, resume, tracking
+from tasks import distributed, progress, resume, tracking, train_curve
 from tasks.distributed import World
 from tasks.engine import EarlyStopping, deterministic, make_scheduler, recall_at_1, train_epoch
 from tasks.errors import ParamsError
@@ -82,12 +81,12 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         parent.params(flatten(upstream))
         parent.tags(tracking.provenance(Path(paths.root), digests, upstream | {"train": params.model_dump()},
                                         tuple(getattr(paths, k) for k in type(paths).model_fields if k not in ("root", "raw"))))
-        _log_ingest(parent, items_meta.get("summary", {}), paths["quarantine"])
+        tracking.log_ingest(parent, items_meta.get("summary", {}), paths["quarantine"])
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         # Resumed: the restored epochs go to this attempt's child run, and to the pipeline run if
         # it is a new one (a new flow run's): each run then holds the whole curve.
         for row in curve:
-            _log_epoch(child, parent if state["run_ids"]["parent"] != run_id else None, row)
+            train_curve.log_epoch(child, parent if state["run_ids"]["parent"] != run_id else None, row)
         done = len(curve)
         # Killed after the state of an early-stopped run was saved but before its model was.
         stopped = bool(done and params.early_stopping_patience) and stopper.exhausted(done - 1)
@@ -109,7 +108,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
                 stop = distributed.broadcast_object(stop, world)  # one decision, or ranks would wait on each other
             bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
             curve.append({"epoch": epoch, **row})
-            _log_epoch(child, parent, curve[-1])
+            train_curve.log_epoch(child, parent, curve[-1])
             resume.save(paths["train_state"], fp, epoch, stateful, curve, {"parent": run_id, "child": child.run_id}, world)
             if stop and world.main:
                 print(f"train: no better validation Recall@1 for {params.early_stopping_patience} epochs; "
@@ -130,37 +129,13 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         # the run that made it, so a later stage run by hand logs into the run of the model it reads.
         tracking.write_run_info(paths["run_info"], run_id, params.experiment)
         paths["train_state"].unlink(missing_ok=True)
-        _write_curve(paths["train_curve"], curve)
+        train_curve.write(paths["train_curve"], curve)
         parent.artifact(paths["model"], "model")
         parent.artifact(paths["train_curve"], "plots")
         parent.tags({"model_sha256": sha})
     last = curve[kept["kept_epoch"]] if kept else curve[-1] if curve else {}
     return {"run_id": run_id, "epochs": ran, "planned_epochs": len(plan), "steps": sum(len(e) for e in plan[:ran]),
             "device": str(device), "processes": world.size, "model_sha256": sha, **kept, **last}
-
-
-def _log_epoch(child, parent, row: dict[str, float]) -> None:
-    """One epoch of the curve (``row``: epoch + its figures) as ``train.*`` metrics at that step."""
-    logged = {f"train.{k}": v for k, v in row.items() if k != "epoch"}
-    for run in (child, parent) if parent is not None else (child,):
-        run.metrics(logged, step=row["epoch"])
-
-
-def _log_ingest(parent, summary: dict, quarantine: Path) -> None:
-    """Ingest runs before any MLflow run exists: its counts and quarantine report go to the
-    pipeline run here, the first stage that has one."""
-    counts = {f"ingest.{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
-    counts |= {f"ingest.skipped.{k}": v for k, v in summary.get("skipped_by_reason", {}).items()}
-    parent.metrics(counts)
-    if quarantine.exists():
-        parent.artifact(quarantine, "ingest")
-
-
-def _write_curve(path: Path, curve: list[dict[str, float]]) -> None:
-    cols = ["epoch", "loss", "mined", "frac_active", "pos_distance", "neg_distance", "val_recall_at_1", "lr", "img_per_s"]
-    cols += list(dict.fromkeys(k for row in curve for k in row if k not in cols))  # memory_filled, ...
-    lines = [",".join(cols)] + [",".join(f"{row.get(c, float('nan')):.6g}" for c in cols) for row in curve]
-    C.write_text(path, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -107,3 +107,18 @@ def test_a_query_tied_between_two_prototypes_counts_one_half_whichever_class_was
     y = np.array(["a", "a", "b", "b"])
     scores = {episodes_accuracy(x, y, 2, 1, 1, 1, seed=s, metric="l2")[0] for s in range(20)}
     assert scores == {0.75, 1.0}
+
+
+def test_the_report_has_every_ways_and_shots_and_names_the_key_when_data_is_short():
+    from tasks.errors import DatasetError
+    from tasks.fewshot import report
+    from tasks.params import FewShotParams
+
+    x, labels = _clusters(6, 4, 0.05)
+    fs = FewShotParams(ways=[2, 5], shots=[1, 2], queries=2, episodes=3)
+    out = report(fs, x, labels, seed=0, metric="inner_product")
+    assert sorted(out) == sorted(f"few_shot_{n}way_{k}shot{s}" for n in (2, 5) for k in (1, 2) for s in ("", "_ci95"))
+    assert out["few_shot_5way_2shot"] == episodes_accuracy(x, labels, 5, 2, 2, 3, 0, "inner_product")[0]
+    with pytest.raises(DatasetError, match=r"^evaluate\.few_shot: 7-way .* \(set evaluate\.few_shot\.ways: \[\] to skip\)$"):
+        report(FewShotParams(ways=[7], shots=[1], queries=2, episodes=3), x, labels, seed=0, metric="inner_product")
+    assert report(FewShotParams(ways=[], shots=[1], queries=1, episodes=1), x, labels, seed=0, metric="l2") == {}

@@ -82,3 +82,14 @@ def test_needed_k_reaches_the_largest_class():
     assert retrieval.needed_k(np.array([3, 61, 0]), 1000, 10, 5) == 61
     assert retrieval.needed_k(np.array([3]), 1000, 100) == 100
     assert retrieval.needed_k(np.array([3]), 50, 100) == 50
+
+
+def test_the_tie_warning_starts_above_one_percent_of_the_answered_queries():
+    """Queries without a relevant item are no answered query: they neither count nor dilute the share."""
+    def result(tied, n=1000, without=0):
+        return {"n_queries": n, "n_queries_without_relevant": without, "n_queries_tied": tied}
+
+    assert retrieval.tied_warning(result(10)) is None  # exactly 1 %
+    assert retrieval.tied_warning(result(11)).startswith("for 11 of 1,000 queries a relevant and a non-relevant item score exactly alike")
+    assert "for 10 of 900 queries" in retrieval.tied_warning(result(10, without=100))
+    assert retrieval.tied_warning(result(0, n=0)) is None

@@ -282,15 +282,6 @@ def test_supervised_augmentation_is_seeded_and_changes_what_is_learnt(make_proje
     assert shas[1] == shas[2] and shas[0] != shas[1]
 
 
-def test_the_curve_keeps_statistics_beyond_the_usual_columns(tmp_path):
-    """Cross-batch memory reports how full its queue is: that column reaches the CSV too."""
-    path = tmp_path / "curve.csv"
-    train._write_curve(path, [{"epoch": 0, "loss": 0.5, "memory_filled": 128.0}, {"epoch": 1, "loss": 0.4, "memory_filled": 256.0}])
-    rows = _csv(path)
-    assert [r["memory_filled"] for r in rows] == ["128", "256"] and rows[1]["loss"] == "0.4"
-    assert rows[0]["mined"] == "nan"  # the usual columns stay, empty where a statistic is not made
-
-
 def test_a_loss_and_miner_with_a_distance_by_name_train(make_project):
     """``distance: CosineSimilarity`` (a similarity: larger = closer) reaches pml as the object;
     the mining statistics follow its direction (positives more similar than negatives)."""

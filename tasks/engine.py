@@ -160,7 +160,9 @@ def train_epoch(
         bad = (~torch.isfinite(table[:, 0])).nonzero()
         if len(bad):
             raise FloatingPointError(f"train: loss is not finite at epoch {epoch}, step {int(bad[0, 0])}")
-        row = dict(zip(names, table.mean(0).tolist()))
+        # A statistic of the mined tuples is NaN in a step that mined none (pml's empty mean): the
+        # epoch's is the mean over the steps that had some, NaN only when none had.
+        row = dict(zip(names, table.nanmean(0).tolist()))
     row["img_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
     # The mean rate the epoch trained with: read after the last step it is the next epoch's.
     row["lr"] = lr_sum / len(batches) if len(batches) else optimizer.param_groups[0]["lr"]

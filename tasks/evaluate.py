@@ -41,7 +41,7 @@ from tasks.params import EvaluateParams, Paths
 
 def _read(paths: Paths):
     """-> embeddings table, vectors (N, D), gallery mask (N,), index, index id-map table; checked
-    against each other (a stale index would score queries against another model's space)."""
+    against each other and the model (stale files would score another model's space)."""
     table, vectors, emb_meta = C.read_embeddings(paths["embeddings"])
     ids_table, ids_meta = C.read_table(paths["index_ids"], C.INDEX_IDS)
     index = faiss.read_index(str(paths["index"]))
@@ -52,6 +52,12 @@ def _read(paths: Paths):
             f"{paths['index']} was built from model {ids_meta['model_sha256'][:12]} (dim {index.d}) but "
             f"{paths['embeddings']} comes from model {emb_meta['model_sha256'][:12]} (dim {emb_meta['dim']}): rebuild the index"
         )
+    # Metrics go to the model's run and registry version: an older model's embeddings (export
+    # skipped by hand) would be credited to this one. No model file: outside embeddings, as they are.
+    model = paths["model"]
+    if model.exists() and emb_meta["model_sha256"] != C.file_digest(model):
+        raise C.ContractError(f"{paths['embeddings']} comes from model {emb_meta['model_sha256'][:12]}, not from "
+                              f"{paths['model']}: re-run export_embeddings and build_index")
     gallery = pc.equal(table[C.IS_GALLERY], True).to_numpy(zero_copy_only=False)
     if not table[C.ITEM_ID].filter(pa.array(gallery)).equals(ids_table[C.ITEM_ID]):
         raise C.ContractError(f"{paths['index_ids']} does not list the gallery of {paths['embeddings']} in order: rebuild the index")

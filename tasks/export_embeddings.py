@@ -53,6 +53,13 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
         items, meta = C.read_table(paths["items"], C.ITEMS)
         items = items.filter(pc.or_(items[C.IS_QUERY], items[C.IS_GALLERY]))
         model = load_checkpoint(paths["model"], device)
+        # Re-ingested at another size after train (a stage run by hand): a CNN embeds any size without
+        # complaint, into a space the model never learned (and the query command decodes at the model's).
+        have, cfg = (meta["height"], meta["width"], meta["channels"]), model.config
+        if have != (cfg["image_size"], cfg["image_size"], cfg["in_channels"]):
+            raise C.ContractError(f"{paths['items']} holds {have[0]}×{have[1]} images of {have[2]} channel(s), but "
+                                  f"{paths['model']} was trained on {cfg['image_size']}×{cfg['image_size']} of "
+                                  f"{cfg['in_channels']}: re-run train (or ingest with the model's ingest.image_size / channels)")
         lo, hi = (items.num_rows * world.rank // world.size, items.num_rows * (world.rank + 1) // world.size)
         pixels = pixels_to_tensor(items[C.PIXELS].slice(lo, hi - lo), meta["height"], meta["width"], meta["channels"])
         vectors = distributed.gather_rows(embed(model, pixels, params.batch_size, device, show=world.main), paths["embeddings"], world)

@@ -97,3 +97,21 @@ def test_validation_recall_at_1_shares_tied_neighbours_and_ignores_row_order():
     plain = np.mean([1, 1, 1, 1, 1, 0])  # image 5 (at 0.35) sits nearest class 0's image at 0.2
     assert recall_at_1(points, rows[:6], two, batch_size=4) == pytest.approx(plain)
 
+
+
+def test_a_step_that_mined_nothing_does_not_blank_the_epochs_statistics():
+    """pml's statistics of an empty set of tuples are NaN: one such step among many must not make
+    the epoch's mean distance NaN (the DVC plot and MLflow would lose the epoch); all such: NaN."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pixels = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    per_step = iter([float("nan"), 0.25, 0.75, float("nan")])
+
+    def compute(x, labels):
+        out = model(x.float()).sum()
+        d = out.new_tensor(next(per_step))
+        return out, {"mined": out.new_tensor(0.0 if d.isnan() else 2.0), "pos_distance": d, "neg_distance": out.new_tensor(float("nan"))}
+
+    row = train_epoch(model, compute, opt, pixels, torch.arange(8) // 2, [np.arange(8)] * 4, epoch=0)
+    assert row["pos_distance"] == pytest.approx(0.5) and row["mined"] == pytest.approx(1.0)
+    assert np.isnan(row["neg_distance"])

@@ -246,3 +246,19 @@ def test_a_collapsed_model_scores_chance_though_k_cuts_its_tie_group(make_projec
     assert result["precision_at_1"] == pytest.approx(7 / 31)
     assert result["map_at_r"] == pytest.approx(sum(7 / 31 * (1 + (i - 1) * 6 / 30) / i for i in range(1, 8)) / 7)
     assert result["n_queries_tied"] == 32
+
+
+def test_embeddings_of_an_older_model_are_refused_not_credited_to_the_new_one(make_project):
+    """Train again, then evaluate without export: the old embeddings and their (consistent) index
+    would be scored, and the scores logged and registered as the new model's."""
+    from tasks.contracts import ContractError
+
+    params = _trained(make_project, {"make_batches.epochs": 1})
+    export_embeddings.run(params.export_embeddings, params.paths)
+    build_index.run(params.build_index, params.paths)
+    retrained = load_params(params.paths.root + "/params.yaml", {"train.seed": 1})
+    train.run(retrained.train, retrained.paths)
+    with pytest.raises(ContractError, match=r"embeddings\.parquet comes from model [0-9a-f]{12}, not from .*model\.pt: "
+                                            r"re-run export_embeddings and build_index"):
+        evaluate.run(params.evaluate, params.paths)
+    assert not params.paths["metrics"].exists()

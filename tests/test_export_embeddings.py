@@ -65,3 +65,20 @@ def test_a_model_that_gives_nan_embeddings_is_refused_before_anything_is_written
     with pytest.raises(C.ContractError, match=r"model.pt: (\d+) of \1 embeddings are not unit vectors .*norm nan"):
         export_embeddings.run(params.export_embeddings, params.paths)
     assert not params.paths["embeddings"].exists()
+
+
+@pytest.mark.parametrize("change", [{"ingest.image_size": 12}, {"ingest.channels": 3}])
+def test_items_ingested_again_at_another_size_are_refused(make_project, change):
+    """Re-ingested after train at another size (a CNN embeds it silently, in a space it never
+    learned) or with other channels (a conv traceback): a named error, nothing written."""
+    from tasks import ingest
+
+    params_file = make_project(FAST)
+    params = load_params(params_file)
+    run_stages(params, last="train")
+    again = load_params(params_file, change)
+    ingest.run(again.ingest, again.paths)
+    with pytest.raises(C.ContractError, match=r"items\.parquet holds \d+×\d+ images of [13] channel\(s\), but .*model\.pt was "
+                                              r"trained on \d+×\d+ of 1: re-run train"):
+        export_embeddings.run(again.export_embeddings, again.paths)
+    assert not params.paths["embeddings"].exists()

@@ -10,6 +10,8 @@ with torchrun like training): each embeds a contiguous slice, rank 0 writes the 
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -60,6 +62,14 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
             raise C.ContractError(f"{paths['items']} holds {have[0]}×{have[1]} images of {have[2]} channel(s), but "
                                   f"{paths['model']} was trained on {cfg['image_size']}×{cfg['image_size']} of "
                                   f"{cfg['in_channels']}: re-run train (or ingest with the model's ingest.image_size / channels)")
+        # Test classes the model trained on (a split changed by hand since train, or another
+        # dataset whose labels share names): their metrics are not those of unseen classes.
+        test = set(pc.unique(items.filter(pc.equal(items[C.SPLIT], C.TEST))[C.LABEL]).to_pylist())
+        seen = sorted(test & set(model.trained_classes or ()))
+        if seen and world.main:
+            print(f"export_embeddings: warning: {len(seen):,} of the {len(test):,} test classes of {paths['items']} are "
+                  f"classes {paths['model']} trained on (e.g. {seen[0]!r}): if they are the same classes, their metrics "
+                  "are not those of unseen classes — re-run make_batches and train on this split", file=sys.stderr)
         lo, hi = (items.num_rows * world.rank // world.size, items.num_rows * (world.rank + 1) // world.size)
         pixels = pixels_to_tensor(items[C.PIXELS].slice(lo, hi - lo), meta["height"], meta["width"], meta["channels"])
         vectors = distributed.gather_rows(embed(model, pixels, params.batch_size, device, show=world.main), paths["embeddings"], world)
@@ -86,7 +96,7 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
 
     with tracking.stage_run(paths, "export_embeddings", params) as (child, parent):
         child.metrics({"n_embedded": len(vectors)})
-    return {"n_embedded": len(vectors), "dim": dim, "device": str(device), "processes": world.size, "model_sha256": sha}
+    return {"n_embedded": len(vectors), "n_test_classes_seen_in_training": len(seen), "dim": dim, "device": str(device), "processes": world.size, "model_sha256": sha}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,9 @@ class EmbeddingNet(nn.Module):
         self.config = {"pooling": "avg"} | dict(config)
         self.trunk, feat = build_trunk(self.config, pretrained)
         self.head = nn.Linear(feat, self.config["embedding_dim"])
+        # The classes it learned from (the checkpoint's; None before checkpoints kept them): export
+        # warns when they come back as test classes.
+        self.trained_classes: list[str] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # Normalisation lives in the model so every caller feeds the same uint8 pixels.
@@ -40,6 +43,8 @@ class EmbeddingNet(nn.Module):
 def save_checkpoint(model: EmbeddingNet, path: Path, extra: dict[str, Any] | None = None) -> str:
     """Write {config, state_dict, ...} atomically; return the file's SHA-256 (the model hash)."""
     state = {"config": model.config, "state_dict": model.state_dict(), **(extra or {})}
+    if model.trained_classes is not None:  # kept through a load and save (a fine-tune, a test's edit)
+        state["trained_classes"] = list(model.trained_classes)
     # torch.save names the zip's root folder after the file it writes to — here a random temporary
     # name, which made equal weights hash differently. Through a buffer the root is always "archive",
     # so equal weights give the same file (and the same model hash, and a DVC no-op).
@@ -56,6 +61,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Embedding
     state = torch.load(path, map_location=device, weights_only=True)
     model = EmbeddingNet(state["config"])
     model.load_state_dict(state["state_dict"])
+    model.trained_classes = state.get("trained_classes")
     return model.to(device).eval()
 
 

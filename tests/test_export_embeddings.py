@@ -82,3 +82,20 @@ def test_items_ingested_again_at_another_size_are_refused(make_project, change):
                                               r"trained on \d+×\d+ of 1: re-run train"):
         export_embeddings.run(again.export_embeddings, again.paths)
     assert not params.paths["embeddings"].exists()
+
+
+def test_test_classes_the_model_trained_on_are_counted_and_warned_of(make_project, capsys):
+    """Another class split ingested by hand after train: some test classes were training classes,
+    and their metrics would pass for those of unseen classes."""
+    from tasks import ingest
+
+    params_file = make_project(FAST)
+    params = load_params(params_file)
+    run_stages(params, last="train")
+    assert export_embeddings.run(params.export_embeddings, params.paths)["n_test_classes_seen_in_training"] == 0
+    assert "warning" not in capsys.readouterr().err
+    again = load_params(params_file, {"ingest.seed": params.ingest.seed + 1})
+    ingest.run(again.ingest, again.paths)
+    seen = export_embeddings.run(again.export_embeddings, again.paths)["n_test_classes_seen_in_training"]
+    assert seen > 0
+    assert f"warning: {seen} of the" in capsys.readouterr().err

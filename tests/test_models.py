@@ -43,3 +43,15 @@ def test_checkpoint_roundtrip_is_weights_only_loadable(tmp_path):
 def test_pick_device():
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_classes_a_model_trained_on_survive_a_load_and_save(tmp_path):
+    model = EmbeddingNet(_config())
+    save_checkpoint(model, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").trained_classes is None  # a checkpoint without them
+    model.trained_classes = ["cat", "dog"]
+    save_checkpoint(model, tmp_path / "m.pt")
+    again = load_checkpoint(tmp_path / "m.pt")
+    assert again.trained_classes == ["cat", "dog"]
+    save_checkpoint(again, tmp_path / "copy.pt")
+    assert torch.load(tmp_path / "copy.pt", weights_only=True)["trained_classes"] == ["cat", "dog"]

@@ -8,7 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST, run_stages
-from tasks import evaluate, registry, tracking
+from tasks import build_index, evaluate, export_embeddings, registry, tracking
 from tasks.models import load_checkpoint, save_checkpoint
 from tasks.params import load_params
 
@@ -42,13 +42,17 @@ def test_first_version_is_champion_and_its_pyfunc_maps_images_to_embeddings(eval
     np.testing.assert_allclose(mlflow_model.predict(images), want, rtol=1e-5, atol=1e-6)
 
 
-def _retrain(paths, seed: int) -> None:
-    """Other weights in ``paths.model`` (as a training run with another seed would leave)."""
+def _retrain(params, seed: int) -> None:
+    """Other weights in ``paths.model`` (as a training run with another seed would leave), then
+    its embeddings and index (evaluate refuses another model's)."""
+    paths = params.paths
     model = load_checkpoint(paths["model"])
     with torch.no_grad():
         for t in model.parameters():
             t.add_(torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)) * 1e-3)
     save_checkpoint(model, paths["model"])
+    export_embeddings.run(params.export_embeddings, paths)
+    build_index.run(params.build_index, paths)
 
 
 def test_a_better_version_takes_champion_a_worse_one_is_challenger(evaluated):
@@ -57,12 +61,12 @@ def test_a_better_version_takes_champion_a_worse_one_is_challenger(evaluated):
     # Scores are compared as recorded on the versions: make the champion's look unbeatable.
     client = _client(evaluated)
     client.set_model_version_tag("embedder", "1", "map_at_r", "2.0")
-    _retrain(p, 1)
+    _retrain(evaluated, 1)
     second = evaluate.run(evaluated.evaluate, p)
     assert (second["model_version"], second["model_alias"]) == (2, "challenger")
     assert "does not beat champion v1" in second["alias_reason"]
     client.set_model_version_tag("embedder", "1", "map_at_r", repr(first["map_at_r"] - 0.1))
-    _retrain(p, 2)
+    _retrain(evaluated, 2)
     third = evaluate.run(evaluated.evaluate, p)
     assert (third["model_version"], third["model_alias"]) == (3, "champion")
     assert int(client.get_model_version_by_alias("embedder", "champion").version) == 3
@@ -73,7 +77,7 @@ def test_the_same_weights_on_the_same_set_are_registered_once(evaluated, capsys)
     """Evaluate re-run for an evaluate-only change (dvc repro) reports the version the model is."""
     p = evaluated.paths
     first = evaluate.run(evaluated.evaluate, p)
-    _retrain(p, 1)
+    _retrain(evaluated, 1)
     second = evaluate.run(evaluated.evaluate, p)
     assert second["model_version"] == 2
     again = evaluate.run(evaluated.evaluate.model_copy(update={"recall_at": [1, 2]}), p)
@@ -141,7 +145,7 @@ def test_a_version_that_only_ties_the_champion_is_challenger(evaluated):
     run_id = tracking.parent_from_run_info(p.root, p["run_info"])
     first = registry.register(p, "embedder", run_id, {"map_at_r": 0.5})
     assert (first["model_version"], first["model_alias"]) == (1, "champion")
-    _retrain(p, 1)  # other weights, so it is a new version, not the one already registered
+    _retrain(evaluated, 1)  # other weights, so it is a new version, not the one already registered
     tie = registry.register(p, "embedder", run_id, {"map_at_r": 0.5})
     assert (tie["model_version"], tie["model_alias"]) == (2, "challenger"), tie
     assert "does not beat champion v1" in tie["alias_reason"]

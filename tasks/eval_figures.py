@@ -47,7 +47,7 @@ def _grid(paths: Paths, pick: np.ndarray, ret: Retrieval, query_ids, query_label
     nb_ids = np.where(nb_pos >= 0, gallery_ids[np.maximum(nb_pos, 0)], None)  # None: no result
     labels = [str(lab) for lab in query_labels[pick]]
     if ap is not None:
-        labels = [f"{lab} AP@R {a:.2f}" for lab, a in zip(labels, ap)]
+        labels = [f"{lab}\nAP@R {a:.2f}" for lab, a in zip(labels, ap)]  # its own line: never cut off
     # Queries and their neighbours in one read of the items' pixels (a full column scan).
     ids = np.concatenate([np.asarray(query_ids[pick], dtype=object)[:, None], nb_ids.astype(object)], axis=1)
     px = pixels_of(paths, ids)  # (n, 1 + k, H, W, C)

@@ -3,6 +3,7 @@ AP histogram and a 2-D projection of embeddings coloured by class."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -10,10 +11,15 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from tasks import mosaic  # noqa: E402
 from tasks.contracts import atomic_path  # noqa: E402
+from tasks.params import GRID_MAX_RESULTS, GRID_MAX_ROWS  # noqa: E402
 
 GREEN, RED, GREY = (0.1, 0.7, 0.2), (0.85, 0.1, 0.1), (0.5, 0.5, 0.5)
+FONT_PX, LINE_PX = 10, 11  # the grids' captions: 7 pt at 100 dpi, as the other figures' small text
 
 
 def _save(fig, path: Path) -> None:
@@ -45,32 +51,51 @@ def retrieval_grid(
     path: Path,
     neighbor_labels: np.ndarray | None = None,
 ) -> None:
-    """One row per query: the query image, then its top-k results framed green (same label) or red
-    (grey when ``correct`` is None: a query of unknown label). ``neighbor_labels`` (Q, k), optional,
-    are printed under each result.
+    """One row per query: the query image (black frame, its label above; a label's lines are cut
+    to their last 14 characters), then its top-k results framed green (same label) or red (grey
+    when ``correct`` is None: a query of unknown label) under their rank and score.
+    ``neighbor_labels`` (Q, k), optional, are printed under the score.
 
     queries (Q, H, W, C) uint8, neighbors (Q, k, H, W, C) uint8, correct (Q, k) bool, scores (Q, k).
+    One numpy image (tasks.mosaic), captioned by Pillow: no matplotlib Axes per thumbnail.
     """
     q, k = scores.shape
-    fig, axes = plt.subplots(q, k + 1, figsize=(1.3 * (k + 1), 1.45 * q), squeeze=False)
-    gray = queries.shape[-1] == 1
-    show = (lambda ax, img: ax.imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=255))
+    if q > GRID_MAX_ROWS or k > GRID_MAX_RESULTS:
+        # Evaluate's params refuse bigger grids; the query CLI's --k also sizes its JSON results,
+        # so a bigger request is drawn in part rather than refused.
+        print(f"tripletflow: warning: {path.name} shows the first {min(q, GRID_MAX_ROWS)} of {q} rows and "
+              f"{min(k, GRID_MAX_RESULTS)} of {k} results (a bigger grid is not readable)", file=sys.stderr)
+        q, k = min(q, GRID_MAX_ROWS), min(k, GRID_MAX_RESULTS)
+    colour = np.full((q, k + 1, 3), GREY)
+    colour[:, 0] = 0.0  # the query's frame: black
+    if correct is not None:
+        colour[:, 1:] = np.where(correct[:q, :k, None], GREEN, RED)
+    rgb = np.round(colour * 255).astype(np.uint8)  # (q, 1 + k, 3)
+    head = _captions(query_labels[:q], scores[:q, :k], None if neighbor_labels is None else neighbor_labels[:q, :k])
+    lines = max(t.count("\n") + 1 for row in head for t in row)
+    thumbs = np.concatenate([queries[:q, None], neighbors[:q, :k]], axis=1)  # (q, 1 + k, H, W, C)
+    m = mosaic.compose(thumbs, rgb, caption_px=lines * LINE_PX + 3)
+    # Captions drawn by Pillow straight onto the mosaic, in matplotlib's own font: a matplotlib
+    # figure re-samples the image and lays out each text (~2 ms a text), a few ms per thousand here.
+    picture = Image.fromarray(m.image)
+    draw, font = ImageDraw.Draw(picture), ImageFont.truetype(font_manager.findfont(font_manager.FontProperties()), FONT_PX)
     for i in range(q):
-        show(axes[i, 0], queries[i])
-        axes[i, 0].set_title(f"query\n{query_labels[i][-14:]}", fontsize=7)
-        for j in range(k):
-            ax = axes[i, j + 1]
-            show(ax, neighbors[i, j])
-            colour = GREY if correct is None else GREEN if correct[i, j] else RED
-            for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(3)
-            extra = "" if neighbor_labels is None else f"\n{str(neighbor_labels[i, j])[-12:]}"
-            ax.set_title(f"#{j + 1} {scores[i, j]:.3f}{extra}", fontsize=7, color=colour)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    _save(fig, path)
+        for j, text in enumerate(head[i]):
+            draw.multiline_text((m.centre_x[j], m.frame_top[i] - 2), text, fill=tuple(int(v) for v in rgb[i, j]),
+                                font=font, anchor="md", align="center", spacing=LINE_PX - FONT_PX)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+def _captions(query_labels: list[str], scores: np.ndarray, neighbor_labels: np.ndarray | None) -> list[list[str]]:
+    """(q, 1 + k) texts over a grid's thumbnails, for scores (q, k): "query" and the label (each
+    line's last 14 characters), then rank and score (and the result's label, its last 12)."""
+    head = []
+    for i, label in enumerate(query_labels):
+        extra = [""] * scores.shape[1] if neighbor_labels is None else [f"\n{str(lab)[-12:]}" for lab in neighbor_labels[i]]
+        head.append(["query\n" + "\n".join(line[-14:] for line in str(label).split("\n"))]
+                    + [f"#{j + 1} {s:.3f}{extra[j]}" for j, s in enumerate(scores[i])])
+    return head
 
 
 def ap_histogram(per_class: np.ndarray, path: Path, title: str) -> None:

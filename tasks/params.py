@@ -404,12 +404,19 @@ class FewShotParams(_Strict):
     episodes: int = Field(gt=0)
 
 
+# The retrieval grids' limits (tasks.figures draws no more): rows of queries and results per row.
+# A bigger grid is refused when params load, naming the key, rather than clamped with a warning:
+# a clamped value would be recorded (DVC, MLflow) for a picture it does not describe, and a grid of
+# thousands of thumbnails is unreadable anyway (grid_top_k also sizes what retrieval keeps per query).
+GRID_MAX_ROWS, GRID_MAX_RESULTS = 100, 50
+
+
 class EvaluateParams(_Strict):
     recall_at: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
     map_at: int = Field(gt=0)  # mAP@k, Google Landmark Retrieval definition (k=100)
-    grid_queries: int = Field(ge=0)
-    grid_top_k: int = Field(gt=0)
-    worst_queries: int = Field(ge=0)  # rows of the worst-queries grid (lowest AP@R)
+    grid_queries: int = Field(ge=0, le=GRID_MAX_ROWS)
+    grid_top_k: int = Field(gt=0, le=GRID_MAX_RESULTS)
+    worst_queries: int = Field(ge=0, le=GRID_MAX_ROWS)  # rows of the worst-queries grid (lowest AP@R)
     projection: Literal["pca", "tsne"]  # 2-D picture of the query embeddings
     projection_sample: int = Field(ge=0)  # points in it (seeded sample)
     # Exact search (tasks.search): one query_chunk × gallery_block float32 tile at a time bounds

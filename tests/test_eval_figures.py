@@ -1,12 +1,15 @@
 """tasks.eval_figures: the projection is deterministic and the pictures are written
-(the full evaluate stage draws them all in tests/test_evaluate.py)."""
+(the full evaluate stage draws them all in tests/test_evaluate.py), and a big retrieval grid is one
+picture of bounded size."""
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
-from tasks import figures
+from tasks import figures, mosaic
 from tasks.eval_figures import _csv, _project
+from tasks.params import GRID_MAX_RESULTS, GRID_MAX_ROWS
 
 
 def test_pca_projection_is_deterministic_and_separates_clusters():
@@ -27,3 +30,34 @@ def test_pictures_are_pngs(tmp_path):
 
 def test_csv_quotes_labels_with_commas():
     assert _csv("a,b") == '"a,b"' and _csv("plain") == "plain" and _csv('x"y,') == '"x""y,"'
+
+
+def _grid_inputs(q: int, k: int, side: int = 16):
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (q, side, side, 1), dtype=np.uint8), rng.integers(0, 256, (q, k, side, side, 1), dtype=np.uint8),
+            rng.random((q, k)) < 0.5, np.sort(rng.random((q, k)), axis=1)[:, ::-1], [f"class{i}\nAP@R 0.50" for i in range(q)])
+
+
+def test_a_large_retrieval_grid_is_one_png_of_bounded_size(tmp_path):
+    queries, neighbors, correct, scores, labels = _grid_inputs(64, 32)
+    figures.retrieval_grid(queries, neighbors, correct, scores, labels, tmp_path / "grid.png")
+    picture = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    height, width = picture.shape[:2]
+    assert width * height <= mosaic.BUDGET
+    # 16 px thumbnails enlarged 4 times, 33 per row, 64 rows: the picture is a whole number of cells.
+    cell_w, cell_h = width // 33, height // 64
+    assert width % 33 == 0 and height % 64 == 0 and cell_w >= 64 + 2 * mosaic.FRAME and cell_h > cell_w
+    # Every result's frame is green or red, as ``correct`` says (its left edge, mid-height).
+    top = height - mosaic.GAP - (64 + 2 * mosaic.FRAME) // 2  # the last row's frames, half-way down
+    left = [int(j * cell_w + (cell_w - mosaic.GAP - 64 - 2 * mosaic.FRAME) // 2 + mosaic.GAP // 2) for j in range(1, 33)]
+    green, red = (np.round(np.array(c) * 255) for c in (figures.GREEN, figures.RED))
+    np.testing.assert_array_equal(picture[top, left], np.where(correct[-1, :, None], green, red))
+
+
+def test_a_grid_past_the_limits_is_drawn_in_part_with_a_warning(tmp_path, capsys):
+    queries, neighbors, correct, scores, labels = _grid_inputs(GRID_MAX_ROWS + 1, GRID_MAX_RESULTS + 1, side=4)
+    figures.retrieval_grid(queries, neighbors, None, scores, labels, tmp_path / "q.png", np.full(scores.shape, "lab"))
+    err = capsys.readouterr().err
+    assert f"first {GRID_MAX_ROWS} of {GRID_MAX_ROWS + 1} rows" in err and f"{GRID_MAX_RESULTS} of {GRID_MAX_RESULTS + 1} results" in err
+    width, height = Image.open(tmp_path / "q.png").size
+    assert width % (GRID_MAX_RESULTS + 1) == 0 and height % GRID_MAX_ROWS == 0 and width * height <= mosaic.BUDGET

@@ -176,6 +176,17 @@ def test_every_error_is_reported_at_once():
         assert key in msg
 
 
+@pytest.mark.parametrize(
+    "dotted, value, limit",
+    [("evaluate.grid_queries", 10000, 100), ("evaluate.worst_queries", 101, 100), ("evaluate.grid_top_k", 600, 50)],
+)
+def test_retrieval_grids_past_their_limits_are_refused_naming_the_key(dotted, value, limit):
+    # Refused, not clamped: the recorded params then always describe the pictures drawn.
+    assert f"{dotted}: Input should be less than or equal to {limit} (got {value})" in _error({dotted: value})
+    params = parse_params(apply_overrides(default_params(), {dotted: limit}), Path("."))
+    assert getattr(params.evaluate, dotted.split(".")[1]) == limit
+
+
 def test_top_level_not_a_mapping(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("- a\n- b\n")

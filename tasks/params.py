@@ -601,16 +601,24 @@ _YamlLoader.add_implicit_resolver(  # after int's and float's: tried only where 
 )
 
 
-def yaml_load(text: str) -> Any:
-    """YAML text -> Python values, as params files are read (:class:`_YamlLoader`)."""
-    return yaml.load(text, Loader=_YamlLoader)
+def yaml_load(text: str, name: str | None = None) -> Any:
+    """YAML text -> Python values, as params files are read (:class:`_YamlLoader`). ``name``: the
+    file the text came from, for PyYAML's error marks (else they say ``in "<unicode string>"``; a
+    stream would name the file but lose the quoted line and its caret)."""
+    loader = _YamlLoader(text)
+    if name is not None:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content; a missing or malformed file is a ParamsError naming it (``what``: the
     kind of file, for the message)."""
     try:
-        return yaml_load(path.read_text())
+        return yaml_load(path.read_text(), str(path))
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such {what} file") from None
     except yaml.YAMLError as err:

@@ -206,8 +206,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_params(tmp_path / "absent.yaml")
     bad = tmp_path / "params.yaml"
     bad.write_text("ingest: [unclosed\n")
-    with pytest.raises(ParamsError, match="not valid YAML"):
+    with pytest.raises(ParamsError, match="not valid YAML") as info:
         load_params(bad)
+    # PyYAML's own marks name the file too (they said in "<unicode string>", line 2, column 1).
+    assert f'in "{bad}", line 2, column 1' in str(info.value) and "<unicode string>" not in str(info.value)
+    assert "ingest: [unclosed" in str(info.value)  # and still quote the line
 
 
 # ------------------------------------------------------------------------------------- components

@@ -557,11 +557,17 @@ def _objective_errors(t: TrainParams) -> list[str]:
 
 def _cross_section_errors(params: Params) -> list[str]:
     """Choices that the library using them (torchvision, faiss) would only reject when their stage
-    starts — after the stages before it have rewritten their outputs. Asked of the library itself
+    starts — after the stages before it have rewritten their outputs — and settings of two sections
+    that cannot work together whatever the data. Asked of the library itself
     (not of tasks.backbones / tasks.build_index: every stage loads params, and DVC would re-run
     ingest whenever those changed)."""
     errors = []
     t = params.train
+    if t.early_stopping_patience and params.make_batches.val_fraction == 0:
+        # Train's own check (at least 2 validation classes) needs the data; with no share held out
+        # there are none whatever the data, so say it before ingest and make_batches rewrite theirs.
+        errors.append(f"train.early_stopping_patience: {t.early_stopping_patience} needs validation classes, but "
+                      "make_batches.val_fraction is 0 (none held out): raise it, or set the patience to 0")
     if t.backbone == "small_cnn":
         if t.pretrained:
             errors.append("train.pretrained: small_cnn has no pretrained weights (null)")

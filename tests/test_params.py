@@ -536,6 +536,18 @@ def test_choices_a_later_stage_would_reject_stop_when_params_load(overrides, mes
     assert message in _error(overrides)
 
 
+def test_early_stopping_without_validation_classes_stops_when_params_load():
+    """val_fraction 0 holds out no class, so no data can make the patience work: train found it
+    only after ingest and make_batches had rewritten their outputs. (A positive val_fraction that
+    still holds out < 2 classes depends on the data: train's own check.)"""
+    msg = _error({"train.early_stopping_patience": 2, "make_batches.val_fraction": 0.0})
+    assert "train.early_stopping_patience: 2 needs validation classes, but make_batches.val_fraction is 0" in msg
+    parse_params(apply_overrides(default_params(), {"train.early_stopping_patience": 2,
+                                                    "make_batches.val_fraction": 0.2}), Path("."))
+    parse_params(apply_overrides(default_params(), {"train.early_stopping_patience": 0,
+                                                    "make_batches.val_fraction": 0.0}), Path("."))
+
+
 @pytest.mark.parametrize("overrides", [
     {"train.miner.type_of_triplets": "hard"},
     {"train.miner": {"name": "BatchEasyHardMiner", "pos_strategy": "easy", "neg_strategy": "semihard"}},

@@ -32,7 +32,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, project_lock, tracking, train  # noqa: E402
+from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, preflight, project_lock, tracking, train  # noqa: E402
 from tasks.errors import ParamsError, UserInputError  # noqa: E402
 from tasks.params import flatten, load_params, yaml_load  # noqa: E402
 from tasks.params_preset import with_preset  # noqa: E402
@@ -89,6 +89,7 @@ def pipeline(
     relative to the params file's folder) or a list of them, applied in order before ``overrides``."""
     preset_files = _preset_paths(params_file, preset)
     params = load_params(params_file, with_preset(preset_files, overrides))  # invalid params: fail before any output
+    preflight.check(params)  # and params this machine cannot run (no CUDA, no weights file)
     paths = params.paths
     root = Path(paths.root)
     logger = get_run_logger()
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
         params_file = str(Path(args.params).resolve())
         preset = resolve_presets(args.preset)
         overrides = parse_set(args.overrides)
-        root = Path(load_params(params_file, with_preset(preset, overrides)).paths.root)
+        params = load_params(params_file, with_preset(preset, overrides))
+        preflight.check(params)  # here too: one line, before Prefect's server and logs
+        root = Path(params.paths.root)
         with project_lock.hold(root, "python -m flows.pipeline (starting)"):
             pass  # another run in this project: say so now (the flow run takes the lock itself)
         with _few_retries():

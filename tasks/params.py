@@ -664,6 +664,14 @@ def source_path(root: Path, rel: str) -> Path:
     return project_origin(root) / rel
 
 
+def pretrained_path(pretrained: str | None, root: str | Path) -> str | None:
+    """``train.pretrained`` as train loads it: null, ``default`` (torch's cache), or a file — a
+    relative one resolved against ``root`` (the project: paths.root)."""
+    if pretrained in (None, "default") or Path(pretrained).is_absolute():
+        return pretrained
+    return str(Path(root) / pretrained)
+
+
 def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"train.loss.margin": 0.2, ...}`` — the form MLflow logs params in."""
     data = params.model_dump() if isinstance(params, BaseModel) else params

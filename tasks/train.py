@@ -20,7 +20,7 @@ from tasks.distributed import World
 from tasks.engine import EarlyStopping, deterministic, make_scheduler, recall_at_1, train_epoch
 from tasks.errors import ParamsError
 from tasks.models import save_checkpoint
-from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten
+from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten, pretrained_path
 from tasks.recipe import build, use_bf16
 from tasks.train_data import load_plan, load_train_data, self_supervised_plan
 
@@ -45,9 +45,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     if params.mode == "self_supervised":  # no labels, so no P×K either (see tasks.sampling)
         plan = self_supervised_plan(plan_meta, len(labels), val_idx.cpu().numpy(), params.seed)
 
-    weights = params.pretrained
-    if weights not in (None, "default") and not Path(weights).is_absolute():
-        weights = str(Path(paths.root) / weights)
+    weights = pretrained_path(params.pretrained, paths.root)
     model, compute, _, optimizer, stateful = build(params, items_meta, device, plan_meta["images_per_class"], weights, world)
     steps = sum(len(e) for e in plan)
     warmup = sum(len(e) for e in plan[: params.warmup_epochs])

@@ -89,6 +89,15 @@ def test_invalid_override_fails_before_any_output(make_project):
     assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]
 
 
+def test_params_this_machine_cannot_run_fail_the_flow_before_any_output(make_project):
+    """A deployment's run (no CLI before it) checks them too (tasks.preflight): a missing weights
+    file failed in train, after ingest and make_batches had rewritten their outputs."""
+    params_file = make_project(FAST)
+    with pytest.raises(ParamsError, match="train.pretrained: no weights file at /nonexistent/w.pth"):
+        pipeline(params_file=str(params_file), overrides={"train.backbone": "resnet18", "train.pretrained": "/nonexistent/w.pth"})
+    assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]
+
+
 def test_a_flow_run_holds_the_project_for_its_whole_run(make_project):
     """A deployment's run (no CLI before it) meets another run's lock too: it stops before it
     opens an MLflow run — two runs in a project logged into each other's runs."""

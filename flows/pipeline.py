@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -36,6 +37,26 @@ from tasks import build_index, evaluate, export_embeddings, ingest, make_batches
 from tasks.errors import ParamsError, UserInputError  # noqa: E402
 from tasks.params import flatten, load_params, yaml_load  # noqa: E402
 from tasks.params_preset import with_preset  # noqa: E402
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback (``exc_info=True``, whatever the
+    exception; no setting turns that off for some exceptions only). For the errors the stage CLIs
+    report as one line (tasks.cli.USER_ERRORS: bad params, unusable data, a missing file) the run
+    logs keep Prefect's line naming the error and drop the traceback; any other keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.cli import USER_ERRORS
+
+        if isinstance(record.exc_info, tuple) and isinstance(record.exc_info[1], USER_ERRORS):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+# The run loggers Prefect's engine logs failures to (get_run_logger's; its logging.yml names them):
+# standard logging filters, which Prefect's own configuration (dictConfig) leaves in place.
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_NoTracebackForUserErrors())
 
 
 def is_transient(task, task_run, state) -> bool:

@@ -152,6 +152,35 @@ def test_cli_rejects_a_bad_value_naming_the_key(make_project):
     assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.parametrize("logger", ["prefect.task_runs", "prefect.flow_runs"])
+def test_run_logs_keep_a_traceback_for_bugs_only(logger):
+    """Prefect logs a failed run with its traceback: a user's error printed two (~60 lines) before
+    the flow CLI's one line. Its line naming the error stays; a bug keeps its traceback."""
+    import logging
+
+    import flows.pipeline  # noqa: F401  (installs the filter)
+    from tasks.errors import DatasetError
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger(logger)
+    handlers, propagate = log.handlers, log.propagate
+    log.handlers, log.propagate = [handler], False  # not Prefect's API handler: no flow run here
+    try:
+        for exc in (DatasetError("1 class"), FileNotFoundError("no items"), RuntimeError("a bug")):
+            try:
+                raise exc
+            except Exception as err:
+                log.error("Task run failed with exception: %r", err, exc_info=True)
+    finally:
+        log.handlers, log.propagate = handlers, propagate
+    assert [r.getMessage() for r in records] == ["Task run failed with exception: DatasetError('1 class')",
+                                                 "Task run failed with exception: FileNotFoundError('no items')",
+                                                 "Task run failed with exception: RuntimeError('a bug')"]
+    assert [r.exc_info is not None for r in records] == [False, False, True]
+
+
 def test_only_transient_failures_are_retried():
     from prefect.states import Failed
 

@@ -41,14 +41,13 @@ from tasks.params_preset import with_preset  # noqa: E402
 
 class _NoTracebackForUserErrors(logging.Filter):
     """Prefect logs a failed task or flow run with its traceback (``exc_info=True``, whatever the
-    exception; no setting turns that off for some exceptions only). For the errors the stage CLIs
-    report as one line (tasks.cli.USER_ERRORS: bad params, unusable data, a missing file) the run
-    logs keep Prefect's line naming the error and drop the traceback; any other keeps it."""
+    exception; no setting turns that off for some exceptions only). For our named errors of the
+    user's input (UserInputError: bad params, unusable data) the run logs keep Prefect's line naming
+    the error and drop the traceback; any other keeps it — a FileNotFoundError too, which the CLI
+    reports as one line but which in a deployment's log may be a bug's only trace."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.cli import USER_ERRORS
-
-        if isinstance(record.exc_info, tuple) and isinstance(record.exc_info[1], USER_ERRORS):
+        if isinstance(record.exc_info, tuple) and isinstance(record.exc_info[1], UserInputError):
             record.exc_info = record.exc_text = None
         return True
 

@@ -53,6 +53,8 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     world, device = distributed.init(params.device)
     with distributed.leaving(world):
         items, meta = C.read_table(paths["items"], C.ITEMS)
+        split_classes = {s: set(pc.unique(items.filter(pc.equal(items[C.SPLIT], s))[C.LABEL]).to_pylist())
+                         for s in (C.TRAIN, C.TEST)}
         items = items.filter(pc.or_(items[C.IS_QUERY], items[C.IS_GALLERY]))
         model = load_checkpoint(paths["model"], device)
         # Re-ingested at another size after train (a stage run by hand): a CNN embeds any size without
@@ -63,9 +65,10 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
                                   f"{paths['model']} was trained on {cfg['image_size']}×{cfg['image_size']} of "
                                   f"{cfg['in_channels']}: re-run train (or ingest with the model's ingest.image_size / channels)")
         # Test classes the model trained on (a split changed by hand since train, or another
-        # dataset whose labels share names): their metrics are not those of unseen classes.
-        test = set(pc.unique(items.filter(pc.equal(items[C.SPLIT], C.TEST))[C.LABEL]).to_pylist())
-        seen = sorted(test & set(model.trained_classes or ()))
+        # dataset whose labels share names): their metrics are not those of unseen classes. Not
+        # those the items hold on both sides (ingest.shared_classes: allow, closed-set by choice).
+        test = split_classes[C.TEST]
+        seen = sorted((test - split_classes[C.TRAIN]) & set(model.trained_classes or ()))
         if seen and world.main:
             print(f"export_embeddings: warning: {len(seen):,} of the {len(test):,} test classes of {paths['items']} are "
                   f"classes {paths['model']} trained on (e.g. {seen[0]!r}): if they are the same classes, their metrics "

@@ -56,10 +56,13 @@ def retrieval_grid(
     when ``correct`` is None: a query of unknown label) under their rank and score.
     ``neighbor_labels`` (Q, k), optional, are printed under the score.
 
-    queries (Q, H, W, C) uint8, neighbors (Q, k, H, W, C) uint8, correct (Q, k) bool, scores (Q, k).
+    queries (Q, H, W, C) uint8, neighbors (Q, k, H', W', C') uint8 (sizes and channels may differ),
+    correct (Q, k) bool, scores (Q, k); Q >= 1.
     One numpy image (tasks.mosaic), captioned by Pillow: no matplotlib Axes per thumbnail.
     """
     q, k = scores.shape
+    if q == 0:
+        raise ValueError(f"{path.name}: a retrieval grid needs at least one query")
     if q > GRID_MAX_ROWS or k > GRID_MAX_RESULTS:
         # Evaluate's params refuse bigger grids; the query CLI's --k also sizes its JSON results,
         # so a bigger request is drawn in part rather than refused.
@@ -73,8 +76,9 @@ def retrieval_grid(
     rgb = np.round(colour * 255).astype(np.uint8)  # (q, 1 + k, 3)
     head = _captions(query_labels[:q], scores[:q, :k], None if neighbor_labels is None else neighbor_labels[:q, :k])
     lines = max(t.count("\n") + 1 for row in head for t in row)
-    thumbs = np.concatenate([queries[:q, None], neighbors[:q, :k]], axis=1)  # (q, 1 + k, H, W, C)
-    m = mosaic.compose(thumbs, rgb, caption_px=lines * LINE_PX + 3)
+    # Two blocks, not one array: the query command's queries come at the model's size, its results
+    # from the items (another size, if ingested again since); compose resizes each.
+    m = mosaic.compose([queries[:q, None], neighbors[:q, :k]], rgb, caption_px=lines * LINE_PX + 3)
     # Captions drawn by Pillow straight onto the mosaic, in matplotlib's own font: a matplotlib
     # figure re-samples the image and lays out each text (~2 ms a text), a few ms per thousand here.
     picture = Image.fromarray(m.image)

@@ -7,14 +7,16 @@ One matplotlib Axes per thumbnail cost ~20 ms and ~0.4 MB each: 64 queries × 33
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 FRAME = 3  # px of the coloured frame round each thumbnail
 GAP = 6  # px between cells, across and down
-TEXT_W = 80  # px a column needs for its caption (14 characters at 7 pt, 100 dpi)
-SMALL, LARGE = 64, 128  # px: smaller thumbnails are enlarged (whole times), larger ones reduced
+TEXT_W = 80  # px a column is at least: ~12 characters of caption at 10 px (longer ones may touch; wider
+# columns would take the largest grid past BUDGET)
+SMALL, LARGE = 64, 128  # px: images of SMALL/2 or less enlarged (whole times, to at most SMALL); over LARGE reduced
 MIN_SIDE = 24  # px: the budget never shrinks a thumbnail below this
 BUDGET = 32_000_000  # pixels of the whole picture (RGB: ~100 MB), reached by shrinking thumbnails
 
@@ -51,14 +53,19 @@ def resize(px: np.ndarray, th: int, tw: int) -> np.ndarray:
     return px[..., rows, :, :][..., cols, :]
 
 
-def compose(thumbs: np.ndarray, frames: np.ndarray, caption_px: int, budget: int = BUDGET) -> Mosaic:
-    """thumbs (q, n, H, W, C) uint8 (C 1 = grey, or 3), frames (q, n, 3) uint8 RGB frame colours
-    -> one image of q rows × n columns of framed thumbnails, ``caption_px`` free above each row."""
-    q, n, h, w, c = thumbs.shape
+def compose(thumbs: np.ndarray | Sequence[np.ndarray], frames: np.ndarray, caption_px: int, budget: int = BUDGET) -> Mosaic:
+    """thumbs (q, n, H, W, C) uint8 (C 1 = grey, or 3) — or column blocks (q, n_i, H_i, W_i, C_i)
+    that together make the n columns, each of its own size and channels (the query command's
+    queries at the model's size beside results at the items') — and frames (q, n, 3) uint8 RGB
+    frame colours -> one image of q rows × n columns of framed thumbnails, ``caption_px`` free above
+    each row. Every block is resized to one thumbnail size (from the largest image) before they
+    are joined: a full-size copy of a 100 × 51 grid of 224 px RGB images would be ~770 MB."""
+    blocks = [thumbs] if isinstance(thumbs, np.ndarray) else list(thumbs)
+    q, n = frames.shape[:2]
+    h, w = max(b.shape[2] for b in blocks), max(b.shape[3] for b in blocks)
     th, tw = thumb_size(h, w, q * n, caption_px, budget)
     cell_h, cell_w = _cell(th, tw, caption_px)
-    small = resize(thumbs, th, tw)  # (q, n, th, tw, C)
-    small = np.repeat(small, 3, axis=-1) if c == 1 else small[..., :3]
+    small = np.concatenate([_rgb(resize(b, th, tw)) for b in blocks], axis=1)  # (q, n, th, tw, 3)
     # (q, cell_h, n, cell_w, 3) reshapes for free into the (q·cell_h, n·cell_w, 3) picture.
     canvas = np.full((q, cell_h, n, cell_w, 3), 255, np.uint8)
     y0, x0 = caption_px, (cell_w - GAP - tw - 2 * FRAME) // 2 + GAP // 2
@@ -69,3 +76,8 @@ def compose(thumbs: np.ndarray, frames: np.ndarray, caption_px: int, budget: int
         centre_x=np.arange(n) * cell_w + x0 + FRAME + tw / 2,
         frame_top=np.arange(q) * cell_h + y0,
     )
+
+
+def _rgb(px: np.ndarray) -> np.ndarray:
+    """(..., C) uint8 with C 1 (grey) or 3 -> (..., 3)."""
+    return np.repeat(px, 3, axis=-1) if px.shape[-1] == 1 else px[..., :3]

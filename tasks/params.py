@@ -568,6 +568,12 @@ def _cross_section_errors(params: Params) -> list[str]:
         # there are none whatever the data, so say it before ingest and make_batches rewrite theirs.
         errors.append(f"train.early_stopping_patience: {t.early_stopping_patience} needs validation classes, but "
                       "make_batches.val_fraction is 0 (none held out): raise it, or set the patience to 0")
+    for name, section in (("train", t), ("export_embeddings", params.export_embeddings)):
+        if section.processes > 1 and section.device.startswith("cuda:"):
+            # torchrun gives each process its own GPU (LOCAL_RANK) only for "cuda": a numbered
+            # device would put every process on that one GPU, and NCCL refuses.
+            errors.append(f"{name}.device: {section.device!r} with {name}.processes {section.processes}: every process "
+                          "would use that one GPU; set device to 'cuda' (one GPU per process) or 'auto'")
     if t.backbone == "small_cnn":
         if t.pretrained:
             errors.append("train.pretrained: small_cnn has no pretrained weights (null)")

@@ -5,6 +5,7 @@ picture of bounded size."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tasks import figures, mosaic
@@ -61,3 +62,14 @@ def test_a_grid_past_the_limits_is_drawn_in_part_with_a_warning(tmp_path, capsys
     assert f"first {GRID_MAX_ROWS} of {GRID_MAX_ROWS + 1} rows" in err and f"{GRID_MAX_RESULTS} of {GRID_MAX_RESULTS + 1} results" in err
     width, height = Image.open(tmp_path / "q.png").size
     assert width % (GRID_MAX_RESULTS + 1) == 0 and height % GRID_MAX_ROWS == 0 and width * height <= mosaic.BUDGET
+
+
+def test_a_grid_of_queries_at_another_size_than_their_results_is_drawn(tmp_path):
+    """tasks.query decodes its images at the model's size; the results' pixels come from the items."""
+    path = tmp_path / "grid.png"
+    figures.retrieval_grid(np.zeros((2, 20, 20, 3), np.uint8), np.zeros((2, 3, 16, 16, 1), np.uint8), None,
+                           np.zeros((2, 3)), ["a", "b"], path)
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="at least one query"):
+        figures.retrieval_grid(np.zeros((0, 16, 16, 1), np.uint8), np.zeros((0, 3, 16, 16, 1), np.uint8), None,
+                               np.zeros((0, 3)), [], path)

@@ -99,3 +99,33 @@ def test_test_classes_the_model_trained_on_are_counted_and_warned_of(make_projec
     seen = export_embeddings.run(again.export_embeddings, again.paths)["n_test_classes_seen_in_training"]
     assert seen > 0
     assert f"warning: {seen} of the" in capsys.readouterr().err
+
+
+def test_classes_the_items_hold_on_both_sides_are_no_warning(make_project, capsys):
+    """ingest.shared_classes: allow puts a class in train and test by choice (closed-set): the
+    model trained on it and re-training cannot change that. A class it trained on that the items
+    now hold in test only is still counted."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from tasks import make_batches, train
+    from conftest import synthetic_items
+
+    params = load_params(make_project(FAST))
+    synthetic_items(params.paths["items"])
+    make_batches.run(params.make_batches, params.paths)
+    train.run(params.train, params.paths)
+    items, meta = C.read_table(params.paths["items"], C.ITEMS)
+
+    def with_test(rows):  # these rows of class0 (a trained class) moved to the test split, query and gallery
+        moved = pc.is_in(items[C.ITEM_ID], pa.array(rows))
+        table = items
+        for col, value in ((C.SPLIT, C.TEST), (C.IS_QUERY, True), (C.IS_GALLERY, True)):
+            table = table.set_column(table.schema.get_field_index(col), col, pc.if_else(moved, value, items[col]))
+        C.write_table(table, params.paths["items"], C.ITEMS, meta)
+        return export_embeddings.run(params.export_embeddings, params.paths)["n_test_classes_seen_in_training"]
+
+    assert with_test([f"c0-{i}" for i in range(4)]) == 0  # class0 on both sides
+    assert "warning" not in capsys.readouterr().err
+    assert with_test([f"c0-{i}" for i in range(12)]) == 1  # class0 in test only
+    assert "warning: 1 of the 3 test classes" in capsys.readouterr().err

@@ -48,3 +48,13 @@ def test_a_big_grid_of_big_images_is_shrunk_to_the_budget():
     assert m.image.size // 3 <= 2_000_000
     # The floor: thumbnails never below MIN_SIDE, whatever the budget.
     assert max(thumb_size(224, 224, 10_000, 30, budget=1)) == mosaic.MIN_SIDE
+
+
+def test_blocks_of_other_sizes_and_channels_join_at_one_thumbnail_size():
+    """The query command: queries decoded at the model's size (RGB), results at the items' (grey)."""
+    queries = np.full((2, 1, 20, 20, 3), (255, 0, 0), np.uint8)
+    results = np.full((2, 3, 16, 16, 1), 7, np.uint8)
+    m = compose([queries, results], np.zeros((2, 4, 3), np.uint8), caption_px=10)
+    th, tw = thumb_size(20, 20, 8, 10)
+    assert (m.image == (255, 0, 0)).all(axis=-1).sum() == 2 * th * tw
+    assert (m.image == 7).all(axis=-1).sum() == 2 * 3 * th * tw

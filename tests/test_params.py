@@ -654,3 +654,13 @@ def test_a_null_count_is_kept_where_the_class_defaults_to_null():
 def test_a_miner_count_is_checked_as_an_integer():
     assert "train.miner.num_bins: expected an integer, got 10.5" in _error(
         {"train.miner": {"name": "UniformHistogramMiner", "num_bins": 10.5}})
+
+
+@pytest.mark.parametrize("section", ["train", "export_embeddings"])
+def test_a_numbered_gpu_for_several_processes_stops_when_params_load(section):
+    """torchrun's processes each take the GPU of their local rank only for device "cuda": with
+    "cuda:1" every process would land on GPU 1 (NCCL fails, after the stages before it ran)."""
+    msg = _error({f"{section}.device": "cuda:1", f"{section}.processes": 2})
+    assert f"{section}.device: 'cuda:1' with {section}.processes 2: every process would use that one GPU" in msg
+    for ok in ({f"{section}.device": "cuda", f"{section}.processes": 2}, {f"{section}.device": "cuda:1", f"{section}.processes": 1}):
+        parse_params(apply_overrides(default_params(), ok), Path("."))

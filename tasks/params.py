@@ -450,6 +450,12 @@ def _format(err: ValidationError, origin: str) -> str:
         key = ".".join(loc) or "<top level>"
         msg = e["msg"].removeprefix("Value error, ")
         got = "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+        if e["type"] == "missing" and len(loc) > 1 and loc[-1] == "name":
+            # A component (loss, miner, optimizer) in a preset replaces the whole key: {margin: 0.3}
+            # alone drops the name the defaults gave.
+            parent = ".".join(loc[:-1])
+            got = (f" ({parent} is given whole, its class name with its arguments: a preset replaces it all; "
+                   f"to change one argument, --set {parent}.<argument>=<value>)")
         lines.append(f"  {key}: {msg}{got}")
     return f"{origin}: invalid params\n" + "\n".join(lines)
 

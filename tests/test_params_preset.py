@@ -131,3 +131,16 @@ def test_presets_apply_in_order_a_later_one_winning(tmp_path, capsys):
     main([str(omniglot), str(hard), "--params", str(ROOT / "params.yaml"), "--print"])
     cmd = json.loads(capsys.readouterr().out)
     assert "+train.miner={name:'BatchHardMiner'}" in cmd and "++ingest.image_size=36" in cmd
+
+
+def test_a_preset_component_without_its_name_says_it_replaces_the_whole_key(tmp_path):
+    """``train: {loss: {margin: 0.3}}`` replaces the loss whole, dropping the default's name: the
+    error says so and how to change one argument (which then works)."""
+    preset = _write(tmp_path / "p.yaml", {"train": {"loss": {"margin": 0.3}}})
+    with pytest.raises(ParamsError) as info:
+        load_params(ROOT / "params.yaml", with_preset(preset))
+    assert ("train.loss.name: Field required (train.loss is given whole, its class name with its arguments: a preset "
+            "replaces it all; to change one argument, --set train.loss.<argument>=<value>)") in str(info.value)
+    default = load_params(ROOT / "params.yaml").train.loss
+    changed = load_params(ROOT / "params.yaml", {"train.loss.margin": 0.3}).train.loss
+    assert changed.name == default.name and changed.kwargs == default.kwargs | {"margin": 0.3}

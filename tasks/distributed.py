@@ -78,13 +78,28 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def gpu_errors(section: str, device: str, processes: int = 1) -> list[str]:
+    """``key: why`` for a ``device`` and process count this machine's GPUs cannot give (the flow's
+    preflight, before any stage; :func:`launch`, before torchrun). CUDA is asked about only when
+    ``device`` names it, or is ``auto`` for several processes; on a CPU, processes share its cores."""
+    if not device.startswith("cuda") and (device != "auto" or processes == 1):
+        return []
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.startswith("cuda") and not gpus:
+        return [f"{section}.device: {device!r} asked for, but CUDA is not available here"]
+    if device.startswith("cuda:") and int(device[5:]) >= gpus:
+        return [f"{section}.device: {device!r} asked for, but this machine has {gpus} GPU(s)"]
+    if processes > gpus and (device.startswith("cuda") or gpus):
+        return [f"{section}.processes: {processes} processes but {gpus} GPUs here"]
+    return []
+
+
 def launch(module: str, params, paths, parent_run_id: str | None) -> dict:
     """Run ``module``'s stage in ``params.processes`` local processes under torchrun; return rank 0's
     result. The stage's params and paths travel as JSON (the flow's overrides included)."""
-    if params.device.startswith("cuda") or (params.device == "auto" and torch.cuda.is_available()):
-        if params.processes > torch.cuda.device_count():
-            stage = module.rsplit(".", 1)[-1]
-            raise ParamsError(f"{stage}.processes: {params.processes} processes but {torch.cuda.device_count()} GPUs here")
+    errors = gpu_errors(module.rsplit(".", 1)[-1], params.device, params.processes)
+    if errors:
+        raise ParamsError("; ".join(errors))
     with tempfile.TemporaryDirectory(prefix="tripletflow-launch-") as tmp:
         job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({

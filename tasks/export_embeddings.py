@@ -53,7 +53,8 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     world, device = distributed.init(params.device)
     with distributed.leaving(world):
         items, meta = C.read_table(paths["items"], C.ITEMS)
-        split_classes = {s: set(pc.unique(items.filter(pc.equal(items[C.SPLIT], s))[C.LABEL]).to_pylist())
+        # Only the label column filtered: the whole table's would copy every train image's pixels.
+        split_classes = {s: set(pc.unique(items[C.LABEL].filter(pc.equal(items[C.SPLIT], s))).to_pylist())
                          for s in (C.TRAIN, C.TEST)}
         items = items.filter(pc.or_(items[C.IS_QUERY], items[C.IS_GALLERY]))
         model = load_checkpoint(paths["model"], device)

@@ -53,14 +53,13 @@ def resize(px: np.ndarray, th: int, tw: int) -> np.ndarray:
     return px[..., rows, :, :][..., cols, :]
 
 
-def compose(thumbs: np.ndarray | Sequence[np.ndarray], frames: np.ndarray, caption_px: int, budget: int = BUDGET) -> Mosaic:
-    """thumbs (q, n, H, W, C) uint8 (C 1 = grey, or 3) — or column blocks (q, n_i, H_i, W_i, C_i)
-    that together make the n columns, each of its own size and channels (the query command's
-    queries at the model's size beside results at the items') — and frames (q, n, 3) uint8 RGB
-    frame colours -> one image of q rows × n columns of framed thumbnails, ``caption_px`` free above
-    each row. Every block is resized to one thumbnail size (from the largest image) before they
-    are joined: a full-size copy of a 100 × 51 grid of 224 px RGB images would be ~770 MB."""
-    blocks = [thumbs] if isinstance(thumbs, np.ndarray) else list(thumbs)
+def compose(blocks: Sequence[np.ndarray], frames: np.ndarray, caption_px: int, budget: int = BUDGET) -> Mosaic:
+    """blocks: uint8 column blocks (q, n_i, H_i, W_i, C_i), C_i 1 (grey) or 3, that side by side
+    make the n columns, each of its own size and channels (the query command's queries at the
+    model's size beside results at the items'); frames (q, n, 3) uint8 RGB frame colours -> one
+    image of q rows × n columns of framed thumbnails, ``caption_px`` free above each row. Every
+    block is resized to one thumbnail size (from the largest image) before they are joined: a
+    full-size copy of a 100 × 51 grid of 224 px RGB images would be ~770 MB."""
     q, n = frames.shape[:2]
     h, w = max(b.shape[2] for b in blocks), max(b.shape[3] for b in blocks)
     th, tw = thumb_size(h, w, q * n, caption_px, budget)

@@ -12,6 +12,7 @@ for: with ``device: auto`` and one process CUDA is not touched here.
 
 from __future__ import annotations
 
+from tasks.distributed import gpu_errors
 from tasks.errors import ParamsError
 from tasks.params import Params, pretrained_path
 
@@ -19,22 +20,9 @@ from tasks.params import Params, pretrained_path
 def machine_errors(params: Params) -> list[str]:
     """``key: why`` for each setting this machine cannot run."""
     errors = []
-    gpus = None  # asked once, and only if a setting names CUDA
     for section in ("train", "export_embeddings", "evaluate"):
-        device = getattr(params, section).device
-        processes = getattr(getattr(params, section), "processes", 1)
-        if not device.startswith("cuda") and (device != "auto" or processes == 1):
-            continue
-        if gpus is None:
-            import torch
-
-            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.startswith("cuda") and not gpus:
-            errors.append(f"{section}.device: {device!r} asked for, but CUDA is not available here")
-        elif device.startswith("cuda:") and int(device[5:]) >= gpus:
-            errors.append(f"{section}.device: {device!r} asked for, but this machine has {gpus} GPU(s)")
-        elif processes > gpus and (device.startswith("cuda") or gpus):  # on a CPU, processes share its cores
-            errors.append(f"{section}.processes: {processes} processes but {gpus} GPUs here")
+        settings = getattr(params, section)
+        errors += gpu_errors(section, settings.device, getattr(settings, "processes", 1))
     t = params.train
     if t.pretrained is not None and t.backbone != "small_cnn":  # small_cnn with weights: load_params refuses
         from tasks.backbones import pretrained_file

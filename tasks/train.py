@@ -122,7 +122,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         ran = len(curve)
         if not world.main:
             return {"rank": world.rank, "epochs": ran}
-        model.trained_classes = [name for c, name in enumerate(items_meta["class_names"]) if c not in set(val_codes)]
+        model.trained_classes = [name for name in items_meta["class_names"] if name not in val_names]
         sha = save_checkpoint(model.cpu(), paths["model"], {"epochs": ran} | kept)
         # Written with the model, not before training: a failed run leaves the previous model and
         # the run that made it, so a later stage run by hand logs into the run of the model it reads.

@@ -13,7 +13,7 @@ def test_each_thumbnail_sits_in_its_frame_at_the_reported_place():
     thumbs = np.arange(q * n, dtype=np.uint8).reshape(q, n, 1, 1, 1) * np.ones((1, 1, h, h, 1), np.uint8) * 10
     frames = np.zeros((q, n, 3), np.uint8)
     frames[..., 1] = 200 + np.arange(n)  # one green per column
-    m = compose(thumbs, frames, caption_px=20)
+    m = compose([thumbs], frames, caption_px=20)
     th, tw = thumb_size(h, h, q * n, 20)
     assert (th, tw) == (64, 64)  # 8 px enlarged 8 times: square pixels
     assert m.image.dtype == np.uint8 and m.image.shape[2] == 3
@@ -29,7 +29,7 @@ def test_each_thumbnail_sits_in_its_frame_at_the_reported_place():
 def test_rgb_kept_and_non_square_images_keep_their_shape():
     thumbs = np.zeros((1, 2, 10, 20, 3), np.uint8)
     thumbs[..., 0] = 255
-    m = compose(thumbs, np.zeros((1, 2, 3), np.uint8), caption_px=0)
+    m = compose([thumbs], np.zeros((1, 2, 3), np.uint8), caption_px=0)
     assert thumb_size(10, 20, 2, 0) == (30, 60)
     assert (m.image == (255, 0, 0)).all(axis=-1).sum() == 2 * 30 * 60
 
@@ -44,7 +44,7 @@ def test_a_big_grid_of_big_images_is_shrunk_to_the_budget():
     assert thumb_size(224, 224, 1, 30) == (128, 128)  # large images reduced
     th, tw = thumb_size(224, 224, 100 * 51, 30, budget=mosaic.BUDGET)
     assert mosaic.MIN_SIDE <= th < 128
-    m = compose(np.zeros((10, 11, 224, 224, 1), np.uint8), np.zeros((10, 11, 3), np.uint8), caption_px=30, budget=2_000_000)
+    m = compose([np.zeros((10, 11, 224, 224, 1), np.uint8)], np.zeros((10, 11, 3), np.uint8), caption_px=30, budget=2_000_000)
     assert m.image.size // 3 <= 2_000_000
     # The floor: thumbnails never below MIN_SIDE, whatever the budget.
     assert max(thumb_size(224, 224, 10_000, 30, budget=1)) == mosaic.MIN_SIDE

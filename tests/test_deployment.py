@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -45,8 +46,16 @@ class Api:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
+        # A 503 is the server's "try again" (its SQLite database was locked by one of its own
+        # services, PrefectHQ/prefect#18934); Prefect's client retries it, and so does this helper.
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return json.loads(resp.read() or b"null")
+            except urllib.error.HTTPError as err:
+                if err.code != 503 or attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
 
 
 @pytest.fixture(scope="module")

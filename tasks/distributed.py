@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tasks.errors import ParamsError
-from tasks.models import pick_device
+from tasks.models import gpu_errors, pick_device
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,12 @@ class World:
 SINGLE = World()
 
 
-def init(device_name: str) -> tuple[World, torch.device]:
+def init(device_name: str, section: str = "") -> tuple[World, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK in the environment);
-    a plain ``python -m`` run is a world of one. NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    a plain ``python -m`` run is a world of one. NCCL on CUDA (one GPU per local rank), gloo on CPU.
+    ``section``: the stage's, named by an error about its ``device``."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(device_name)
+    device = pick_device(device_name, section)
     if size <= 1:
         return SINGLE, device
     rank = int(os.environ["RANK"])
@@ -76,22 +77,6 @@ def init(device_name: str) -> tuple[World, torch.device]:
 
 def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def gpu_errors(section: str, device: str, processes: int = 1) -> list[str]:
-    """``key: why`` for a ``device`` and process count this machine's GPUs cannot give (the flow's
-    preflight, before any stage; :func:`launch`, before torchrun). CUDA is asked about only when
-    ``device`` names it, or is ``auto`` for several processes; on a CPU, processes share its cores."""
-    if not device.startswith("cuda") and (device != "auto" or processes == 1):
-        return []
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.startswith("cuda") and not gpus:
-        return [f"{section}.device: {device!r} asked for, but CUDA is not available here"]
-    if device.startswith("cuda:") and int(device[5:]) >= gpus:
-        return [f"{section}.device: {device!r} asked for, but this machine has {gpus} GPU(s)"]
-    if processes > gpus and (device.startswith("cuda") or gpus):
-        return [f"{section}.processes: {processes} processes but {gpus} GPUs here"]
-    return []
 
 
 def launch(module: str, params, paths, parent_run_id: str | None) -> dict:

@@ -94,7 +94,7 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
 
     # One column past k: a tie there with the k-th means the last tie group runs on (retrieval.score).
     spare = min(k + 1, len(gallery_ids))
-    device = pick_device(params.device)
+    device = pick_device(params.device, "evaluate")
 
     def exact():
         chunks = search.exact_chunks(queries, g_vectors, spare, metric, self_pos, device, params.query_chunk, params.gallery_block)

@@ -50,7 +50,7 @@ def run(params: ExportEmbeddingsParams, paths: Paths) -> dict:
     """Embed query ∪ gallery items of ``paths.items`` with ``paths.model``; write ``paths.embeddings``."""
     if params.processes > 1 and not distributed.under_torchrun():
         return distributed.launch("tasks.export_embeddings", params, paths, None)
-    world, device = distributed.init(params.device)
+    world, device = distributed.init(params.device, "export_embeddings")
     with distributed.leaving(world):
         items, meta = C.read_table(paths["items"], C.ITEMS)
         # Only the label column filtered: the whole table's would copy every train image's pixels.

@@ -65,13 +65,32 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> Embedding
     return model.to(device).eval()
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+def pick_device(name: str, section: str = "") -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU. A CUDA device this machine
+    lacks is a :class:`ParamsError` naming ``<section>.device`` (not a CUDA error at first use)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ParamsError(f"device {name!r} asked for, but CUDA is not available here")
+    if errors := gpu_errors(section, name):
+        raise ParamsError(errors[0])
     return torch.device(name)
+
+
+def gpu_errors(section: str, device: str, processes: int = 1) -> list[str]:
+    """``key: why`` for a ``device`` and process count this machine's GPUs cannot give (the flow's
+    preflight, before any stage; :func:`tasks.distributed.launch`, before torchrun; every stage's
+    :func:`pick_device`). CUDA is asked about only when ``device`` names it, or is ``auto`` for
+    several processes; on a CPU, processes share its cores."""
+    if not device.startswith("cuda") and (device != "auto" or processes == 1):
+        return []
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    key = f"{section}.device" if section else "device"
+    if device.startswith("cuda") and not gpus:
+        return [f"{key}: {device!r} asked for, but CUDA is not available here"]
+    if device.startswith("cuda:") and int(device[5:]) >= gpus:
+        return [f"{key}: {device!r} asked for, but this machine has {gpus} GPU(s)"]
+    if processes > gpus and (device.startswith("cuda") or gpus):
+        return [f"{section}.processes: {processes} processes but {gpus} GPUs here"]
+    return []
 
 
 def pixels_to_tensor(flat, height: int, width: int, channels: int) -> torch.Tensor:

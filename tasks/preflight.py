@@ -12,7 +12,7 @@ for: with ``device: auto`` and one process CUDA is not touched here.
 
 from __future__ import annotations
 
-from tasks.distributed import gpu_errors
+from tasks.models import gpu_errors
 from tasks.errors import ParamsError
 from tasks.params import Params, pretrained_path
 

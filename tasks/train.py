@@ -29,7 +29,7 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
     """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
     if params.processes > 1 and not distributed.under_torchrun():
         return distributed.launch("tasks.train", params, paths, parent_run_id)
-    world, device = distributed.init(params.device)
+    world, device = distributed.init(params.device, "train")
     with distributed.leaving(world), deterministic(params.deterministic):
         return _train(params, paths, parent_run_id, world, device)
 

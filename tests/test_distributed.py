@@ -26,7 +26,7 @@ def test_local_rows_split_a_batch_into_contiguous_slices_in_rank_order():
 
 
 def test_launch_refuses_more_processes_than_gpus_before_starting_torchrun(monkeypatch, tmp_path):
-    """The same rule as the flow's preflight (distributed.gpu_errors), asked where a stage run by
+    """The same rule as the flow's preflight (models.gpu_errors), asked where a stage run by
     hand meets it: before any process starts."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

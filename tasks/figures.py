@@ -3,6 +3,7 @@ AP histogram and a 2-D projection of embeddings coloured by class."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -51,9 +52,9 @@ def retrieval_grid(
     path: Path,
     neighbor_labels: np.ndarray | None = None,
 ) -> None:
-    """One row per query: the query image (black frame, its label above; a label's lines are cut
-    to their last 14 characters), then its top-k results framed green (same label) or red (grey
-    when ``correct`` is None: a query of unknown label) under their rank and score.
+    """One row per query: the query image (black frame, its label above), then its top-k results
+    framed green (same label) or red (grey when ``correct`` is None: a query of unknown label)
+    under their rank and score. A caption line wider than its column is cut at the front.
     ``neighbor_labels`` (Q, k), optional, are printed under the score.
 
     queries (Q, H, W, C) uint8, neighbors (Q, k, H', W', C') uint8 (sizes and channels may differ),
@@ -83,8 +84,10 @@ def retrieval_grid(
     # figure re-samples the image and lays out each text (~2 ms a text), a few ms per thousand here.
     picture = Image.fromarray(m.image)
     draw, font = ImageDraw.Draw(picture), ImageFont.truetype(font_manager.findfont(font_manager.FontProperties()), FONT_PX)
+    fit = functools.cache(lambda line: _fit(line, font, m.text_width))  # labels repeat down a grid
     for i in range(q):
         for j, text in enumerate(head[i]):
+            text = "\n".join(fit(line) for line in text.split("\n"))
             draw.multiline_text((m.centre_x[j], m.frame_top[i] - 2), text, fill=tuple(int(v) for v in rgb[i, j]),
                                 font=font, anchor="md", align="center", spacing=LINE_PX - FONT_PX)
     with atomic_path(path) as tmp:
@@ -92,14 +95,25 @@ def retrieval_grid(
 
 
 def _captions(query_labels: list[str], scores: np.ndarray, neighbor_labels: np.ndarray | None) -> list[list[str]]:
-    """(q, 1 + k) texts over a grid's thumbnails, for scores (q, k): "query" and the label (each
-    line's last 14 characters), then rank and score (and the result's label, its last 12)."""
+    """(q, 1 + k) texts over a grid's thumbnails, for scores (q, k): "query" and the label, then
+    rank and score (and the result's label)."""
     head = []
     for i, label in enumerate(query_labels):
-        extra = [""] * scores.shape[1] if neighbor_labels is None else [f"\n{str(lab)[-12:]}" for lab in neighbor_labels[i]]
-        head.append(["query\n" + "\n".join(line[-14:] for line in str(label).split("\n"))]
-                    + [f"#{j + 1} {s:.3f}{extra[j]}" for j, s in enumerate(scores[i])])
+        extra = [""] * scores.shape[1] if neighbor_labels is None else [f"\n{lab}" for lab in neighbor_labels[i]]
+        head.append([f"query\n{label}"] + [f"#{j + 1} {s:.3f}{extra[j]}" for j, s in enumerate(scores[i])])
     return head
+
+
+def _fit(line: str, font: ImageFont.FreeTypeFont, width: int) -> str:
+    """``line``, or its end after "…" when it is wider than ``width`` px: labels such as
+    ``Alphabet/character12`` differ at their ends, and a wider caption would run into its neighbours'."""
+    if font.getlength(line) <= width:
+        return line
+    lo, hi = 1, len(line)  # the fewest characters to drop from the front so that it fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if font.getlength("…" + line[mid:]) <= width else (mid + 1, hi)
+    return "…" + line[lo:]
 
 
 def ap_histogram(per_class: np.ndarray, path: Path, title: str) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 
 FRAME = 3  # px of the coloured frame round each thumbnail
 GAP = 6  # px between cells, across and down
-TEXT_W = 80  # px a column is at least: ~12 characters of caption at 10 px (longer ones may touch; wider
-# columns would take the largest grid past BUDGET)
+TEXT_W = 80  # px a column is at least: ~12 characters of caption at 10 px (longer ones are cut to it,
+# tasks.figures; wider columns would take the largest grid past BUDGET)
 SMALL, LARGE = 64, 128  # px: images of SMALL/2 or less enlarged (whole times, to at most SMALL); over LARGE reduced
 MIN_SIDE = 24  # px: the budget never shrinks a thumbnail below this
 BUDGET = 32_000_000  # pixels of the whole picture (RGB: ~100 MB), reached by shrinking thumbnails
@@ -26,6 +26,7 @@ class Mosaic:
     image: np.ndarray  # (height, width, 3) uint8, white background
     centre_x: np.ndarray  # (n,) px: centre of each column
     frame_top: np.ndarray  # (q,) px: top of each row's frames (captions go just above)
+    text_width: int  # px a caption may take without touching its neighbours'
 
 
 def thumb_size(h: int, w: int, cells: int, caption_px: int, budget: int = BUDGET) -> tuple[int, int]:
@@ -74,6 +75,7 @@ def compose(blocks: Sequence[np.ndarray], frames: np.ndarray, caption_px: int, b
         image=canvas.reshape(q * cell_h, n * cell_w, 3),
         centre_x=np.arange(n) * cell_w + x0 + FRAME + tw / 2,
         frame_top=np.arange(q) * cell_h + y0,
+        text_width=cell_w - GAP,
     )
 
 

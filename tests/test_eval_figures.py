@@ -73,3 +73,30 @@ def test_a_grid_of_queries_at_another_size_than_their_results_is_drawn(tmp_path)
     with pytest.raises(ValueError, match="at least one query"):
         figures.retrieval_grid(np.zeros((0, 16, 16, 1), np.uint8), np.zeros((0, 3, 16, 16, 1), np.uint8), None,
                                np.zeros((0, 3)), [], path)
+
+
+def test_long_labels_are_cut_at_the_front_to_their_column_and_never_touch(tmp_path):
+    """Omniglot-like labels (``Alphabet/character12``) differ at the end: a caption line keeps its
+    end after "…", and no ink crosses into the gap between two columns."""
+    q, k = 2, 3
+    queries, neighbors, correct, scores, _ = _grid_inputs(q, k)
+    long = "Inuktitut_(Canadian_Aboriginal_Syllabics)/WIDE_MW_CHARACTER_12"
+    figures.retrieval_grid(queries, neighbors, correct, scores, [long, "short"], tmp_path / "g.png",
+                           np.full((q, k), long.replace("12", "07")))
+    picture = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
+    cell_w = picture.shape[1] // (k + 1)
+    # The captions' strip of each row is above its frames; the gaps between columns stay white there.
+    for boundary in range(cell_w, picture.shape[1], cell_w):
+        gap = picture[:, boundary - mosaic.GAP // 2 + 1 : boundary + mosaic.GAP // 2 - 1]
+        assert (gap == 255).all(), f"ink in the gap at x={boundary}"
+
+
+def test_fit_keeps_a_short_line_and_cuts_a_long_one_at_the_front():
+    from PIL import ImageFont
+    from matplotlib import font_manager
+
+    font = ImageFont.truetype(font_manager.findfont(font_manager.FontProperties()), figures.FONT_PX)
+    assert figures._fit("#1 0.873", font, 80) == "#1 0.873"
+    cut = figures._fit("Inuktitut_(Canadian_Aboriginal_Syllabics)/character12", font, 80)
+    assert cut.startswith("…") and cut.endswith("character12") and font.getlength(cut) <= 80
+    assert font.getlength("…" + "Inuktitut_(Canadian_Aboriginal_Syllabics)/character12"[-len(cut):]) > 80  # the most that fits

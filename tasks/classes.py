@@ -2,7 +2,7 @@
 
 - :func:`split_by_class`: class-disjoint train/test split — a test class is never seen in training;
 - :func:`shared_labels`: the classes a split puts on both sides;
-- :func:`check_usable`: whether metric learning can use the splits at all;
+- :func:`check_usable`: whether the splits can be trained on and scored at all;
 - :func:`rotated_copies`: train images turned by 90/180/270° as new classes;
 - :func:`summary`: the figures ingest reports (and stores in the table's metadata).
 """
@@ -59,18 +59,22 @@ def shared_labels(pairs: Iterable[tuple[str, str]]) -> set[str]:
     return sides[C.TRAIN] & sides[C.TEST]
 
 
-def check_usable(counts: Counter) -> None:
-    """``counts``: (split, label) -> images. Raise DatasetError unless metric learning can use it:
-    train needs 2 classes with 2+ images (a positive and a negative), test 2 classes of which one
-    has 2+ images (a query with a positive)."""
-    for name, wanted in ((C.TRAIN, 2), (C.TEST, 1)):
+def check_usable(counts: Counter) -> str | None:
+    """``counts``: (split, label) -> images. Raise DatasetError unless the test split can be scored
+    (2 classes, one with 2+ images: a query with a positive and a negative) and train has images.
+    -> a warning when supervised training cannot use the train split (it needs 2 classes with 2+
+    images): unlabelled train images — one label for all, or one each — are for
+    ``train.mode: self_supervised``, which needs no labels (make_batches and train say so again)."""
+    for name, wanted in ((C.TEST, 1), (C.TRAIN, 2)):  # test first: its problems are errors
         sizes = [n for (s, _), n in counts.items() if s == name]
         usable = sum(1 for n in sizes if n >= 2)
         if len(sizes) < 2 or usable < wanted:
-            raise DatasetError(
-                f"{name} split has {len(sizes)} classes, {usable} with at least 2 images; "
-                f"metric learning needs at least 2 classes and {wanted} with 2+ images"
-            )
+            problem = (f"{name} split has {len(sizes)} classes, {usable} with at least 2 images; "
+                       f"metric learning needs at least 2 classes and {wanted} with 2+ images")
+            if name == C.TEST or not sizes:
+                raise DatasetError(problem)
+            return f"{problem}: only train.mode self_supervised can train on it (it needs no labels)"
+    return None
 
 
 def rotated_copies(ids: list[str], recs: list[sources.Record], pixels: np.ndarray, p: IngestParams) -> pa.Table:

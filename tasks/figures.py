@@ -136,7 +136,8 @@ def projection(xy: np.ndarray, labels: np.ndarray, path: Path, title: str) -> No
     ax.scatter(xy[:, 0], xy[:, 1], c=colours, s=6, alpha=0.8, linewidths=0)
     if len(classes) <= 20:
         for i, c in enumerate(classes):
-            ax.scatter([], [], color=cmap(i % cmap.N), label=str(c)[-14:], s=12)
+            name = str(c)  # the end of a long label (Alphabet/character12 differ there), marked as cut
+            ax.scatter([], [], color=cmap(i % cmap.N), label=name if len(name) <= 20 else "…" + name[-19:], s=12)
         ax.legend(fontsize=6, markerscale=1.5, loc="best")
     ax.set(title=f"{title}, {len(classes)} classes", xticks=[], yticks=[])
     _save(fig, path)

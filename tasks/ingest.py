@@ -19,6 +19,7 @@ written) and writes the table row group by row group.
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,9 +97,11 @@ def run(params: IngestParams, paths: Paths) -> dict:
                            f"no source label may end in {C.ROTATED}90/180/270")
     splits = classes.split_by_class([r.label for r in kept], [r.split for r in kept], params)
     try:
-        classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
+        warning = classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
     except DatasetError as err:
         raise quarantine.explained(err, rejected) from None
+    if warning:
+        print(f"ingest: warning: {warning}", file=sys.stderr)
     # Deterministic row order whatever the file-system order: by split, label, then source path.
     # Known before decoding (content ids are not: workers hash what they decode), so rows stream
     # out as they are decoded; of duplicate files, the first in this order is kept.
@@ -112,9 +115,11 @@ def run(params: IngestParams, paths: Paths) -> dict:
         try:
             if not w.rows:
                 raise DatasetError(f"no usable image in source {params.source.model_dump()}")
-            classes.check_usable(counts)  # decode failures or duplicates may have emptied classes
+            after = classes.check_usable(counts)  # decode failures or duplicates may have emptied classes
         except DatasetError as err:  # no output is written
             raise quarantine.explained(err, rejected) from None
+        if after and after != warning:
+            print(f"ingest: warning: {after}", file=sys.stderr)
         summary = classes.summary(counts, rejected, len(params.train_rotations))
         w.finish({
             "height": params.image_size,

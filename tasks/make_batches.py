@@ -50,15 +50,20 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     # A class with one image can never give a positive pair: always excluded.
     min_size = k if params.small_classes == "drop" else 2
     usable = [m for m in members if len(m) >= min_size]
+    unfilled = None
     if len(usable) < p:
-        raise DatasetError(
-            f"make_batches.classes_per_batch={p} but only {len(usable)} train classes can fill "
-            f"{k} images each (small_classes={params.small_classes!r}); lower P or K"
-        )
+        unfilled = (f"make_batches.classes_per_batch={p} but only {len(usable)} train classes can fill "
+                    f"{k} images each (small_classes={params.small_classes!r}); lower P or K")
+        if not len(ids):
+            raise DatasetError(unfilled)
+        # Not an error here: self-supervised training (which this stage cannot see) needs no labels
+        # and takes only the plan's batch size and epochs. Supervised training refuses the plan.
+        print(f"make_batches: warning: {unfilled}. The plan holds no batch: only train.mode "
+              "self_supervised can train on these items", file=sys.stderr)
 
     rng = np.random.default_rng(params.seed)
     epoch_col, batch_col, item_col, per_epoch = [], [], [], []
-    for epoch in range(params.epochs):
+    for epoch in range(params.epochs if unfilled is None else 0):
         plan = plan_epoch(usable, p, k, rng)
         per_epoch.append(len(plan))
         for b, idx in enumerate(plan):
@@ -86,10 +91,11 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
         "triplets_per_anchor": params.triplets_per_anchor,
         "val_fraction": params.val_fraction,
         "validation_classes": sorted(str(all_names[c]) for c in val),
+        "unfilled": unfilled,  # why the plan holds no batch (None: it holds them)
     }
     C.write_table(batches, paths["batches"], C.BATCHES, meta)
 
-    triplets = random_triplets(usable, ids, params.triplets_per_anchor, params.seed)
+    triplets = random_triplets(usable if len(usable) >= 2 else [], ids, params.triplets_per_anchor, params.seed)
     C.write_table(triplets, paths["triplets"], C.TRIPLETS, {"per_anchor": params.triplets_per_anchor})
     lists = ("classes_smaller_than_k", "excluded_classes", "validation_classes")
     return {k_: v for k_, v in meta.items() if k_ not in lists} | {

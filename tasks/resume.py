@@ -114,7 +114,8 @@ def load(path: Path, fp: str, names: Iterable[str], world_size: int = 1) -> dict
     if saved_by != world_size:
         print(f"train: {path} was saved by {saved_by} process(es), this run has {world_size}; starting afresh")
         return None
-    print(f"train: resuming after epoch {state['epochs_done']} from {path}")
+    done = state["epochs_done"]  # epochs count from 0, as in the curve and the progress bar
+    print(f"train: resuming after epoch {done - 1} ({done} epochs done) from {path}")
     return state
 
 

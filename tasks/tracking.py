@@ -153,11 +153,15 @@ def finish_pipeline_run(root: Path, run_id: str, status: str = "FINISHED") -> No
 
 
 def mark_killed(root: Path, run_id: str) -> None:
-    """End a run whose process was killed (a resumed training's earlier attempt), if it exists."""
+    """End a run whose process was killed (a resumed training's earlier attempt) as KILLED, if it
+    exists and was left RUNNING (one that ended FAILED keeps its status)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(tracking_uri(root))
     try:
-        finish_pipeline_run(root, run_id, "KILLED")
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
     except MlflowException:
         pass  # not in this store (e.g. a fresh mlflow.db): nothing to end
 

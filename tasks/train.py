@@ -37,7 +37,7 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
 def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: World, device: torch.device) -> dict:
     torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
-    plan, plan_meta = load_plan(paths, row_of, labels.cpu().numpy())
+    plan, plan_meta = load_plan(paths, row_of, labels.cpu().numpy(), params.mode == "supervised")
     # Validation: the train classes make_batches held out of the plan (never test classes).
     val_names = set(plan_meta.get("validation_classes", []))
     val_codes = [c for c, name in enumerate(items_meta["class_names"]) if name in val_names]
@@ -65,8 +65,10 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     if state:
         resume.restore(state, stateful, world)
         parent_run_id = parent_run_id or state["run_ids"]["parent"]
-        if world.main:  # The killed attempt's child run never finished; say so.
-            tracking.mark_killed(Path(paths.root), state["run_ids"]["child"])
+        if world.main:  # The killed attempt's runs never finished; say so. Its pipeline run too, when
+            # this is another one (a new flow run's; under dvc repro the same run goes on).
+            for old in {state["run_ids"]["child"], state["run_ids"]["parent"]} - {parent_run_id}:
+                tracking.mark_killed(Path(paths.root), old)
 
     run_id = None
     if world.main:

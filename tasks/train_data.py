@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import torch
 
 from tasks import contracts as C
-from tasks.errors import ParamsError
+from tasks.errors import DatasetError, ParamsError
 from tasks.models import pixels_to_tensor
 from tasks.params import Paths
 from tasks.sampling import unlabelled_plan
@@ -28,12 +28,17 @@ def load_train_data(paths: Paths, device: torch.device):
     return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
 
 
-def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = None) -> tuple[list[list[np.ndarray]], dict]:
+def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = None,
+              supervised: bool = True) -> tuple[list[list[np.ndarray]], dict]:
     """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,). With the train rows'
     ``labels`` (N,), each batch is checked to hold exactly ``images_per_class`` rows of each of its
     classes — what the fused objective's static shapes take for granted (a short class would
-    make it pick a non-positive as a positive, silently)."""
+    make it pick a non-positive as a positive, silently). ``supervised``: a plan make_batches could
+    not fill (labels unusable for it: its metadata says why) is refused, not trained as no steps."""
     table, meta = C.read_table(paths["batches"], C.BATCHES)
+    if supervised and meta.get("unfilled") and meta["epochs"]:
+        raise DatasetError(f"{paths['batches']} holds no batch: {meta['unfilled']} (or set train.mode: "
+                           "self_supervised to train without labels)")
     try:
         rows = np.fromiter((row_of[i] for i in table[C.ITEM_ID].to_pylist()), np.int64, table.num_rows)
     except KeyError as err:

@@ -63,16 +63,27 @@ def test_a_new_class_in_the_next_drop_moves_at_most_one_old_class_across():
 
 @pytest.mark.parametrize("counts,error", [
     ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 2, (C.TEST, "d"): 1}, None),
-    ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 1, (C.TEST, "c"): 2, (C.TEST, "d"): 1}, "train split has 2 classes, 1 with"),
     ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 1, (C.TEST, "d"): 1}, "test split has 2 classes, 0 with"),
     ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 5}, "test split has 1 classes"),
+    ({(C.TEST, "c"): 2, (C.TEST, "d"): 1}, "train split has 0 classes"),
+    ({(C.TRAIN, "unlabelled"): 5, (C.TEST, "c"): 1, (C.TEST, "d"): 1}, "test split has 2 classes, 0 with"),  # not a warning
 ])
-def test_usable_needs_positives_and_negatives_on_both_sides(counts, error):
+def test_scoring_needs_a_query_with_a_positive_and_a_negative_and_training_an_image(counts, error):
     if error is None:
-        check_usable(Counter(counts))
+        assert check_usable(Counter(counts)) is None
     else:
         with pytest.raises(DatasetError, match=error):
             check_usable(Counter(counts))
+
+
+@pytest.mark.parametrize("train", [
+    {(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 1},  # one class with a positive pair
+    {(C.TRAIN, "unlabelled"): 50},  # unlabelled images under one label
+    {(C.TRAIN, f"img{i}"): 1 for i in range(50)},  # ... or one label each
+])
+def test_a_train_split_supervised_learning_cannot_use_is_a_warning_for_self_supervised_mode(train):
+    warning = check_usable(Counter(train | {(C.TEST, "c"): 2, (C.TEST, "d"): 1}))
+    assert warning.startswith("train split has ") and "only train.mode self_supervised can train on it" in warning
 
 
 def test_rotated_copies_turn_each_image_counter_clockwise_as_new_classes():

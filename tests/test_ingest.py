@@ -358,13 +358,17 @@ def test_no_class_with_two_images_is_dataset_error(make_project):
     _assert_no_outputs(path)
 
 
-def test_train_split_needs_two_usable_classes(make_project):
-    # official split: train has 2 classes but only one with 2+ images
+def test_a_train_split_without_two_usable_classes_is_ingested_with_a_warning(make_project, capsys):
+    """Official split: train has 2 classes but only one with 2+ images — unusable for supervised
+    training, fine for self-supervised training (unlabelled images), so kept, with a warning."""
     path = folder_project(make_project, {"train_root": "tr", "test_root": "te"})
     write_tree(path.parent / "tr", {"a": 3, "b": 1})
     write_tree(path.parent / "te", {"x": 2, "y": 2}, seed=3)
-    with pytest.raises(DatasetError, match=r"train split has 2 classes, 1 with at least 2 images"):
-        run_ingest(path)
+    summary = run_ingest(path)[0]
+    assert summary["images"] == {C.TRAIN: 4, C.TEST: 4}
+    err = capsys.readouterr().err
+    assert err.count("ingest: warning: train split has 2 classes, 1 with at least 2 images") == 1  # once, not per check
+    assert "only train.mode self_supervised can train on it" in err
 
 
 def test_test_split_needs_two_classes(make_project):
@@ -399,18 +403,18 @@ def test_no_usable_file_listed_says_why_each_was_skipped(make_project):
 
 
 def test_classes_emptied_by_decode_failures_are_caught_after_decoding(make_project):
-    # 5 classes pass the check on the file list; all but one of the train classes' files are junk
+    # 5 classes pass the check on the file list; all but one of the test classes' files are junk
     path = folder_project(make_project, {"root": "imgs"}, **{"ingest.test_fraction": 0.4})
     write_tree(path.parent / "imgs", {f"c{i}": 2 for i in range(5)})
     items = run_ingest(path)[1]
-    train = sorted(classes_of(items, C.TRAIN))
-    for label in train[1:]:
+    test = sorted(classes_of(items, C.TEST))
+    for label in test[1:]:
         for f in (path.parent / "imgs" / label).iterdir():
             f.write_bytes(b"junk " + f.name.encode() + label.encode())
     params = load_params(path)
     params.paths["items"].unlink()
     params.paths["quarantine"].unlink()
-    with pytest.raises(DatasetError, match="train split has 1 classes"):
+    with pytest.raises(DatasetError, match="test split has 1 classes"):
         run_ingest(path)
     _assert_no_outputs(path)
 

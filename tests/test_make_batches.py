@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -211,20 +212,33 @@ def test_single_image_class_always_excluded(make_project, mode):
         assert lonely not in triplets[col].to_pylist()
 
 
-def test_too_many_classes_per_batch(make_project):
+def _unfillable(params, match: str, capsys) -> None:
+    """No P×K batch can be made: make_batches warns and plans no batch (self-supervised training,
+    which it cannot see, needs none); supervised training refuses the plan with the same reason."""
+    from tasks.errors import DatasetError
+    from tasks.train_data import load_plan
+
+    summary, batches, meta, triplets, _ = run(params)
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "lower P or K" in err and "The plan holds no batch" in err
+    assert batches.num_rows == 0 and re.search(match, meta["unfilled"]) and meta["epochs"] == params.make_batches.epochs
+    items, _ = C.read_table(params.paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.SPLIT])
+    row_of = {i: n for n, i in enumerate(items[C.ITEM_ID].to_pylist())}
+    with pytest.raises(DatasetError, match=rf"holds no batch: .*{match}.*or set train.mode: self_supervised"):
+        load_plan(params.paths, row_of)
+    assert load_plan(params.paths, row_of, supervised=False)[1]["unfilled"] == meta["unfilled"]
+
+
+def test_too_many_classes_per_batch(make_project, capsys):
     params, _ = setup(make_project, {"a": 4, "b": 4, "c": 1}, classes_per_batch=3, images_per_class=2)
-    with pytest.raises(ValueError, match=r"classes_per_batch=3 but only 2 train classes") as info:
-        run(params)
-    assert "lower P or K" in str(info.value)
-    assert not params.paths["batches"].exists() and not params.paths["triplets"].exists()
+    _unfillable(params, r"classes_per_batch=3 but only 2 train classes", capsys)
 
 
-def test_drop_can_leave_too_few_classes(make_project):
+def test_drop_can_leave_too_few_classes(make_project, capsys):
     params, _ = setup(
         make_project, {"a": 8, "b": 3, "c": 3}, small_classes="drop", classes_per_batch=2, images_per_class=4
     )
-    with pytest.raises(ValueError, match=r"only 1 train classes .*small_classes='drop'"):
-        run(params)
+    _unfillable(params, r"only 1 train classes .*small_classes='drop'", capsys)
     # the same data is fine under replace
     ok, _ = setup(
         make_project,
@@ -235,14 +249,14 @@ def test_drop_can_leave_too_few_classes(make_project):
         images_per_class=4,
     )
     assert run(ok)[0]["n_small_classes"] == 2
+    assert C.read_table(ok.paths["batches"], C.BATCHES)[1]["unfilled"] is None
 
 
-def test_test_classes_do_not_count(make_project):
+def test_test_classes_do_not_count(make_project, capsys):
     params, _ = setup(
         make_project, {"a": 4, "b": 4}, {"x": 10, "y": 10}, classes_per_batch=3, images_per_class=2
     )
-    with pytest.raises(ValueError, match="only 2 train classes"):
-        run(params)
+    _unfillable(params, "only 2 train classes", capsys)
 
 
 # --------------------------------------------------------------------------------------- edge cases

@@ -77,6 +77,43 @@ def test_sigkill_mid_epoch_then_restart_matches_an_uninterrupted_run(make_projec
     assert len([r for r in runs if r.data.tags.get("tripletflow.kind") == "pipeline"]) == 1
 
 
+@pytest.mark.parametrize("killed", [True, False])
+def test_a_new_flow_run_resuming_ends_the_killed_attempts_runs(make_project, monkeypatch, capsys, killed):
+    """A flow run killed in train leaves its pipeline run and train run RUNNING; the next flow run
+    (a new pipeline run) resumes and ends both KILLED. An attempt that failed (its runs ended
+    FAILED by itself) keeps its status."""
+    params = _project(make_project, "flow")
+    root = params.paths.root
+    client = MlflowClient(tracking.tracking_uri(root))
+    first = tracking.start_pipeline_run(root, params.train.experiment)
+    real = train.train_epoch
+
+    def dies_in_epoch_2(*args, **kwargs):
+        if args[6] == 2:  # the epoch argument
+            raise RuntimeError("the machine went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", dies_in_epoch_2)
+    with pytest.raises(RuntimeError, match="went away"):
+        train.run(params.train, params.paths, first)
+    monkeypatch.setattr(train, "train_epoch", real)
+    state = torch.load(params.paths["train_state"], weights_only=True)
+    old_child = state["run_ids"]["child"]
+    assert state["run_ids"]["parent"] == first and state["epochs_done"] == 2
+    if killed:  # SIGKILL: nothing ended the runs (this process's exception handler did)
+        for run_id in (first, old_child):
+            client.update_run(run_id, status="RUNNING")
+
+    second = tracking.start_pipeline_run(root, params.train.experiment)
+    capsys.readouterr()
+    result = train.run(params.train, params.paths, second)
+    assert "train: resuming after epoch 1 (2 epochs done)" in capsys.readouterr().out  # epochs 0 and 1 ran
+    assert result["epochs"] == EPOCHS
+    ended = "KILLED" if killed else "FAILED"
+    assert client.get_run(first).info.status == ended and client.get_run(old_child).info.status == ended
+    assert client.get_run(second).info.status == "RUNNING"  # evaluate ends it
+
+
 def test_a_state_from_other_params_is_not_resumed(make_project, capsys):
     params = _project(make_project, "p")
     other = params.train.model_copy(update={"seed": 123})

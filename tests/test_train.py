@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,34 +164,51 @@ def test_self_supervised_mode_trains_without_labels(make_project):
     assert float(curve[-1]["pos_distance"]) > float(curve[-1]["neg_distance"])
 
 
-def test_self_supervised_training_does_not_depend_on_the_labels(make_project):
-    """The same images under other labels (class sizes kept, so make_batches plans other P×K
-    batches) train the same weights: no label decides which images train or share a batch."""
+def test_self_supervised_training_does_not_depend_on_the_labels(make_project, capsys):
+    """The same images under other labels train the same weights: no label decides which images
+    train or share a batch. Permuted labels (make_batches plans other P×K batches), and unlabelled
+    images — one label for all, or one label each — which no P×K plan can use: make_batches warns
+    and plans no batch, and self-supervised training takes only the plan's size and epochs."""
     import numpy as np
     import pyarrow as pa
 
     from tasks import contracts as C
+    from tasks.errors import DatasetError
 
     params = load_params(make_project(FAST | {
         "make_batches.epochs": 2, "train.mode": "self_supervised",
         "train.loss": {"name": "NTXentLoss", "temperature": 0.1}, "train.miner": None,
     }))
     synthetic_items(params.paths["items"])
+    original, meta = C.read_table(params.paths["items"], C.ITEMS)
+    train_rows = np.flatnonzero(np.array(original[C.SPLIT].to_pylist()) == C.TRAIN)
+    relabellings = {
+        "as made": lambda labels: labels[train_rows],
+        "permuted": lambda labels: labels[np.random.default_rng(0).permutation(train_rows)],
+        "one label": lambda labels: np.full(len(train_rows), "unlabelled", dtype=object),
+        "one label each": lambda labels: np.array([f"img{i}" for i in range(len(train_rows))], dtype=object),
+    }
     weights, batches = [], []
-    for relabel in (False, True):
-        if relabel:
-            table, meta = C.read_table(params.paths["items"], C.ITEMS)
-            labels = np.array(table[C.LABEL].to_pylist(), dtype=object)
-            train_rows = np.flatnonzero(np.array(table[C.SPLIT].to_pylist()) == C.TRAIN)
-            labels[train_rows] = labels[np.random.default_rng(0).permutation(train_rows)]
-            table = table.set_column(table.schema.get_field_index(C.LABEL), C.LABEL, pa.array(labels.tolist(), pa.string()))
-            C.write_table(table, params.paths["items"], C.ITEMS, meta)
+    for name, relabel in relabellings.items():
+        labels = np.array(original[C.LABEL].to_pylist(), dtype=object)
+        labels[train_rows] = relabel(labels)
+        table = original.set_column(original.schema.get_field_index(C.LABEL), C.LABEL, pa.array(labels.tolist(), pa.string()))
+        C.write_table(table, params.paths["items"], C.ITEMS, meta)
+        capsys.readouterr()
         make_batches.run(params.make_batches, params.paths)
+        warned = "The plan holds no batch: only train.mode self_supervised can train" in capsys.readouterr().err
+        assert warned == name.startswith("one label"), name
         batches.append(C.read_table(params.paths["batches"], C.BATCHES)[0][C.ITEM_ID].to_pylist())
         train.run(params.train, params.paths)
         weights.append(torch.load(params.paths["model"], weights_only=True)["state_dict"])
-    assert batches[0] != batches[1]  # the labels did change make_batches' P×K plan
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert batches[0] != batches[1] and batches[2] == batches[3] == []  # the labels did change make_batches' plan
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
+    # The plan make_batches could not fill is refused by supervised training, saying why.
+    supervised = load_params(Path(params.paths.root) / "params.yaml", {"train.mode": "supervised", "train.loss": {"name": "TripletMarginLoss"}})
+    with pytest.raises(DatasetError, match=r"holds no batch: make_batches.classes_per_batch=4 but only 0 train classes can "
+                                           r"fill 8 images each .*or set train.mode: self_supervised"):
+        train.run(supervised.train, supervised.paths)
 
 
 def test_validation_recall_is_logged_and_early_stopping_keeps_the_best_epoch(make_project):

@@ -33,7 +33,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from tasks import build_index, evaluate, export_embeddings, ingest, make_batches, preflight, project_lock, tracking, train  # noqa: E402
+from tasks import build_index, evaluate, export_embeddings, fewshot, ingest, make_batches, preflight, project_lock, tracking, train  # noqa: E402
 from tasks.errors import ParamsError, UserInputError  # noqa: E402
 from tasks.params import flatten, load_params, yaml_load  # noqa: E402
 from tasks.params_preset import with_preset  # noqa: E402
@@ -123,6 +123,7 @@ def pipeline(
         logger.info("MLflow run %s (%s)", run_id, tracking.tracking_uri(root))
         try:
             ingest_task(params.ingest, paths)
+            fewshot.check_items(params.evaluate.few_shot, paths["items"])  # evaluate's refusal, before training
             make_batches_task(params.make_batches, paths)
             train_task(params.train, paths, parent_run_id=run_id)
             export_task(params.export_embeddings, paths)

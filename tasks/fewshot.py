@@ -18,8 +18,11 @@ Ties are drawn at random: a query tied between its class and another counts 1/2
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from tasks import contracts as C
 from tasks import ties
 from tasks.errors import DatasetError
 from tasks.params import FewShotParams
@@ -46,14 +49,11 @@ def episodes_accuracy(
     if metric not in ("inner_product", "l2"):
         raise ValueError(f"metric must be inner_product or l2, got {metric!r}")
     classes, codes, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    if problem := _unfillable(counts, ways, shots, queries):
+        raise ValueError(problem)
     # Items of each class, in item order: one sort, not one pass per class (10k classes × 100k items).
     members = np.split(np.argsort(codes.ravel(), kind="stable"), np.cumsum(counts)[:-1])
     eligible = [m for m in members if len(m) >= shots + queries]
-    if len(eligible) < ways:
-        raise ValueError(
-            f"{ways}-way {shots}-shot with {queries} queries per class needs {ways} classes of at least "
-            f"{shots + queries} items; only {len(eligible)} of {len(classes)} classes have that many"
-        )
     rng = np.random.default_rng(seed)
     x = np.asarray(embeddings, dtype=np.float32)
     acc = np.empty(episodes)
@@ -71,6 +71,31 @@ def episodes_accuracy(
         acc[e] = ties.argmax_hit(score, truth).mean()
     half = 1.96 * acc.std(ddof=1) / np.sqrt(episodes) if episodes > 1 else 0.0
     return float(acc.mean()), float(half)
+
+
+def _unfillable(counts: np.ndarray, ways: int, shots: int, queries: int) -> str | None:
+    """Why episodes cannot be drawn from classes of ``counts`` items (C,), or None."""
+    eligible = int((counts >= shots + queries).sum())
+    if eligible >= ways:
+        return None
+    return (f"{ways}-way {shots}-shot with {queries} queries per class needs {ways} classes of at least "
+            f"{shots + queries} items; only {eligible} of {len(counts)} classes have that many")
+
+
+def check_items(fs: FewShotParams, items_path: Path) -> None:
+    """Raise the DatasetError evaluate would, from the items alone: the flow asks right after
+    ingest, not after hours of training (evaluate draws episodes from the queries of a class the
+    gallery has; their labels are the items')."""
+    table, _ = C.read_table(items_path, C.ITEMS, columns=[C.LABEL, C.IS_QUERY, C.IS_GALLERY])
+    labels = np.asarray(table[C.LABEL].to_pylist(), dtype=object)
+    query = np.asarray(table[C.IS_QUERY].to_pylist(), dtype=bool)
+    known = query & np.isin(labels, labels[np.asarray(table[C.IS_GALLERY].to_pylist(), dtype=bool)])
+    counts = np.unique(labels[known], return_counts=True)[1]
+    for ways in fs.ways:
+        for shots in fs.shots:
+            if problem := _unfillable(counts, ways, shots, fs.queries):
+                raise DatasetError(f"evaluate.few_shot: the queries of {items_path}: {problem} (set "
+                                   "evaluate.few_shot.ways: [] to skip)")
 
 
 def report(fs: FewShotParams, embeddings: np.ndarray, labels: np.ndarray, seed: int, metric: str) -> dict[str, float]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.fewshot import episodes_accuracy
+from tasks.errors import DatasetError
+from tasks.fewshot import check_items, episodes_accuracy
 
 
 def _clusters(n_classes: int, per_class: int, spread: float, seed: int = 0):
@@ -122,3 +123,18 @@ def test_the_report_has_every_ways_and_shots_and_names_the_key_when_data_is_shor
     with pytest.raises(DatasetError, match=r"^evaluate\.few_shot: 7-way .* \(set evaluate\.few_shot\.ways: \[\] to skip\)$"):
         report(FewShotParams(ways=[7], shots=[1], queries=2, episodes=3), x, labels, seed=0, metric="inner_product")
     assert report(FewShotParams(ways=[], shots=[1], queries=1, episodes=1), x, labels, seed=0, metric="l2") == {}
+
+
+def test_check_items_refuses_what_evaluate_would_from_the_items_alone(tmp_path):
+    """The queries of classes the gallery has: synthetic_items' 2 test classes of 12 items each."""
+    from conftest import synthetic_items
+    from tasks.params import FewShotParams
+
+    synthetic_items(tmp_path / "items.parquet")
+    fs = FewShotParams(ways=[2], shots=[1, 7], queries=5, episodes=10)
+    check_items(fs, tmp_path / "items.parquet")  # 2 classes of 12 >= 7 + 5
+    with pytest.raises(DatasetError, match=r"^evaluate\.few_shot: the queries of .*: 2-way 8-shot with 5 queries per class "
+                                           r"needs 2 classes of at least 13 items; only 0 of 2 classes have that many \(set"):
+        check_items(fs.model_copy(update={"shots": [8]}), tmp_path / "items.parquet")
+    with pytest.raises(DatasetError, match=r"3-way 1-shot .* only 2 of 2 classes"):
+        check_items(fs.model_copy(update={"ways": [3]}), tmp_path / "items.parquet")

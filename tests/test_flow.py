@@ -98,6 +98,19 @@ def test_params_this_machine_cannot_run_fail_the_flow_before_any_output(make_pro
     assert sorted(p.name for p in params_file.parent.iterdir()) == ["params.yaml"]
 
 
+def test_few_shot_episodes_the_data_cannot_fill_fail_the_flow_before_training(make_project):
+    """evaluate refuses them; the flow asks right after ingest (a flow run has no DVC cache: the
+    training before that refusal was lost)."""
+    from tasks.errors import DatasetError
+    from tasks.params import load_params
+
+    params_file = make_project(FAST | {"evaluate.few_shot.ways": [4]})  # the digits' test split has 3 classes
+    with pytest.raises(DatasetError, match=r"^evaluate\.few_shot: the queries of .*items\.parquet: 4-way 1-shot .*only 3 of 3 "):
+        pipeline(params_file=str(params_file))
+    paths = load_params(params_file).paths
+    assert paths["items"].exists() and not paths["batches"].exists() and not paths["model"].exists()
+
+
 def test_a_flow_run_holds_the_project_for_its_whole_run(make_project):
     """A deployment's run (no CLI before it) meets another run's lock too: it stops before it
     opens an MLflow run — two runs in a project logged into each other's runs."""

@@ -53,13 +53,13 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
     unfilled = None
     if len(usable) < p:
         unfilled = (f"make_batches.classes_per_batch={p} but only {len(usable)} train classes can fill "
-                    f"{k} images each (small_classes={params.small_classes!r}); lower P or K")
+                    f"{k} images each (small_classes={params.small_classes!r})")
         if not len(ids):
             raise DatasetError(unfilled)
         # Not an error here: self-supervised training (which this stage cannot see) needs no labels
         # and takes only the plan's batch size and epochs. Supervised training refuses the plan.
-        print(f"make_batches: warning: {unfilled}. The plan holds no batch: only train.mode "
-              "self_supervised can train on these items", file=sys.stderr)
+        print(f"make_batches: warning: {unfilled}: the plan holds no batch. Supervised training will refuse "
+              "it (lower P or K); train.mode self_supervised needs none", file=sys.stderr)
 
     rng = np.random.default_rng(params.seed)
     epoch_col, batch_col, item_col, per_epoch = [], [], [], []

@@ -106,7 +106,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
                 row["val_recall_at_1"] = recall_at_1(model, pixels[val_idx], labels[val_idx])
                 stop = bool(params.early_stopping_patience) and stopper.update(epoch, row["val_recall_at_1"], model)
                 stop = distributed.broadcast_object(stop, world)  # one decision, or ranks would wait on each other
-            bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
+            bar.set_postfix(epoch_done=epoch, loss=f"{row['loss']:.4f}")  # the bar runs on into the next epoch
             curve.append({"epoch": epoch, **row})
             train_curve.log_epoch(child, parent, curve[-1])
             resume.save(paths["train_state"], fp, epoch, stateful, curve, {"parent": run_id, "child": child.run_id}, world)

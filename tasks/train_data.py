@@ -37,8 +37,8 @@ def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = 
     not fill (labels unusable for it: its metadata says why) is refused, not trained as no steps."""
     table, meta = C.read_table(paths["batches"], C.BATCHES)
     if supervised and meta.get("unfilled") and meta["epochs"]:
-        raise DatasetError(f"{paths['batches']} holds no batch: {meta['unfilled']} (or set train.mode: "
-                           "self_supervised to train without labels)")
+        raise DatasetError(f"{paths['batches']} holds no batch: {meta['unfilled']}: lower P or K, or set "
+                           "train.mode: self_supervised to train without labels")
     try:
         rows = np.fromiter((row_of[i] for i in table[C.ITEM_ID].to_pylist()), np.int64, table.num_rows)
     except KeyError as err:

@@ -68,10 +68,12 @@ def check_usable(counts: Counter) -> str | None:
     for name, wanted in ((C.TEST, 1), (C.TRAIN, 2)):  # test first: its problems are errors
         sizes = [n for (s, _), n in counts.items() if s == name]
         usable = sum(1 for n in sizes if n >= 2)
+        if name == C.TRAIN and not sizes:
+            raise DatasetError("train split has no image: nothing to train on")
         if len(sizes) < 2 or usable < wanted:
             problem = (f"{name} split has {len(sizes)} classes, {usable} with at least 2 images; "
                        f"metric learning needs at least 2 classes and {wanted} with 2+ images")
-            if name == C.TEST or not sizes:
+            if name == C.TEST:
                 raise DatasetError(problem)
             return f"{problem}: only train.mode self_supervised can train on it (it needs no labels)"
     return None

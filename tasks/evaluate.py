@@ -85,10 +85,9 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
     queries = g_vectors if np.array_equal(is_query, gallery) else vectors[is_query]
     del vectors
     metric = ids_meta["metric"]
-    # Few-shot episodes over the classes the gallery has: a query of none (GLDv2's queries without
-    # a landmark, all one label) is no class to tell apart, as it counts in no retrieval metric.
-    # Before the search: episodes the data cannot fill stop the stage now, not after an hour of it.
-    known = np.isin(qc, gc)
+    # Few-shot episodes over the classes the gallery has. Before the search: episodes the data
+    # cannot fill stop the stage now, not after an hour of it.
+    known = fewshot.known(qc, gc)
     few_shot = fewshot.report(params.few_shot, queries[known] if not known.all() else queries, query_labels[known],
                               params.seed, metric)
 

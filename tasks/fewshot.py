@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from tasks import contracts as C
 from tasks import ties
@@ -82,15 +83,25 @@ def _unfillable(counts: np.ndarray, ways: int, shots: int, queries: int) -> str 
             f"{shots + queries} items; only {eligible} of {len(counts)} classes have that many")
 
 
+def known(query_codes: np.ndarray, gallery_codes: np.ndarray) -> np.ndarray:
+    """(Q,) bool: the queries of a class the gallery has, the only ones episodes draw from — a
+    query of none (GLDv2's queries without a landmark, all one label) is no class to tell apart,
+    as it counts in no retrieval metric. Codes (Q,), (G,): :func:`tasks.retrieval.label_codes`."""
+    return np.isin(query_codes, gallery_codes)
+
+
 def check_items(fs: FewShotParams, items_path: Path) -> None:
-    """Raise the DatasetError evaluate would, from the items alone: the flow asks right after
-    ingest, not after hours of training (evaluate draws episodes from the queries of a class the
-    gallery has; their labels are the items')."""
+    """Raise the DatasetError evaluate would, from the items alone (their labels and query /
+    gallery flags are the embeddings'): the flow asks right after ingest, not after the training."""
+    if not fs.ways:
+        return
+    from tasks.retrieval import label_codes
+
     table, _ = C.read_table(items_path, C.ITEMS, columns=[C.LABEL, C.IS_QUERY, C.IS_GALLERY])
-    labels = np.asarray(table[C.LABEL].to_pylist(), dtype=object)
-    query = np.asarray(table[C.IS_QUERY].to_pylist(), dtype=bool)
-    known = query & np.isin(labels, labels[np.asarray(table[C.IS_GALLERY].to_pylist(), dtype=bool)])
-    counts = np.unique(labels[known], return_counts=True)[1]
+    labels = [table[C.LABEL].filter(pc.equal(table[flag], True)).to_numpy(zero_copy_only=False)
+              for flag in (C.IS_QUERY, C.IS_GALLERY)]
+    qc, gc = label_codes(*labels)  # integers: np.isin on object arrays compares every pair
+    counts = np.unique(qc[known(qc, gc)], return_counts=True)[1]
     for ways in fs.ways:
         for shots in fs.shots:
             if problem := _unfillable(counts, ways, shots, fs.queries):

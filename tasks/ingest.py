@@ -100,8 +100,10 @@ def run(params: IngestParams, paths: Paths) -> dict:
         warning = classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
     except DatasetError as err:
         raise quarantine.explained(err, rejected) from None
-    if warning:
+    if warning and not params.train_rotations:  # rotated copies are more classes: said after decoding, if still so
         print(f"ingest: warning: {warning}", file=sys.stderr)
+    else:
+        warning = None
     # Deterministic row order whatever the file-system order: by split, label, then source path.
     # Known before decoding (content ids are not: workers hash what they decode), so rows stream
     # out as they are decoded; of duplicate files, the first in this order is kept.

@@ -43,7 +43,10 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
         print(f"make_batches: warning: val_fraction {params.val_fraction} holds out 1 of {len(all_names)} train classes: "
               "validation Recall@1 within one class is always 1 (train's early stopping refuses it)", file=sys.stderr)
     kept = [c for c in range(len(all_names)) if c not in val]
-    members = [np.flatnonzero(codes == c) for c in kept]
+    # Each class's rows, ascending: one stable sort, not a pass over the rows per class (O(N·C):
+    # minutes for unlabelled images given one label each).
+    by_class = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes, minlength=len(all_names)))[:-1])
+    members = [by_class[c] for c in kept]
     names = all_names[kept]
     p, k = params.classes_per_batch, params.images_per_class
     small = [str(names[c]) for c, m in enumerate(members) if len(m) < k]
@@ -55,11 +58,12 @@ def run(params: MakeBatchesParams, paths: Paths) -> dict:
         unfilled = (f"make_batches.classes_per_batch={p} but only {len(usable)} train classes can fill "
                     f"{k} images each (small_classes={params.small_classes!r})")
         if not len(ids):
-            raise DatasetError(unfilled)
+            raise DatasetError(f"{paths['items']} has no train item")
         # Not an error here: self-supervised training (which this stage cannot see) needs no labels
         # and takes only the plan's batch size and epochs. Supervised training refuses the plan.
-        print(f"make_batches: warning: {unfilled}: the plan holds no batch. Supervised training will refuse "
-              "it (lower P or K); train.mode self_supervised needs none", file=sys.stderr)
+        if params.epochs:  # an untrained baseline (epochs 0) needs no batch in either mode
+            print(f"make_batches: warning: {unfilled}: the plan holds no batch. Supervised training will refuse "
+                  "it (lower P or K); train.mode self_supervised needs none", file=sys.stderr)
 
     rng = np.random.default_rng(params.seed)
     epoch_col, batch_col, item_col, per_epoch = [], [], [], []

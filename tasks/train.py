@@ -18,15 +18,16 @@ import torch
 from tasks import distributed, progress, resume, tracking, train_curve
 from tasks.distributed import World
 from tasks.engine import EarlyStopping, deterministic, make_scheduler, recall_at_1, train_epoch
-from tasks.errors import ParamsError
 from tasks.models import save_checkpoint
 from tasks.params import MakeBatchesParams, Paths, TrainParams, flatten, pretrained_path
 from tasks.recipe import build, use_bf16
-from tasks.train_data import load_plan, load_train_data, self_supervised_plan
+from tasks.train_data import check_plan, load_plan, load_train_data, self_supervised_plan, validation
 
 
 def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> dict:
     """Train for the epochs of the batch plan; save the checkpoint; log the curve to MLflow."""
+    if params.mode == "supervised":
+        check_plan(paths)  # one clear error, before torchrun's processes and the pixels
     if params.processes > 1 and not distributed.under_torchrun():
         return distributed.launch("tasks.train", params, paths, parent_run_id)
     world, device = distributed.init(params.device, "train")
@@ -38,10 +39,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
     plan, plan_meta = load_plan(paths, row_of, labels.cpu().numpy(), params.mode == "supervised")
-    # Validation: the train classes make_batches held out of the plan (never test classes).
-    val_names = set(plan_meta.get("validation_classes", []))
-    val_codes = [c for c, name in enumerate(items_meta["class_names"]) if name in val_names]
-    val_idx = torch.nonzero(torch.isin(labels, torch.as_tensor(val_codes, device=device))).flatten()
+    val_names, val_idx = validation(plan_meta, items_meta["class_names"], labels, params.early_stopping_patience)
     if params.mode == "self_supervised":  # no labels, so no P×K either (see tasks.sampling)
         plan = self_supervised_plan(plan_meta, len(labels), val_idx.cpu().numpy(), params.seed)
 
@@ -51,11 +49,6 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
     warmup = sum(len(e) for e in plan[: params.warmup_epochs])
     scheduler = make_scheduler(optimizer, params.lr_schedule, warmup, steps)
     stateful["scheduler"] = scheduler
-    if params.early_stopping_patience and len(val_codes) < 2:
-        # One class: the nearest other image always shares its label, Recall@1 is 1 every epoch
-        # and the first epoch would be kept.
-        raise ParamsError(f"train.early_stopping_patience needs at least 2 validation classes, the plan holds out "
-                          f"{len(val_codes)}: raise make_batches.val_fraction")
     stopper = stateful["early_stopping"] = EarlyStopping(params.early_stopping_patience)
     digests = resume.input_digests(paths)
     fp = resume.fingerprint(params, digests)

@@ -33,12 +33,10 @@ def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = 
     """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,). With the train rows'
     ``labels`` (N,), each batch is checked to hold exactly ``images_per_class`` rows of each of its
     classes — what the fused objective's static shapes take for granted (a short class would
-    make it pick a non-positive as a positive, silently). ``supervised``: a plan make_batches could
-    not fill (labels unusable for it: its metadata says why) is refused, not trained as no steps."""
+    make it pick a non-positive as a positive, silently). ``supervised``: :func:`check_plan`."""
     table, meta = C.read_table(paths["batches"], C.BATCHES)
-    if supervised and meta.get("unfilled") and meta["epochs"]:
-        raise DatasetError(f"{paths['batches']} holds no batch: {meta['unfilled']}: lower P or K, or set "
-                           "train.mode: self_supervised to train without labels")
+    if supervised:
+        check_plan(paths, meta)
     try:
         rows = np.fromiter((row_of[i] for i in table[C.ITEM_ID].to_pylist()), np.int64, table.num_rows)
     except KeyError as err:
@@ -61,6 +59,31 @@ def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = 
     return plan, meta
 
 
+def validation(plan_meta: dict, class_names: list[str], labels: torch.Tensor, patience: int) -> tuple[set[str], torch.Tensor]:
+    """The train classes make_batches held out of the plan (never test classes): their names, and
+    their rows (V,) of ``labels`` (N,). With an early-stopping ``patience``, a validation set whose
+    Recall@1 cannot tell epochs apart is refused: one class (Recall@1 always 1: the first epoch
+    would be kept), or classes of single images (unlabelled, one label each: always 0)."""
+    names = set(plan_meta.get("validation_classes", []))
+    codes = [c for c, name in enumerate(class_names) if name in names]
+    rows = torch.nonzero(torch.isin(labels, torch.as_tensor(codes, device=labels.device))).flatten()
+    sized = int((torch.bincount(labels[rows]) >= 2).sum()) if len(rows) else 0
+    if patience and sized < 2:
+        raise ParamsError(f"train.early_stopping_patience needs at least 2 validation classes, the plan holds out "
+                          f"{len(codes)}" + (f" ({sized} of 2+ images)" if sized < len(codes) else "")
+                          + ": raise make_batches.val_fraction")
+    return names, rows
+
+
+def check_plan(paths: Paths, meta: dict | None = None) -> None:
+    """Refuse, for supervised training, a plan make_batches could not fill (labels it cannot use:
+    its metadata says why) — not trained as no steps. ``meta``: the plan's, when already read."""
+    meta = C.read_meta(paths["batches"], C.BATCHES) if meta is None else meta
+    if meta.get("unfilled") and meta["epochs"]:
+        raise DatasetError(f"{paths['batches']} holds no batch: {meta['unfilled']}: lower P or K, or set "
+                           "train.mode: self_supervised to train without labels")
+
+
 def self_supervised_plan(plan_meta: dict, n_rows: int, held_out: np.ndarray, seed: int) -> list[list[np.ndarray]]:
     """The plan self-supervised training follows instead of make_batches' P×K one: as many epochs,
     batches of the same P·K size, drawn from every train row but the validation classes'
@@ -68,6 +91,7 @@ def self_supervised_plan(plan_meta: dict, n_rows: int, held_out: np.ndarray, see
     batch = plan_meta["classes_per_batch"] * plan_meta["images_per_class"]
     rows = np.setdiff1d(np.arange(n_rows), held_out)
     if plan_meta["epochs"] and len(rows) < batch:
-        raise ParamsError(f"train.mode self_supervised: {len(rows)} train images cannot fill one batch of "
+        held = f" ({len(held_out)} held out for validation: make_batches.val_fraction)" if len(held_out) else ""
+        raise ParamsError(f"train.mode self_supervised: {len(rows)} train images{held} cannot fill one batch of "
                           f"make_batches.classes_per_batch × images_per_class = {batch}; lower P or K")
     return unlabelled_plan(rows, plan_meta["epochs"], batch, seed)

@@ -138,3 +138,21 @@ def test_check_items_refuses_what_evaluate_would_from_the_items_alone(tmp_path):
         check_items(fs.model_copy(update={"shots": [8]}), tmp_path / "items.parquet")
     with pytest.raises(DatasetError, match=r"3-way 1-shot .* only 2 of 2 classes"):
         check_items(fs.model_copy(update={"ways": [3]}), tmp_path / "items.parquet")
+
+
+def test_check_items_counts_only_the_queries_of_a_class_the_gallery_has(tmp_path):
+    """Separate query and gallery sets (In-shop, GLDv2): 6 queries of class a and of b, whose class
+    the gallery has, and 9 of "none", a class the gallery lacks (never episodes, as in evaluate)."""
+    from tasks import contracts as C
+    from tasks.params import FewShotParams
+
+    rows = [("a", True, False)] * 6 + [("b", True, False)] * 6 + [("none", True, False)] * 9 + [("a", False, True), ("b", False, True)]
+    n = len(rows)
+    table = C.items_table([f"i{i}" for i in range(n)], [r[0] for r in rows], [C.TEST] * n, [f"s{i}" for i in range(n)],
+                          np.zeros((n, 4), np.uint8), [r[1] for r in rows], [r[2] for r in rows])
+    C.write_table(table, tmp_path / "items.parquet", C.ITEMS, {"height": 2, "width": 2, "channels": 1, "params": {}})
+    fs = FewShotParams(ways=[2], shots=[1], queries=5, episodes=10)
+    check_items(fs, tmp_path / "items.parquet")  # a and b: 6 queries each >= 1 + 5
+    with pytest.raises(DatasetError, match=r"3-way 1-shot .* only 2 of 2 classes"):  # "none" is not a third
+        check_items(fs.model_copy(update={"ways": [3]}), tmp_path / "items.parquet")
+    check_items(fs.model_copy(update={"ways": [], "shots": [99]}), tmp_path / "items.parquet")  # off: nothing asked

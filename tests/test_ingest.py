@@ -772,7 +772,7 @@ def test_a_split_emptied_by_duplicates_says_which_files_went_and_why(make_projec
         (path.parent / "b" / f"test-{label}").mkdir(parents=True)
         for i, data in enumerate(images):
             (path.parent / "b" / f"test-{label}" / f"img{i:03d}.png").write_bytes(data)
-    with pytest.raises(DatasetError, match=r"train split has 0 classes.*12 files were skipped \(12 duplicate\), "
+    with pytest.raises(DatasetError, match=r"train split has no image: nothing to train on.*12 files were skipped \(12 duplicate\), "
                        r"e\.g\. a/c0/img000\.png: duplicate of b/test-c0/img000\.png \(labelled 'test-c0' there, 'c0' here\); "):
         run_ingest(path)
     _assert_no_outputs(path)

@@ -164,7 +164,7 @@ def test_self_supervised_mode_trains_without_labels(make_project):
     assert float(curve[-1]["pos_distance"]) > float(curve[-1]["neg_distance"])
 
 
-def test_self_supervised_training_does_not_depend_on_the_labels(make_project, capsys):
+def test_self_supervised_training_does_not_depend_on_the_labels(make_project, capsys, monkeypatch):
     """The same images under other labels train the same weights: no label decides which images
     train or share a batch. Permuted labels (make_batches plans other P×K batches), and unlabelled
     images — one label for all, or one label each — which no P×K plan can use: make_batches warns
@@ -204,11 +204,42 @@ def test_self_supervised_training_does_not_depend_on_the_labels(make_project, ca
     assert batches[0] != batches[1] and batches[2] == batches[3] == []  # the labels did change make_batches' plan
     for other in weights[1:]:
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
-    # The plan make_batches could not fill is refused by supervised training, saying why.
-    supervised = load_params(Path(params.paths.root) / "params.yaml", {"train.mode": "supervised", "train.loss": {"name": "TripletMarginLoss"}})
+    # The plan make_batches could not fill is refused by supervised training, saying why: at once,
+    # before torchrun would start processes that each fail on it.
+    from tasks import distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("torchrun started"))
+    supervised = load_params(Path(params.paths.root) / "params.yaml", {"train.mode": "supervised", "train.processes": 2,
+                                                                      "train.loss": {"name": "TripletMarginLoss"}})
     with pytest.raises(DatasetError, match=r"holds no batch: make_batches.classes_per_batch=4 but only 0 train classes can "
                                            r"fill 8 images each \(small_classes='replace'\): lower P or K, or set train.mode: self_supervised"):
         train.run(supervised.train, supervised.paths)
+
+
+def test_early_stopping_on_unlabelled_validation_images_is_refused(make_project):
+    """Unlabelled images given one label each: held-out "classes" are single images, whose
+    Recall@1 is 0 in every epoch — early stopping on it would keep the first epoch."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks import contracts as C
+    from tasks.errors import ParamsError
+
+    params = load_params(make_project(FAST | {
+        "make_batches.val_fraction": 0.25, "train.early_stopping_patience": 1, "train.mode": "self_supervised",
+        "train.loss": {"name": "NTXentLoss", "temperature": 0.1}, "train.miner": None,
+    }))
+    synthetic_items(params.paths["items"])
+    table, meta = C.read_table(params.paths["items"], C.ITEMS)
+    labels = np.array(table[C.LABEL].to_pylist(), dtype=object)
+    train_rows = np.flatnonzero(np.array(table[C.SPLIT].to_pylist()) == C.TRAIN)
+    labels[train_rows] = [f"img{i}" for i in range(len(train_rows))]
+    table = table.set_column(table.schema.get_field_index(C.LABEL), C.LABEL, pa.array(labels.tolist(), pa.string()))
+    C.write_table(table, params.paths["items"], C.ITEMS, meta)
+    make_batches.run(params.make_batches, params.paths)
+    with pytest.raises(ParamsError, match=r"needs at least 2 validation classes, the plan holds out 12 \(0 of 2\+ images\): "
+                                          r"raise make_batches.val_fraction"):
+        train.run(params.train, params.paths)
 
 
 def test_validation_recall_is_logged_and_early_stopping_keeps_the_best_epoch(make_project):

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -15,10 +16,17 @@ from pathlib import Path
 
 from tasks import project_lock
 from tasks.errors import UserInputError
-from tasks.params import Paths, load_params
+from tasks.params import DEVICE_PATTERN, Paths, load_params
 
 # Errors that describe the user's input, not a bug: reported without a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (UserInputError, FileNotFoundError)
+
+
+def device_arg(value: str) -> str:
+    """argparse type of a ``--device``: what a stage's ``device`` param accepts."""
+    if not re.match(DEVICE_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{value!r}: auto, cpu, cuda or cuda:N")
+    return value
 
 
 def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = None) -> None:

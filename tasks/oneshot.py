@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from tasks import ties
-from tasks.cli import USER_ERRORS
+from tasks.cli import USER_ERRORS, device_arg
 from tasks.errors import DatasetError
 from tasks.sources import decode
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", type=Path, required=True, help="a checkpoint written by train")
     p.add_argument("--runs", type=Path, required=True, help="all_runs.zip (or its unpacked directory)")
     p.add_argument("--metric", choices=("inner_product", "l2"), default="inner_product")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu | cuda | cuda:N | auto")
     args = p.parse_args(argv)
     try:
         embed, size, channels = model_embedder(args.model, args.device)

@@ -140,6 +140,9 @@ class IngestParams(_Strict):
     seed: int
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # a stage's device; the query and oneshot CLIs' --device
+
+
 class MakeBatchesParams(_Strict):
     classes_per_batch: int = Field(ge=2)  # P
     images_per_class: int = Field(ge=2)  # K
@@ -371,7 +374,7 @@ class TrainParams(_Strict):
     # torch.compile network + objective: true (inductor's default mode) | reduce-overhead (the same,
     # replayed as CUDA graphs: no per-kernel launch cost; on a CPU the same as true) | false.
     compile: bool | Literal["reduce-overhead"]
-    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field(pattern=DEVICE_PATTERN)
     processes: int = Field(ge=1)  # data-parallel processes on this machine (one per GPU); >1 launches torchrun
     deterministic: bool  # deterministic kernels (cuDNN/cuBLAS); slower on GPU, needed for bit-exact reruns
     experiment: str = Field(min_length=1)
@@ -380,7 +383,7 @@ class TrainParams(_Strict):
 
 class ExportEmbeddingsParams(_Strict):
     batch_size: int = Field(gt=0)
-    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field(pattern=DEVICE_PATTERN)
     processes: int = Field(ge=1)  # shard the rows over N processes (one per GPU; >1 launches torchrun)
 
 
@@ -421,7 +424,7 @@ class EvaluateParams(_Strict):
     projection_sample: int = Field(ge=0)  # points in it (seeded sample)
     # Exact search (tasks.search): one query_chunk × gallery_block float32 tile at a time bounds
     # memory (4096 × 16384 × 4 B = 256 MiB) whatever the collection size.
-    device: str = Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field(pattern=DEVICE_PATTERN)
     query_chunk: int = Field(gt=0)
     gallery_block: int = Field(gt=0)
     few_shot: FewShotParams

@@ -78,14 +78,14 @@ def query(params: Params, images: list[Path], k: int, out: Path | None = None, d
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tasks.cli import USER_ERRORS
+    from tasks.cli import USER_ERRORS, device_arg
 
     p = argparse.ArgumentParser(prog="python -m tasks.query", description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="+", type=Path, help="image files")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--k", type=int, default=5, help="results per image")
     p.add_argument("--out", type=Path, default=None, help="write a grid PNG here")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (for the model)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu | cuda | cuda:N | auto (for the model)")
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("--k must be >= 1")

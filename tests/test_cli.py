@@ -40,3 +40,18 @@ def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "tripletflow ingest: interrupted"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".tripletflow.lock") == ["params.yaml"]
+
+
+def test_a_device_option_takes_what_a_stage_device_param_takes(capsys):
+    """tasks.query and tasks.oneshot: --device cuda:x was a bare ValueError from deep inside."""
+    import pytest
+
+    from tasks import oneshot, query
+    from tasks.cli import device_arg
+
+    assert [device_arg(v) for v in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    for main, argv in ((query.main, ["x.png"]), (oneshot.main, ["--model", "m.pt", "--runs", "r.zip"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv + ["--device", "cuda:x"])
+        assert exit_.value.code == 2
+        assert "argument --device: 'cuda:x': auto, cpu, cuda or cuda:N" in capsys.readouterr().err

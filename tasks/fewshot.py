@@ -49,7 +49,7 @@ def episodes_accuracy(
         raise ValueError(f"need ways >= 2 and shots, queries, episodes >= 1; got {ways}, {shots}, {queries}, {episodes}")
     if metric not in ("inner_product", "l2"):
         raise ValueError(f"metric must be inner_product or l2, got {metric!r}")
-    classes, codes, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
+    _, codes, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
     if problem := _unfillable(counts, ways, shots, queries):
         raise ValueError(problem)
     # Items of each class, in item order: one sort, not one pass per class (10k classes × 100k items).

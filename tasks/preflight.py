@@ -12,8 +12,8 @@ for: with ``device: auto`` and one process CUDA is not touched here.
 
 from __future__ import annotations
 
-from tasks.models import gpu_errors
 from tasks.errors import ParamsError
+from tasks.models import gpu_errors
 from tasks.params import Params, pretrained_path
 
 

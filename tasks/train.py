@@ -38,7 +38,7 @@ def run(params: TrainParams, paths: Paths, parent_run_id: str | None = None) -> 
 def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: World, device: torch.device) -> dict:
     torch.manual_seed(params.seed)  # initial weights; batch order comes from the plan
     pixels, labels, row_of, items_meta = load_train_data(paths, device)
-    plan, plan_meta = load_plan(paths, row_of, labels.cpu().numpy(), params.mode == "supervised")
+    plan, plan_meta = load_plan(paths, row_of, labels.cpu().numpy())
     val_names, val_idx = validation(plan_meta, items_meta["class_names"], labels, params.early_stopping_patience)
     if params.mode == "self_supervised":  # no labels, so no P×K either (see tasks.sampling)
         plan = self_supervised_plan(plan_meta, len(labels), val_idx.cpu().numpy(), params.seed)

@@ -28,15 +28,13 @@ def load_train_data(paths: Paths, device: torch.device):
     return pixels.to(device), torch.as_tensor(codes, dtype=torch.int64, device=device), row_of, meta
 
 
-def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = None,
-              supervised: bool = True) -> tuple[list[list[np.ndarray]], dict]:
+def load_plan(paths: Paths, row_of: dict[str, int], labels: np.ndarray | None = None) -> tuple[list[list[np.ndarray]], dict]:
     """The batch plan as row indices: plan[epoch][batch] -> int64 (P·K,). With the train rows'
     ``labels`` (N,), each batch is checked to hold exactly ``images_per_class`` rows of each of its
     classes — what the fused objective's static shapes take for granted (a short class would
-    make it pick a non-positive as a positive, silently). ``supervised``: :func:`check_plan`."""
+    make it pick a non-positive as a positive, silently). A plan make_batches could not fill loads
+    as no batch: supervised training refuses it first (:func:`check_plan`)."""
     table, meta = C.read_table(paths["batches"], C.BATCHES)
-    if supervised:
-        check_plan(paths, meta)
     try:
         rows = np.fromiter((row_of[i] for i in table[C.ITEM_ID].to_pylist()), np.int64, table.num_rows)
     except KeyError as err:
@@ -75,10 +73,10 @@ def validation(plan_meta: dict, class_names: list[str], labels: torch.Tensor, pa
     return names, rows
 
 
-def check_plan(paths: Paths, meta: dict | None = None) -> None:
+def check_plan(paths: Paths) -> None:
     """Refuse, for supervised training, a plan make_batches could not fill (labels it cannot use:
-    its metadata says why) — not trained as no steps. ``meta``: the plan's, when already read."""
-    meta = C.read_meta(paths["batches"], C.BATCHES) if meta is None else meta
+    its metadata says why) — not trained as no steps."""
+    meta = C.read_meta(paths["batches"], C.BATCHES)
     if meta.get("unfilled") and meta["epochs"]:
         raise DatasetError(f"{paths['batches']} holds no batch: {meta['unfilled']}: lower P or K, or set "
                            "train.mode: self_supervised to train without labels")

@@ -216,7 +216,7 @@ def _unfillable(params, match: str, capsys) -> None:
     """No P×K batch can be made: make_batches warns and plans no batch (self-supervised training,
     which it cannot see, needs none); supervised training refuses the plan with the same reason."""
     from tasks.errors import DatasetError
-    from tasks.train_data import load_plan
+    from tasks.train_data import check_plan, load_plan
 
     summary, batches, meta, triplets, _ = run(params)
     err = capsys.readouterr().err
@@ -225,8 +225,8 @@ def _unfillable(params, match: str, capsys) -> None:
     items, _ = C.read_table(params.paths["items"], C.ITEMS, columns=[C.ITEM_ID, C.SPLIT])
     row_of = {i: n for n, i in enumerate(items[C.ITEM_ID].to_pylist())}
     with pytest.raises(DatasetError, match=rf"holds no batch: .*{match}.*: lower P or K, or set train.mode: self_supervised"):
-        load_plan(params.paths, row_of)
-    assert load_plan(params.paths, row_of, supervised=False)[1]["unfilled"] == meta["unfilled"]
+        check_plan(params.paths)
+    assert load_plan(params.paths, row_of)[1]["unfilled"] == meta["unfilled"]
 
 
 def test_too_many_classes_per_batch(make_project, capsys):

@@ -164,13 +164,26 @@ def test_self_supervised_mode_trains_without_labels(make_project):
     assert float(curve[-1]["pos_distance"]) > float(curve[-1]["neg_distance"])
 
 
+def _relabel_train(params, original, meta, relabel) -> None:
+    """Write ``original`` (the items table, its metadata ``meta``) with its train rows' labels
+    replaced by ``relabel(labels)``: labels (N,) object -> the train rows' new labels."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tasks import contracts as C
+
+    labels = np.array(original[C.LABEL].to_pylist(), dtype=object)
+    labels[np.array(original[C.SPLIT].to_pylist()) == C.TRAIN] = relabel(labels)
+    table = original.set_column(original.schema.get_field_index(C.LABEL), C.LABEL, pa.array(labels.tolist(), pa.string()))
+    C.write_table(table, params.paths["items"], C.ITEMS, meta)
+
+
 def test_self_supervised_training_does_not_depend_on_the_labels(make_project, capsys, monkeypatch):
     """The same images under other labels train the same weights: no label decides which images
     train or share a batch. Permuted labels (make_batches plans other P×K batches), and unlabelled
     images — one label for all, or one label each — which no P×K plan can use: make_batches warns
     and plans no batch, and self-supervised training takes only the plan's size and epochs."""
     import numpy as np
-    import pyarrow as pa
 
     from tasks import contracts as C
     from tasks.errors import DatasetError
@@ -190,10 +203,7 @@ def test_self_supervised_training_does_not_depend_on_the_labels(make_project, ca
     }
     weights, batches = [], []
     for name, relabel in relabellings.items():
-        labels = np.array(original[C.LABEL].to_pylist(), dtype=object)
-        labels[train_rows] = relabel(labels)
-        table = original.set_column(original.schema.get_field_index(C.LABEL), C.LABEL, pa.array(labels.tolist(), pa.string()))
-        C.write_table(table, params.paths["items"], C.ITEMS, meta)
+        _relabel_train(params, original, meta, relabel)
         capsys.readouterr()
         make_batches.run(params.make_batches, params.paths)
         warned = "the plan holds no batch. Supervised training will refuse it" in capsys.readouterr().err
@@ -220,7 +230,6 @@ def test_early_stopping_on_unlabelled_validation_images_is_refused(make_project)
     """Unlabelled images given one label each: held-out "classes" are single images, whose
     Recall@1 is 0 in every epoch — early stopping on it would keep the first epoch."""
     import numpy as np
-    import pyarrow as pa
 
     from tasks import contracts as C
     from tasks.errors import ParamsError
@@ -230,12 +239,9 @@ def test_early_stopping_on_unlabelled_validation_images_is_refused(make_project)
         "train.loss": {"name": "NTXentLoss", "temperature": 0.1}, "train.miner": None,
     }))
     synthetic_items(params.paths["items"])
-    table, meta = C.read_table(params.paths["items"], C.ITEMS)
-    labels = np.array(table[C.LABEL].to_pylist(), dtype=object)
-    train_rows = np.flatnonzero(np.array(table[C.SPLIT].to_pylist()) == C.TRAIN)
-    labels[train_rows] = [f"img{i}" for i in range(len(train_rows))]
-    table = table.set_column(table.schema.get_field_index(C.LABEL), C.LABEL, pa.array(labels.tolist(), pa.string()))
-    C.write_table(table, params.paths["items"], C.ITEMS, meta)
+    original, meta = C.read_table(params.paths["items"], C.ITEMS)
+    n_train = int(np.sum(np.array(original[C.SPLIT].to_pylist()) == C.TRAIN))
+    _relabel_train(params, original, meta, lambda labels: np.array([f"img{i}" for i in range(n_train)], dtype=object))
     make_batches.run(params.make_batches, params.paths)
     with pytest.raises(ParamsError, match=r"needs at least 2 validation classes, the plan holds out 12 \(0 of 2\+ images\): "
                                           r"raise make_batches.val_fraction"):

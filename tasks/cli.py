@@ -23,9 +23,14 @@ USER_ERRORS: tuple[type[Exception], ...] = (UserInputError, FileNotFoundError)
 
 
 def device_arg(value: str) -> str:
-    """argparse type of a ``--device``: what a stage's ``device`` param accepts."""
+    """argparse type of a ``--device``: what a stage's ``device`` param accepts, and a GPU this
+    machine has (the error then names ``--device``, not a params key)."""
     if not re.match(DEVICE_PATTERN, value):
         raise argparse.ArgumentTypeError(f"{value!r}: auto, cpu, cuda or cuda:N")
+    from tasks.models import gpu_errors  # torch: only for the commands that take --device
+
+    if errors := gpu_errors("", value):
+        raise argparse.ArgumentTypeError(errors[0].removeprefix("device: "))
     return value
 
 

@@ -13,6 +13,7 @@ picked up by the later stages from ``paths.run_info`` — the same path ``dvc re
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 import os
@@ -210,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
             result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Prefect has logged the crash; no traceback on top
+        print("tripletflow: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     print(json_line(result))
 
 

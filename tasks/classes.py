@@ -71,7 +71,7 @@ def check_usable(counts: Counter) -> str | None:
         if name == C.TRAIN and not sizes:
             raise DatasetError("train split has no image: nothing to train on")
         if len(sizes) < 2 or usable < wanted:
-            problem = (f"{name} split has {len(sizes)} classes, {usable} with at least 2 images; "
+            problem = (f"{name} split has {len(sizes)} class{'es' * (len(sizes) != 1)}, {usable} with at least 2 images; "
                        f"metric learning needs at least 2 classes and {wanted} with 2+ images")
             if name == C.TEST:
                 raise DatasetError(problem)

@@ -88,7 +88,8 @@ def run(params: IngestParams, paths: Paths) -> dict:
     """Read the source, split by class, decode, write ``paths.items`` and ``paths.quarantine``."""
     kept, ids, rejected = scan.first_pass(params, Path(paths.root))
     for name in scan.outside_raw(params, paths):
-        print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change")
+        print(f"ingest: warning: {name} is outside paths.raw ({paths.raw}): dvc repro will not see it change",
+              file=sys.stderr)
     if not kept:
         raise quarantine.explained(DatasetError(f"no usable image in source {params.source.model_dump()}"), rejected)
     clash = next((r.label for r in kept if C.unrotated(r.label) != r.label), None) if params.train_rotations else None

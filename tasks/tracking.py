@@ -107,11 +107,16 @@ def no_run() -> Iterator[tuple[NullTracker, NullTracker]]:
     yield NullTracker(), NullTracker()
 
 
-def log_ingest(parent: Tracker | NullTracker, summary: dict, quarantine: Path) -> None:
-    """Ingest runs before any MLflow run exists: its counts (``ingest.*``, ``ingest.skipped.<why>``)
-    and quarantine report go to the pipeline run ``parent`` from train, the first stage with one."""
+def log_upstream(parent: Tracker | NullTracker, summary: dict, plan: dict, quarantine: Path) -> None:
+    """Ingest and make_batches run before the pipeline run has a stage run: their counts go to the
+    pipeline run ``parent`` from train — ingest's (``ingest.*``, ``ingest.skipped.<why>``) from
+    the items' ``summary``, make_batches' (``make_batches.batches``, ``.classes_smaller_than_k``,
+    ``.excluded_classes``, ``.validation_classes``) from the ``plan`` metadata — and the
+    quarantine report as an artifact."""
     counts = {f"ingest.{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
     counts |= {f"ingest.skipped.{k}": v for k, v in summary.get("skipped_by_reason", {}).items()}
+    counts["make_batches.batches"] = sum(plan.get("batches_per_epoch", []))
+    counts |= {f"make_batches.{k}": len(plan.get(k, [])) for k in ("classes_smaller_than_k", "excluded_classes", "validation_classes")}
     parent.metrics(counts)
     if quarantine.exists():
         parent.artifact(quarantine, "ingest")

@@ -64,7 +64,7 @@ def test_a_new_class_in_the_next_drop_moves_at_most_one_old_class_across():
 @pytest.mark.parametrize("counts,error", [
     ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 2, (C.TEST, "d"): 1}, None),
     ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 1, (C.TEST, "d"): 1}, "test split has 2 classes, 0 with"),
-    ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 5}, "test split has 1 classes"),
+    ({(C.TRAIN, "a"): 2, (C.TRAIN, "b"): 2, (C.TEST, "c"): 5}, "test split has 1 class,"),
     ({(C.TEST, "c"): 2, (C.TEST, "d"): 1}, "^train split has no image: nothing to train on$"),
     ({(C.TRAIN, "unlabelled"): 5, (C.TEST, "c"): 1, (C.TEST, "d"): 1}, "test split has 2 classes, 0 with"),  # not a warning
 ])

@@ -154,6 +154,29 @@ def test_ctrl_c_on_the_flow_cli_ends_it_promptly(make_project):
     assert not params_file.parent.joinpath("models", "model.pt").exists()  # interrupted in train
 
 
+def test_sigterm_to_the_flow_cli_ends_it_on_one_line(make_project):
+    """``kill PID`` (a job scheduler, a container stopping) mid-train: Prefect logs the crash, the
+    command ends with exit status 130 and one line, as a stage does — it was a 44-frame traceback."""
+    import signal
+
+    params_file = make_project(FAST | {"make_batches.epochs": 200})  # a train stage of many seconds
+    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", str(params_file)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "Task run 'make_batches" in line and "Completed" in line:
+            break
+    time.sleep(2)  # into train
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rest = proc.communicate(timeout=90)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the flow was still running 90 s after SIGTERM")
+    assert proc.returncode == 130 and "Task run 'train" in rest and "Crashed" in rest
+    assert "tripletflow: interrupted" in rest and "Traceback" not in rest
+    assert not params_file.parent.joinpath("models", "model.pt").exists()  # interrupted in train
+
+
 def test_cli_rejects_a_bad_value_naming_the_key(make_project):
     params_file = make_project(FAST)
     proc = subprocess.run(

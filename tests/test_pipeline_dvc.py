@@ -80,8 +80,13 @@ def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
     evaluation = {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "evaluation")}
     assert {"metrics.json", "recall_at_k.csv", "recall_at_k.png", "retrieval_grid.png"} <= evaluation
 
-    # Ingest's counts and quarantine report, on the pipeline run (ingest runs before it exists).
+    # Ingest's and make_batches' counts, the quarantine report: on the pipeline run (train logs them).
     assert latest.data.metrics["ingest.ingested"] == 1797 and latest.data.metrics["ingest.skipped"] == 0
+    from tasks import contracts as C
+
+    _, plan = C.read_table(repo / "data/batches.parquet", C.BATCHES)
+    assert latest.data.metrics["make_batches.batches"] == sum(plan["batches_per_epoch"]) > 0
+    assert latest.data.metrics["make_batches.excluded_classes"] == 0
     assert {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "ingest")} == {"ingest_quarantine.parquet"}
 
     # Provenance: the commit, and the data as DVC knows it (dvc.lock's hash of each file).

@@ -13,7 +13,6 @@ picked up by the later stages from ``paths.run_info`` — the same path ``dvc re
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import logging
 import os
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="override one dotted key, the value read as YAML (train.optimizer.lr=3e-4, "
                         "evaluate.recall_at=[1,5]); repeatable")
     args = parser.parse_args(argv)
-    from tasks.cli import USER_ERRORS, json_line, stop_on_sigterm
+    from tasks.cli import USER_ERRORS, exit_interrupted, json_line, stop_on_sigterm
 
     stop_on_sigterm()
 
@@ -211,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
             result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Prefect has logged the crash; no traceback on top
-        print("tripletflow: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as err:
+        # Ctrl-C, or SIGTERM: during a flow run Prefect's own SIGTERM handler crashes the run, then
+        # hands the signal on to stop_on_sigterm's, which raises Terminated here.
+        exit_interrupted("tripletflow", err)
     print(json_line(result))
 
 

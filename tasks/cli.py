@@ -4,6 +4,7 @@ one clear line on stderr and a non-zero exit (no traceback for a user's mistake)
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -55,9 +57,8 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
     except USER_ERRORS as err:
         print(f"tripletflow {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, once the stage has cleaned up (no half file)
-        print(f"tripletflow {name}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, once the stage has cleaned up (no half file)
+        exit_interrupted(f"tripletflow {name}", err)
     print(json_line({name: result}))
 
 
@@ -74,9 +75,33 @@ def stop_on_sigterm() -> None:
     default ends the process on the spot, leaving atomic writes' temporary files behind and
     MLflow runs RUNNING; as KeyboardInterrupt, every ``finally`` and ``with`` cleans up."""
     def interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C is (:func:`stop_on_sigterm`): the same clean-up, its own exit status."""
+
+
+def exit_interrupted(prog: str, err: KeyboardInterrupt) -> NoReturn:
+    """End a command that Ctrl-C or SIGTERM stopped (after its clean-up) with one line, no
+    traceback, and the status a shell reads as "stopped by that signal": 143 for SIGTERM; for
+    Ctrl-C, death by SIGINT itself. A shell loop (`for m in ...; do python -m flows.pipeline ...`)
+    stops at Ctrl-C only when its child dies of SIGINT: an exit status of 130 tells it the child
+    handled Ctrl-C, and the loop went on to the next run."""
+    print(f"{prog}: interrupted", file=sys.stderr)
+    if isinstance(err, Terminated):
+        raise SystemExit(128 + signal.SIGTERM) from None
+    # What Python does for an uncaught KeyboardInterrupt, without its traceback: the exit
+    # functions (Prefect's server shutdown is one), then death by SIGINT. (Re-raising with a
+    # silent sys.excepthook would do it too, but once torchvision is imported Python exits 1.)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    raise SystemExit(128 + signal.SIGINT)  # where SIGINT cannot end a process (not on POSIX)
 
 
 def json_line(obj: object) -> str:

@@ -29,10 +29,6 @@ IMAGE_SUFFIXES = frozenset({
 })
 # Decompression-bomb guard: PIL warns at ~89 Mpx and raises at twice that; we refuse at the warning.
 MAX_PIXELS = 89_478_485
-# PIL's warning, from Image.open, would print its own file path and line beside our quarantine
-# reason ("too large") for an image we refuse anyway. A filter here, not catch_warnings() around
-# each open: that swaps the process's filters, which is not safe from ingest's decoding threads.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True, slots=True)  # slots: ingest holds a million of these (without bytes)
@@ -326,7 +322,12 @@ def decode(data: bytes, size: int, channels: int) -> np.ndarray:
     Raises ValueError with a short reason for anything that is not a decodable image.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            # PIL's warning (its file and line) beside our quarantine reason, "too large", for an
+            # image refused anyway. Only around this call: the caller's own filters stay as they are.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ValueError(f"too large ({img.width}x{img.height} px): decompression-bomb limit")
             # JPEG only: let libjpeg scale by 1/2, 1/4 or 1/8 in the DCT while decoding, never

@@ -107,16 +107,20 @@ def no_run() -> Iterator[tuple[NullTracker, NullTracker]]:
     yield NullTracker(), NullTracker()
 
 
-def log_upstream(parent: Tracker | NullTracker, summary: dict, plan: dict, quarantine: Path) -> None:
+def log_upstream(parent: Tracker | NullTracker, summary: dict, plan: dict, quarantine: Path, supervised: bool) -> None:
     """Ingest and make_batches run before the pipeline run has a stage run: their counts go to the
     pipeline run ``parent`` from train — ingest's (``ingest.*``, ``ingest.skipped.<why>``) from
-    the items' ``summary``, make_batches' (``make_batches.batches``, ``.classes_smaller_than_k``,
-    ``.excluded_classes``, ``.validation_classes``) from the ``plan`` metadata — and the
-    quarantine report as an artifact."""
+    the items' ``summary``; make_batches' from the ``plan`` metadata, under the names of its own
+    summary (``make_batches.n_small_classes``, ``.n_excluded_classes``, ``.n_validation_classes``)
+    and ``make_batches.planned_batches`` (all epochs; only when ``supervised``: self-supervised
+    training draws batches of its own) — and the quarantine report as an artifact."""
     counts = {f"ingest.{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
     counts |= {f"ingest.skipped.{k}": v for k, v in summary.get("skipped_by_reason", {}).items()}
-    counts["make_batches.batches"] = sum(plan.get("batches_per_epoch", []))
-    counts |= {f"make_batches.{k}": len(plan.get(k, [])) for k in ("classes_smaller_than_k", "excluded_classes", "validation_classes")}
+    lists = {"n_small_classes": "classes_smaller_than_k", "n_excluded_classes": "excluded_classes",
+             "n_validation_classes": "validation_classes"}
+    counts |= {f"make_batches.{name}": len(plan[key]) for name, key in lists.items()}
+    if supervised:
+        counts["make_batches.planned_batches"] = sum(plan["batches_per_epoch"])
     parent.metrics(counts)
     if quarantine.exists():
         parent.artifact(quarantine, "ingest")

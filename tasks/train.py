@@ -74,7 +74,7 @@ def _train(params: TrainParams, paths: Paths, parent_run_id: str | None, world: 
         parent.params(flatten(upstream))
         parent.tags(tracking.provenance(Path(paths.root), digests, upstream | {"train": params.model_dump()},
                                         tuple(getattr(paths, k) for k in type(paths).model_fields if k not in ("root", "raw"))))
-        tracking.log_upstream(parent, items_meta.get("summary", {}), plan_meta, paths["quarantine"])
+        tracking.log_upstream(parent, items_meta.get("summary", {}), plan_meta, paths["quarantine"], params.mode == "supervised")
         child.params({"device": str(device), "n_train_images": len(labels), "bf16": use_bf16(params, device)})
         # Resumed: the restored epochs go to this attempt's child run, and to the pipeline run if
         # it is a new one (a new flow run's): each run then holds the whole curve.

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+
+import pytest
 
 from tasks.cli import json_line
 
@@ -15,13 +20,12 @@ def test_json_line_is_strict_json_with_null_for_non_finite_numbers():
     assert got["train"]["loss"] == 0.5 and got["train"]["dev"].startswith("<class")
 
 
-def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
+def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path, signum, status):
     """Python's default SIGTERM ends the process on the spot: an atomic write's temporary file
-    stayed beside its output. Here the stage is stopped inside one, and cleans up."""
-    import signal
-    import subprocess
-    import sys
-
+    stayed beside its output. Here the stage is stopped inside one, and cleans up; it then ends
+    as a shell expects of that signal — 143, or death by SIGINT (an exit status of 130 let a shell
+    loop of stages go on after Ctrl-C) — on one line, no traceback."""
     from conftest import ROOT
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -36,27 +40,32 @@ def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
     assert [p.name for p in tmp_path.glob(".out.bin.*.tmp")]  # the half-written file, as it is being written
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip() == "tripletflow ingest: interrupted"
+    assert proc.returncode == status and err.strip() == "tripletflow ingest: interrupted"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".tripletflow.lock") == ["params.yaml"]
 
 
-def test_a_device_option_takes_what_a_stage_device_param_takes(capsys):
-    """tasks.query and tasks.oneshot: --device cuda:x was a bare ValueError from deep inside."""
-    import pytest
+def test_a_device_option_takes_what_a_stage_device_param_takes(capsys, monkeypatch):
+    """tasks.query and tasks.oneshot: --device cuda:x was a bare ValueError from deep inside, and
+    a GPU the machine lacks an error naming a params key the commands do not have."""
+    import torch
 
     from tasks import oneshot, query
     from tasks.cli import device_arg
 
-    import torch
+    def set_gpus(n: int) -> None:  # pretend this machine has n CUDA devices, whatever it has
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
 
-    assert [device_arg(v) for v in ("auto", "cpu")] == ["auto", "cpu"]
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    missing = f"cuda:{gpus}"  # a GPU this machine lacks
+    set_gpus(2)
+    assert [device_arg(v) for v in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    refused = [(2, "cuda:x", "'cuda:x': auto, cpu, cuda or cuda:N"),
+               (2, "cuda:2", "'cuda:2' asked for, but this machine has 2 GPU(s)"),
+               (0, "cuda", "'cuda' asked for, but CUDA is not available here")]
     for main, argv in ((query.main, ["x.png"]), (oneshot.main, ["--model", "m.pt", "--runs", "r.zip"])):
-        for device, why in (("cuda:x", "'cuda:x': auto, cpu, cuda or cuda:N"),
-                            (missing, f"{missing!r} asked for, but " + (f"this machine has {gpus} GPU(s)" if gpus else "CUDA is not available here"))):
+        for n, device, why in refused:
+            set_gpus(n)
             with pytest.raises(SystemExit) as exit_:
                 main(argv + ["--device", device])
             assert exit_.value.code == 2

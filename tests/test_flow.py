@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -128,53 +131,42 @@ def test_a_flow_run_holds_the_project_for_its_whole_run(make_project):
     assert not (params_file.parent / "mlflow.db").exists()
 
 
+def _interrupted_in_train(params_file: Path, kill: Callable[[int], None], what: str) -> tuple[int, str]:
+    """Run the flow CLI in its own session, ``kill(pid)`` once train has started; -> exit status
+    and everything it printed after make_batches. The session is killed if it outlives 90 s."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", str(params_file)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "Task run 'make_batches" in line and "Completed" in line:
+            break
+    time.sleep(2)  # into train (its 200 epochs take minutes)
+    kill(proc.pid)
+    try:
+        rest = proc.communicate(timeout=90)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ephemeral Prefect server too
+        proc.wait()
+        pytest.fail(f"the flow was still running 90 s after {what}")
+    assert not params_file.parent.joinpath("models", "model.pt").exists(), rest  # interrupted in train
+    return proc.returncode, rest
+
+
 def test_ctrl_c_on_the_flow_cli_ends_it_promptly(make_project):
     """Ctrl-C reaches the whole process group, the ephemeral Prefect server included: the flow's
     report of the interrupt to the dead server took 2.5 minutes of retries. (A liveness check,
     with a wide margin, not a timing: 145 s before, 13 s after on a 2-core machine.)"""
-    import os
-    import signal
-
-    params_file = make_project(FAST | {"make_batches.epochs": 200})  # a train stage of many seconds
-    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", str(params_file)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "Task run 'make_batches" in line and "Completed" in line:
-            break
-    time.sleep(2)  # into train
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        rest = proc.communicate(timeout=90)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the flow was still running 90 s after Ctrl-C")
-    assert proc.returncode != 0 and "Task run 'train" in rest and "Crashed" in rest
-    assert not params_file.parent.joinpath("models", "model.pt").exists()  # interrupted in train
+    params_file = make_project(FAST | {"make_batches.epochs": 200})
+    code, rest = _interrupted_in_train(params_file, lambda pid: os.killpg(pid, signal.SIGINT), "Ctrl-C")
+    assert code != 0 and "Task run 'train" in rest and "Crashed" in rest, rest
 
 
 def test_sigterm_to_the_flow_cli_ends_it_on_one_line(make_project):
-    """``kill PID`` (a job scheduler, a container stopping) mid-train: Prefect logs the crash, the
-    command ends with exit status 130 and one line, as a stage does — it was a 44-frame traceback."""
-    import signal
-
-    params_file = make_project(FAST | {"make_batches.epochs": 200})  # a train stage of many seconds
-    proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", str(params_file)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    for line in proc.stdout:
-        if "Task run 'make_batches" in line and "Completed" in line:
-            break
-    time.sleep(2)  # into train
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rest = proc.communicate(timeout=90)[0]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("the flow was still running 90 s after SIGTERM")
-    assert proc.returncode == 130 and "Task run 'train" in rest and "Crashed" in rest
-    assert "tripletflow: interrupted" in rest and "Traceback" not in rest
-    assert not params_file.parent.joinpath("models", "model.pt").exists()  # interrupted in train
+    """``kill PID`` (a job scheduler, a container stopping) mid-train: Prefect logs the crash; the
+    command ends with one line and 143, as a stage does — it was a 44-frame traceback."""
+    params_file = make_project(FAST | {"make_batches.epochs": 200})
+    code, rest = _interrupted_in_train(params_file, lambda pid: os.kill(pid, signal.SIGTERM), "SIGTERM")
+    assert code == 128 + signal.SIGTERM and "Task run 'train" in rest and "Crashed" in rest, rest
+    assert "tripletflow: interrupted" in rest and "Traceback" not in rest, rest
 
 
 def test_cli_rejects_a_bad_value_naming_the_key(make_project):

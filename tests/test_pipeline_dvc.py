@@ -85,8 +85,8 @@ def test_mlflow_has_one_parent_run_per_training_with_stage_children(repo: Path):
     from tasks import contracts as C
 
     _, plan = C.read_table(repo / "data/batches.parquet", C.BATCHES)
-    assert latest.data.metrics["make_batches.batches"] == sum(plan["batches_per_epoch"]) > 0
-    assert latest.data.metrics["make_batches.excluded_classes"] == 0
+    assert latest.data.metrics["make_batches.planned_batches"] == sum(plan["batches_per_epoch"]) > 0
+    assert latest.data.metrics["make_batches.n_excluded_classes"] == 0
     assert {Path(a.path).name for a in client.list_artifacts(latest.info.run_id, "ingest")} == {"ingest_quarantine.parquet"}
 
     # Provenance: the commit, and the data as DVC knows it (dvc.lock's hash of each file).

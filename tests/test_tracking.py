@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tasks import tracking
@@ -178,3 +179,35 @@ def test_pipeline_tracks_and_registers_on_a_real_postgresql(make_project, tmp_pa
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
         shutil.rmtree(data, ignore_errors=True)
+
+
+class _Recorder:
+    """A pipeline run that keeps what is logged to it."""
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+        self.artifacts: list[tuple[Path, str]] = []
+
+    def metrics(self, values: dict[str, float]) -> None:
+        self.logged |= values
+
+    def artifact(self, path: Path, folder: str) -> None:
+        self.artifacts.append((path, folder))
+
+
+def test_upstream_counts_reach_the_pipeline_run_under_make_batches_own_names(tmp_path):
+    summary = {"ingested": 40, "skipped": 2, "skipped_by_reason": {"corrupt": 2}, "source": "digits"}
+    plan = {"classes_smaller_than_k": ["a", "b"], "excluded_classes": ["b"], "validation_classes": [],
+            "batches_per_epoch": [3, 3, 4]}
+    quarantine = tmp_path / "quarantine.parquet"
+    quarantine.write_bytes(b"PAR1")
+    for supervised in (True, False):
+        parent = _Recorder()
+        tracking.log_upstream(parent, summary, plan, quarantine, supervised)
+        expected = {"ingest.ingested": 40, "ingest.skipped": 2, "ingest.skipped.corrupt": 2, "make_batches.n_small_classes": 2,
+                    "make_batches.n_excluded_classes": 1, "make_batches.n_validation_classes": 0}
+        # Self-supervised training draws its own batches: the plan's count is not what it trained on.
+        assert parent.logged == expected | ({"make_batches.planned_batches": 10} if supervised else {})
+        assert parent.artifacts == [(quarantine, "ingest")]
+    with pytest.raises(KeyError, match="validation_classes"):  # a renamed key fails, not a silent 0
+        tracking.log_upstream(_Recorder(), summary, {k: v for k, v in plan.items() if k != "validation_classes"}, quarantine, True)

@@ -12,9 +12,9 @@ import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import NoReturn
 
 from tasks import project_lock
 from tasks.errors import UserInputError

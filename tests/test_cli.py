@@ -30,7 +30,9 @@ def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path, signum,
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     script = (
-        "import sys, time\nfrom pathlib import Path\nfrom tasks import cli, contracts\n"
+        "import signal, sys, time\nfrom pathlib import Path\nfrom tasks import cli, contracts\n"
+        # Ctrl-C's KeyboardInterrupt even where this test runs with SIGINT ignored (a background job)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def run(params, paths):\n"
         "    with contracts.atomic_path(Path(paths.root) / 'out.bin') as tmp:\n"
         "        tmp.write_bytes(b'half'); print('writing', flush=True); time.sleep(600)\n"

@@ -77,7 +77,7 @@ def ingested(root: Path, changes: dict) -> Path:
     return root
 
 
-def test_digits(root: Path) -> str:
+def unseen_digits(root: Path) -> str:
     """The split's unseen digits ("2,4,6"): rotated train copies can look like one (a 9 turned 180° is a 6)."""
     items, _ = C.read_table(load_params(root / "params.yaml").paths["items"], C.ITEMS, columns=[C.LABEL, C.SPLIT])
     return ",".join(sorted(set(items.filter(pc.equal(items[C.SPLIT], C.TEST))[C.LABEL].to_pylist())))
@@ -91,25 +91,27 @@ def main() -> None:
     args = ap.parse_args()
     gains: dict[str, list[float]] = {name: [] for name in args.recipes}
     with tempfile.TemporaryDirectory(prefix="tripletflow-splits-") as tmp:
+        projects: dict[str, Path] = {}  # ingest changes (the split's seed and a recipe's), as JSON -> its project
+
+        def project(ingest_changes: dict) -> Path:
+            key = json.dumps(ingest_changes, sort_keys=True)
+            if key not in projects:
+                projects[key] = ingested(Path(tmp) / f"project{len(projects)}", ingest_changes)
+            return projects[key]
+
         for split in args.splits:
-            projects: dict[str, Path] = {}  # the split's ingest changes (as JSON) -> its project
-
-            def project(ingest_changes: dict, split: int = split, projects: dict = projects) -> Path:
-                key = json.dumps(ingest_changes, sort_keys=True)
-                if key not in projects:
-                    projects[key] = ingested(Path(tmp) / f"split{split}-{len(projects)}", {"ingest.seed": split} | ingest_changes)
-                return projects[key]
-
+            plain = project({"ingest.seed": split})
+            digits = unseen_digits(plain)
             # The untrained network of each train seed: its initial weights alone move mAP@R by ~0.05.
-            untrained_of = {seed: map_at_r(project({}), {"make_batches.epochs": 0, "train.seed": seed}) for seed in args.seeds}
+            untrained_of = {seed: map_at_r(plain, {"make_batches.epochs": 0, "train.seed": seed}) for seed in args.seeds}
             for name in args.recipes:
-                ingest_changes = {k: v for k, v in RECIPES[name].items() if k.startswith("ingest.")}
-                changes = {k: v for k, v in RECIPES[name].items() if k not in ingest_changes}
+                root = project({"ingest.seed": split} | {k: v for k, v in RECIPES[name].items() if k.startswith("ingest.")})
+                changes = {k: v for k, v in RECIPES[name].items() if not k.startswith("ingest.")}
                 for seed in args.seeds:
                     untrained = untrained_of[seed]
-                    m = map_at_r(project(ingest_changes), changes | {"train.seed": seed, "make_batches.seed": seed})
+                    m = map_at_r(root, changes | {"train.seed": seed, "make_batches.seed": seed})
                     gains[name].append(m - untrained)
-                    print(json.dumps({"figure": "digits_split_map_at_r", "split": split, "test_digits": test_digits(project({})),
+                    print(json.dumps({"figure": "digits_split_map_at_r", "split": split, "test_digits": digits,
                                       "recipe": name, "seed": seed,
                                       "map_at_r": round(m, 4), "untrained": round(untrained, 4),
                                       "gain": round(m - untrained, 4)}), flush=True)

@@ -101,10 +101,10 @@ def run(params: IngestParams, paths: Paths) -> dict:
         warning = classes.check_usable(Counter(zip(splits, (r.label for r in kept))))  # before hours of decoding; again after
     except DatasetError as err:
         raise quarantine.explained(err, rejected) from None
-    if warning and not params.train_rotations:  # rotated copies are more classes: said after decoding, if still so
-        print(f"ingest: warning: {warning}", file=sys.stderr)
-    else:
-        warning = None
+    # Rotated copies are more classes: with them, the warning waits for the decoded table.
+    said = None if params.train_rotations else warning
+    if said:
+        print(f"ingest: warning: {said}", file=sys.stderr)
     # Deterministic row order whatever the file-system order: by split, label, then source path.
     # Known before decoding (content ids are not: workers hash what they decode), so rows stream
     # out as they are decoded; of duplicate files, the first in this order is kept.
@@ -121,7 +121,7 @@ def run(params: IngestParams, paths: Paths) -> dict:
             after = classes.check_usable(counts)  # decode failures or duplicates may have emptied classes
         except DatasetError as err:  # no output is written
             raise quarantine.explained(err, rejected) from None
-        if after and after != warning:
+        if after and after != said:
             print(f"ingest: warning: {after}", file=sys.stderr)
         summary = classes.summary(counts, rejected, len(params.train_rotations))
         w.finish({

@@ -114,3 +114,14 @@ def run_stages(params, last: str = "evaluate") -> dict[str, dict]:
         if name == last:
             break
     return results
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend this machine has ``n`` CUDA devices (0: no CUDA), whatever it has: ``gpus(n)``."""
+    import torch
+
+    def set_gpus(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return set_gpus

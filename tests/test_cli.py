@@ -48,26 +48,20 @@ def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path, signum,
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".tripletflow.lock") == ["params.yaml"]
 
 
-def test_a_device_option_takes_what_a_stage_device_param_takes(capsys, monkeypatch):
+def test_a_device_option_takes_what_a_stage_device_param_takes(capsys, gpus):
     """tasks.query and tasks.oneshot: --device cuda:x was a bare ValueError from deep inside, and
     a GPU the machine lacks an error naming a params key the commands do not have."""
-    import torch
-
     from tasks import oneshot, query
     from tasks.cli import device_arg
 
-    def set_gpus(n: int) -> None:  # pretend this machine has n CUDA devices, whatever it has
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-
-    set_gpus(2)
+    gpus(2)
     assert [device_arg(v) for v in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
     refused = [(2, "cuda:x", "'cuda:x': auto, cpu, cuda or cuda:N"),
                (2, "cuda:2", "'cuda:2' asked for, but this machine has 2 GPU(s)"),
                (0, "cuda", "'cuda' asked for, but CUDA is not available here")]
     for main, argv in ((query.main, ["x.png"]), (oneshot.main, ["--model", "m.pt", "--runs", "r.zip"])):
         for n, device, why in refused:
-            set_gpus(n)
+            gpus(n)
             with pytest.raises(SystemExit) as exit_:
                 main(argv + ["--device", device])
             assert exit_.value.code == 2

@@ -25,11 +25,10 @@ def test_local_rows_split_a_batch_into_contiguous_slices_in_rank_order():
         distributed.local_rows(batch, World(0, 5))
 
 
-def test_launch_refuses_more_processes_than_gpus_before_starting_torchrun(monkeypatch, tmp_path):
+def test_launch_refuses_more_processes_than_gpus_before_starting_torchrun(monkeypatch, gpus, tmp_path):
     """The same rule as the flow's preflight (models.gpu_errors), asked where a stage run by
     hand meets it: before any process starts."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpus(2)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("torchrun started"))
     params = load_params(ROOT / "params.yaml", {"train.processes": 4})
     with pytest.raises(ParamsError, match=r"^train\.processes: 4 processes but 2 GPUs here$"):

@@ -47,15 +47,14 @@ def test_pick_device():
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_pick_device_names_the_key_of_a_gpu_this_machine_lacks(monkeypatch):
+def test_pick_device_names_the_key_of_a_gpu_this_machine_lacks(gpus):
     """A stage run by hand (no flow preflight) learns which key asks for the GPU, before any CUDA call
     fails on it (cuda:3 on one GPU used to be a torch error at the first tensor moved)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    gpus(1)
     with pytest.raises(ParamsError, match=r"^evaluate\.device: 'cuda:3' asked for, but this machine has 1 GPU\(s\)$"):
         pick_device("cuda:3", "evaluate")
     assert pick_device("cuda:0", "evaluate") == torch.device("cuda:0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpus(0)
     with pytest.raises(ParamsError, match=r"^device: 'cuda' asked for, but CUDA is not available here$"):
         pick_device("cuda")
 

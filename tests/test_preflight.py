@@ -16,15 +16,6 @@ def _params(overrides: dict, root: Path):
     return parse_params(apply_overrides(default_params(), overrides), root)
 
 
-@pytest.fixture
-def gpus(monkeypatch):
-    """Pretend this machine has ``n`` CUDA devices (0: no CUDA), whatever it has."""
-    def set_gpus(n: int) -> None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
-    return set_gpus
-
-
 @pytest.mark.parametrize("overrides, n, expected", [
     ({"train.device": "cuda"}, 0, ["train.device: 'cuda' asked for, but CUDA is not available here"]),
     ({"export_embeddings.device": "cuda:0", "evaluate.device": "cuda"}, 0,

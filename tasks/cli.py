@@ -29,10 +29,10 @@ def device_arg(value: str) -> str:
     machine has (the error then names ``--device``, not a params key)."""
     if not re.match(DEVICE_PATTERN, value):
         raise argparse.ArgumentTypeError(f"{value!r}: auto, cpu, cuda or cuda:N")
-    from tasks.models import gpu_errors  # torch: only for the commands that take --device
+    from tasks.models import device_lack  # torch: only for the commands that take --device
 
-    if errors := gpu_errors("", value):
-        raise argparse.ArgumentTypeError(errors[0].removeprefix("device: "))
+    if why := device_lack(value):
+        raise argparse.ArgumentTypeError(why)
     return value
 
 

@@ -75,6 +75,23 @@ def pick_device(name: str, section: str = "") -> torch.device:
     return torch.device(name)
 
 
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_lack(device: str) -> str | None:
+    """Why this machine cannot give ``device`` — a CUDA device it lacks — or None. Keyless, so
+    each caller names its own: a params key (:func:`gpu_errors`), ``--device`` (:mod:`tasks.cli`)."""
+    if not device.startswith("cuda"):
+        return None
+    gpus = _gpu_count()
+    if not gpus:
+        return f"{device!r} asked for, but CUDA is not available here"
+    if device.startswith("cuda:") and int(device[5:]) >= gpus:
+        return f"{device!r} asked for, but this machine has {gpus} GPU(s)"
+    return None
+
+
 def gpu_errors(section: str, device: str, processes: int = 1) -> list[str]:
     """``key: why`` for a ``device`` and process count this machine's GPUs cannot give (the flow's
     preflight, before any stage; :func:`tasks.distributed.launch`, before torchrun; every stage's
@@ -82,12 +99,9 @@ def gpu_errors(section: str, device: str, processes: int = 1) -> list[str]:
     several processes; on a CPU, processes share its cores."""
     if not device.startswith("cuda") and (device != "auto" or processes == 1):
         return []
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    key = f"{section}.device" if section else "device"
-    if device.startswith("cuda") and not gpus:
-        return [f"{key}: {device!r} asked for, but CUDA is not available here"]
-    if device.startswith("cuda:") and int(device[5:]) >= gpus:
-        return [f"{key}: {device!r} asked for, but this machine has {gpus} GPU(s)"]
+    if why := device_lack(device):
+        return [f"{section}.device: {why}" if section else f"device: {why}"]
+    gpus = _gpu_count()
     if processes > gpus and (device.startswith("cuda") or gpus):
         return [f"{section}.processes: {processes} processes but {gpus} GPUs here"]
     return []

@@ -133,7 +133,8 @@ def run(params: EvaluateParams, paths: Paths) -> dict:
             parent.artifact(path, "evaluation")
         registered = {}
         if params.registered_model:
-            registered = registry.register(paths, params.registered_model, parent.run_id, result)
+            # _read checked the embeddings' model digest against paths.model: the model's own
+            registered = registry.register(paths, params.registered_model, parent.run_id, result, ids_meta["model_sha256"])
             child.tags({f"tripletflow.{k}": str(v) for k, v in registered.items()})
     tracking.finish_pipeline_run(Path(paths.root), parent.run_id)
     return result | registered

@@ -76,14 +76,16 @@ def log_model(paths: Paths, run_id: str) -> str:
     return f"{client.get_run(run_id).info.artifact_uri}/model"
 
 
-def register(paths: Paths, name: str, run_id: str, metrics: dict) -> dict:
-    """Log the model, create a version of ``name`` and give it ``champion`` or ``challenger``."""
+def register(paths: Paths, name: str, run_id: str, metrics: dict, digest: str | None = None) -> dict:
+    """Log the model, create a version of ``name`` and give it ``champion`` or ``challenger``.
+    ``digest``: ``paths.model``'s SHA-256 where the caller has already checked it (evaluate has:
+    a second read of the model file would only repeat it)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking.tracking_uri(Path(paths.root)))
     eval_set = evaluation_set_id(paths)
-    digest = C.file_digest(paths["model"])
+    digest = digest or C.file_digest(paths["model"])
     score = float(metrics[METRIC])
     try:
         client.get_registered_model(name)

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import FAST, run_stages
 from tasks import build_index, evaluate, export_embeddings, registry, tracking
+from tasks.contracts import file_digest
 from tasks.models import load_checkpoint, save_checkpoint
 from tasks.params import load_params
 
@@ -31,6 +32,8 @@ def test_first_version_is_champion_and_its_pyfunc_maps_images_to_embeddings(eval
     client = _client(evaluated)
     mv = client.get_model_version_by_alias("embedder", "champion")
     assert float(mv.tags["map_at_r"]) == pytest.approx(result["map_at_r"])
+    # evaluate hands register the digest it checked; the tag still names these weights
+    assert mv.tags["model_sha256"] == file_digest(evaluated.paths["model"])
     assert mv.run_id == tracking.parent_from_run_info(evaluated.paths.root, evaluated.paths["run_info"])
 
     import mlflow.pyfunc

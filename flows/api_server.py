@@ -1,0 +1,62 @@
+"""Prefect's temporary API server for a flow run from the command line, out of Ctrl-C's reach.
+
+Without an API URL, Prefect starts an ephemeral server as a child in our process group. A
+terminal's Ctrl-C goes to the whole group: the server died with the flow, and the flow's report
+of its own crash then failed — a ConnectError traceback instead of one "interrupted" line,
+"Error logging to API" on stderr, and the flow run left Running in Prefect's database.
+
+:func:`start_detached` starts that same server first, in a process group of its own. Ctrl-C then
+reaches only the flow; the flow reports its crash, and Prefect's exit function stops the server.
+On Linux the server also gets SIGTERM when this process dies without that exit function
+(SIGKILL, the OOM killer), instead of being left running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from prefect.server.api import server as prefect_server
+from prefect.settings import get_current_settings
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG); None
+    elsewhere. Looked up here, in the parent: the child runs only the call, between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, 15
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
+
+
+class _DetachedServer(prefect_server.SubprocessASGIServer):
+    """Prefect's ephemeral server, its uvicorn command unchanged, in a process group of its own.
+
+    Prefect's clients ask for ``SubprocessASGIServer()``, a singleton per port (None: any port),
+    stored on the base class: an instance of this subclass started first is the one they get."""
+
+    def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+        # Prefect's method builds the command and calls subprocess.Popen: only the process
+        # group and the death signal are added, for this one call (made before the flow runs).
+        popen = subprocess.Popen
+
+        def detached(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+            return popen(*args, **kwargs, process_group=0, preexec_fn=_die_with_parent())
+
+        prefect_server.subprocess.Popen = detached
+        try:
+            return super()._run_uvicorn_command()
+        finally:
+            prefect_server.subprocess.Popen = popen
+
+
+def start_detached() -> None:
+    """Start Prefect's ephemeral API server in its own process group, where this process would
+    start one (no ``PREFECT_API_URL``: a real server is left alone). Prefect stops it at exit."""
+    if get_current_settings().api.url or None in prefect_server.SubprocessASGIServer._instances:
+        return
+    _DetachedServer().start()

@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> None:
                         "evaluate.recall_at=[1,5]); repeatable")
     args = parser.parse_args(argv)
     from flows import api_server
-    from tasks.cli import USER_ERRORS, exit_interrupted, json_line, stop_on_sigterm
+    from tasks.cli import USER_ERRORS, exit_interrupted, json_line, stop_on_signals
 
-    stop_on_sigterm()
+    stop_on_signals()
 
     try:
         # Validate before starting Prefect (its ephemeral server takes seconds to come up).
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
     except KeyboardInterrupt as err:
-        # Ctrl-C, or SIGTERM: during a flow run Prefect's own SIGTERM handler crashes the run, then
-        # hands the signal on to stop_on_sigterm's, which raises Terminated here.
+        # Ctrl-C, SIGTERM or SIGHUP: during a flow run Prefect's own SIGTERM handler crashes the
+        # run, then hands the signal on to stop_on_signals's, which raises Terminated here.
         exit_interrupted("tripletflow", err)
     print(json_line(result))
 

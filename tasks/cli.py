@@ -47,7 +47,7 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     args = parser.parse_args(argv)
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         params = load_params(args.params)
         section = getattr(params, name)
@@ -70,29 +70,41 @@ def _project_lock(root: Path, name: str) -> AbstractContextManager:
     return project_lock.hold(root, f"python -m tasks.{name}")
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (``kill``, a job scheduler, a container stopping) unwinds like Ctrl-C: Python's
-    default ends the process on the spot, leaving atomic writes' temporary files behind and
-    MLflow runs RUNNING; as KeyboardInterrupt, every ``finally`` and ``with`` cleans up."""
+def stop_on_signals() -> None:
+    """SIGTERM (``kill``, a job scheduler, a container stopping) and SIGHUP (the terminal closed)
+    unwind like Ctrl-C: Python's default ends the process on the spot, leaving atomic writes'
+    temporary files behind and MLflow runs RUNNING; as KeyboardInterrupt, every ``finally`` and
+    ``with`` cleans up. An ignored SIGHUP (``nohup``) stays ignored: the run was meant to outlive
+    its terminal."""
     def interrupt(signum: int, _frame: object) -> None:
-        raise Terminated(f"signal {signum}")
+        raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, interrupt)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, interrupt)
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised as Ctrl-C is (:func:`stop_on_sigterm`): the same clean-up, its own exit status."""
+    """SIGTERM or SIGHUP, raised as Ctrl-C is (:func:`stop_on_signals`): the same clean-up, its
+    own exit status (128 + ``signum``)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 def exit_interrupted(prog: str, err: KeyboardInterrupt) -> NoReturn:
-    """End a command that Ctrl-C or SIGTERM stopped (after its clean-up) with one line, no
-    traceback, and the status a shell reads as "stopped by that signal": 143 for SIGTERM; for
-    Ctrl-C, death by SIGINT itself. A shell loop (`for m in ...; do python -m flows.pipeline ...`)
-    stops at Ctrl-C only when its child dies of SIGINT: an exit status of 130 tells it the child
-    handled Ctrl-C, and the loop went on to the next run."""
-    print(f"{prog}: interrupted", file=sys.stderr)
+    """End a command that Ctrl-C, SIGTERM or SIGHUP stopped (after its clean-up) with one line, no
+    traceback, and the status a shell reads as "stopped by that signal": 143 for SIGTERM, 129 for
+    SIGHUP; for Ctrl-C, death by SIGINT itself. A shell loop (`for m in ...; do python -m
+    flows.pipeline ...`) stops at Ctrl-C only when its child dies of SIGINT: an exit status of 130
+    tells it the child handled Ctrl-C, and the loop went on to the next run."""
+    try:
+        print(f"{prog}: interrupted", file=sys.stderr)
+    except OSError:  # SIGHUP: the terminal may be gone
+        pass
     if isinstance(err, Terminated):
-        raise SystemExit(128 + signal.SIGTERM) from None
+        raise SystemExit(128 + err.signum) from None
     # What Python does for an uncaught KeyboardInterrupt, without its traceback: the exit
     # functions (Prefect's server shutdown is one), then death by SIGINT. (Re-raising with a
     # silent sys.excepthook would do it too, but once torchvision is imported Python exits 1.)

@@ -20,12 +20,13 @@ def test_json_line_is_strict_json_with_null_for_non_finite_numbers():
     assert got["train"]["loss"] == 0.5 and got["train"]["dev"].startswith("<class")
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)])
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, -signal.SIGINT)])
 def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path, signum, status):
-    """Python's default SIGTERM ends the process on the spot: an atomic write's temporary file
-    stayed beside its output. Here the stage is stopped inside one, and cleans up; it then ends
-    as a shell expects of that signal — 143, or death by SIGINT (an exit status of 130 let a shell
-    loop of stages go on after Ctrl-C) — on one line, no traceback."""
+    """Python's default SIGTERM (and SIGHUP, the terminal closed) ends the process on the spot: an
+    atomic write's temporary file stayed beside its output. Here the stage is stopped inside one,
+    and cleans up; it then ends as a shell expects of that signal — 143, 129, or death by SIGINT
+    (an exit status of 130 let a shell loop of stages go on after Ctrl-C) — on one line, no
+    traceback."""
     from conftest import ROOT
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -33,6 +34,7 @@ def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path, signum,
         "import signal, sys, time\nfrom pathlib import Path\nfrom tasks import cli, contracts\n"
         # Ctrl-C's KeyboardInterrupt even where this test runs with SIGINT ignored (a background job)
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"  # and SIGHUP's default, where run under nohup
         "def run(params, paths):\n"
         "    with contracts.atomic_path(Path(paths.root) / 'out.bin') as tmp:\n"
         "        tmp.write_bytes(b'half'); print('writing', flush=True); time.sleep(600)\n"
@@ -46,6 +48,24 @@ def test_sigterm_unwinds_like_ctrl_c_leaving_no_temporary_file(tmp_path, signum,
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == status and err.strip() == "tripletflow ingest: interrupted"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".tripletflow.lock") == ["params.yaml"]
+
+
+def test_a_nohup_run_keeps_ignoring_sighup():
+    """``nohup`` ignores SIGHUP so that the run outlives its terminal: stop_on_signals must not
+    turn that into an interrupt."""
+    from tasks.cli import stop_on_signals
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        stop_on_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def test_a_device_option_takes_what_a_stage_device_param_takes(capsys, gpus):

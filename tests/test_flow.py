@@ -131,15 +131,19 @@ def test_a_flow_run_holds_the_project_for_its_whole_run(make_project):
     assert not (params_file.parent / "mlflow.db").exists()
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def _interrupted_in_train(params_file: Path, kill: Callable[[int], None], what: str) -> tuple[int, str]:
     """Run the flow CLI in its own session, ``kill(pid)`` once train has started; -> exit status
     and everything it printed after make_batches. The session is killed if it outlives 90 s. SIGINT
-    is the default action in the child, as in a terminal: where these tests run with it ignored (a
-    background job), the child would inherit SIG_IGN, and only the Prefect server's own handler
-    would stop — the flow would then fail on the dead server, not on Ctrl-C."""
+    and SIGHUP have their default actions in the child, as in a terminal: where these tests run
+    with them ignored (a background job, nohup), the child would inherit SIG_IGN and ignore them."""
     proc = subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--params", str(params_file)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_signals)
     for line in proc.stdout:
         if "Task run 'make_batches" in line and "Completed" in line:
             break
@@ -167,12 +171,14 @@ def test_ctrl_c_on_the_flow_cli_ends_it_promptly(make_project):
     assert "tripletflow: interrupted" in rest and "Traceback" not in rest and "Error logging to API" not in rest, rest
 
 
-def test_sigterm_to_the_flow_cli_ends_it_on_one_line(make_project):
-    """``kill PID`` (a job scheduler, a container stopping) mid-train: Prefect logs the crash; the
-    command ends with one line and 143, as a stage does — it was a 44-frame traceback."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_to_the_flow_cli_ends_it_on_one_line(make_project, signum):
+    """``kill PID`` (a job scheduler, a container stopping) mid-train, or SIGHUP (the terminal
+    closed; Prefect has no handler for it): Prefect logs the crash; the command ends with one line
+    and 128 + the signal, as a stage does — SIGTERM's was a 44-frame traceback."""
     params_file = make_project(FAST | {"make_batches.epochs": 200})
-    code, rest = _interrupted_in_train(params_file, lambda pid: os.kill(pid, signal.SIGTERM), "SIGTERM")
-    assert code == 128 + signal.SIGTERM and "Task run 'train" in rest and "Crashed" in rest, rest
+    code, rest = _interrupted_in_train(params_file, lambda pid: os.kill(pid, signum), signal.Signals(signum).name)
+    assert code == 128 + signum and "Task run 'train" in rest and "Crashed" in rest, rest
     assert "tripletflow: interrupted" in rest and "Traceback" not in rest, rest
 
 

@@ -14,9 +14,11 @@ On Linux the server also gets SIGTERM when this process dies without that exit f
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from prefect.server.api import server as prefect_server
@@ -24,13 +26,20 @@ from prefect.settings import get_current_settings
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG); None
-    elsewhere. Looked up here, in the parent: the child runs only the call, between fork and exec."""
+    """A ``preexec_fn`` asking Linux for SIGTERM when this process dies (PR_SET_PDEATHSIG); None
+    elsewhere. prctl is looked up here, in the parent: the child only calls it, between fork and
+    exec. A parent already dead by then would never signal: the child then exits instead."""
     if not sys.platform.startswith("linux"):
         return None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
-    pr_set_pdeathsig, sigterm = 1, 15
-    return lambda: prctl(pr_set_pdeathsig, sigterm)
+    parent, pr_set_pdeathsig, sigterm = os.getpid(), 1, 15
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 class _DetachedServer(prefect_server.SubprocessASGIServer):
@@ -40,23 +49,26 @@ class _DetachedServer(prefect_server.SubprocessASGIServer):
     stored on the base class: an instance of this subclass started first is the one they get."""
 
     def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
-        # Prefect's method builds the command and calls subprocess.Popen: only the process
-        # group and the death signal are added, for this one call (made before the flow runs).
-        popen = subprocess.Popen
-
+        # Prefect's method builds the command and calls subprocess.Popen. Its module's name
+        # ``subprocess`` (not the shared module) stands for one adding only the process group and
+        # the death signal, for this one call.
         def detached(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-            return popen(*args, **kwargs, process_group=0, preexec_fn=_die_with_parent())
+            return subprocess.Popen(*args, **kwargs, process_group=0, preexec_fn=_die_with_parent())
 
-        prefect_server.subprocess.Popen = detached
+        shared = prefect_server.subprocess
+        prefect_server.subprocess = SimpleNamespace(Popen=detached)
         try:
             return super()._run_uvicorn_command()
         finally:
-            prefect_server.subprocess.Popen = popen
+            prefect_server.subprocess = shared
 
 
 def start_detached() -> None:
     """Start Prefect's ephemeral API server in its own process group, where this process would
-    start one (no ``PREFECT_API_URL``: a real server is left alone). Prefect stops it at exit."""
-    if get_current_settings().api.url or None in prefect_server.SubprocessASGIServer._instances:
+    start one (no ``PREFECT_API_URL``: a real server is left alone; ephemeral mode not turned
+    off). Prefect stops it at exit."""
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
         return
-    _DetachedServer().start()
+    if None not in prefect_server.SubprocessASGIServer._instances:
+        _DetachedServer().start()

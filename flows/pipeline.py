@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,20 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _few_retries() -> AbstractContextManager:
+    """One retry, not five, for the API client when this process runs its own (ephemeral) API.
+    Ctrl-C no longer reaches that server (flows.api_server), but a signal to every process at once
+    still kills it with the flow (``systemctl stop`` signals the whole control group): the flow's
+    report of the interrupt to the dead server then took 2.5 minutes of retries with back-off (16 s
+    with one). A user's PREFECT_CLIENT_MAX_RETRIES, or a real server (PREFECT_API_URL), keeps
+    Prefect's setting."""
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url or "PREFECT_CLIENT_MAX_RETRIES" in os.environ:
+        return nullcontext()
+    return temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 1})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flows.pipeline",
@@ -179,7 +194,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="override one dotted key, the value read as YAML (train.optimizer.lr=3e-4, "
                         "evaluate.recall_at=[1,5]); repeatable")
     args = parser.parse_args(argv)
-    from flows import api_server
     from tasks.cli import USER_ERRORS, exit_interrupted, json_line, stop_on_signals
 
     stop_on_signals()
@@ -194,13 +208,17 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(params.paths.root)
         with project_lock.hold(root, "python -m flows.pipeline (starting)"):
             pass  # another run in this project: say so now (the flow run takes the lock itself)
+        from flows import api_server  # after validation: Prefect's server module takes seconds to import
+
         api_server.start_detached()  # Ctrl-C reaches the flow, not the server it reports to
-        result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)
+        with _few_retries():
+            result = pipeline(params_file=params_file, overrides=overrides or None, preset=preset)
     except USER_ERRORS as err:
         raise SystemExit(f"tripletflow: error: {err}") from None
     except KeyboardInterrupt as err:
-        # Ctrl-C, SIGTERM or SIGHUP: during a flow run Prefect's own SIGTERM handler crashes the
-        # run, then hands the signal on to stop_on_signals's, which raises Terminated here.
+        # Ctrl-C, SIGTERM or SIGHUP. During a flow run Prefect's own SIGTERM handler crashes the
+        # run, then hands the signal on to stop_on_signals's; SIGHUP goes to that handler directly
+        # (Prefect has none). Either raises Terminated here.
         exit_interrupted("tripletflow", err)
     print(json_line(result))
 

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -57,7 +58,7 @@ def stage_main(name: str, run: Callable[..., dict], argv: list[str] | None = Non
     except USER_ERRORS as err:
         print(f"tripletflow {name}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM, once the stage has cleaned up (no half file)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP, once the stage has cleaned up (no half file)
         exit_interrupted(f"tripletflow {name}", err)
     print(json_line({name: result}))
 
@@ -89,8 +90,11 @@ class Terminated(KeyboardInterrupt):
     own exit status (128 + ``signum``)."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum}")
+        super().__init__(signum)  # the args pickle rebuilds it from
         self.signum = signum
+
+    def __str__(self) -> str:
+        return f"signal {self.signum}"
 
 
 def exit_interrupted(prog: str, err: KeyboardInterrupt) -> NoReturn:
@@ -105,11 +109,15 @@ def exit_interrupted(prog: str, err: KeyboardInterrupt) -> NoReturn:
         pass
     if isinstance(err, Terminated):
         raise SystemExit(128 + err.signum) from None
-    # What Python does for an uncaught KeyboardInterrupt, without its traceback: the exit
-    # functions (Prefect's server shutdown is one), then death by SIGINT. (Re-raising with a
-    # silent sys.excepthook would do it too, but once torchvision is imported Python exits 1.)
+    # What Python does for an uncaught KeyboardInterrupt, without its traceback, in its order:
+    # threading's exit hooks (Prefect drains its log and event workers there) and the wait for
+    # other threads, then the exit functions (Prefect's server shutdown is one), then death by
+    # SIGINT. Exit functions first stopped the server under the log worker's last batch ("Error
+    # logging to API"). (Re-raising with a silent sys.excepthook would do it all too, but once
+    # torchvision is imported Python exits 1.)
     sys.stdout.flush()
     sys.stderr.flush()
+    threading._shutdown()
     atexit._run_exitfuncs()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)

@@ -283,7 +283,7 @@ def stage_run(
 
 def ended_by(err: BaseException) -> str:
     """The MLflow status of a run that ``err`` ended: KILLED when it was stopped from outside —
-    Ctrl-C or SIGTERM (KeyboardInterrupt), a cancelled Prefect run (its TerminationSignal), an
-    exit: none of them is an ``Exception`` — and FAILED for an error, so failure counts in MLflow
-    do not include cancellations."""
+    Ctrl-C, SIGTERM or SIGHUP (KeyboardInterrupt), a cancelled Prefect run (its
+    TerminationSignal), an exit: none of them is an ``Exception`` — and FAILED for an error, so
+    failure counts in MLflow do not include cancellations."""
     return "FAILED" if isinstance(err, Exception) else "KILLED"

@@ -26,13 +26,18 @@ def _client(params):
     return MlflowClient(tracking.tracking_uri(params.paths.root))
 
 
-def test_first_version_is_champion_and_its_pyfunc_maps_images_to_embeddings(evaluated):
+def test_first_version_is_champion_and_its_pyfunc_maps_images_to_embeddings(evaluated, monkeypatch):
+    from tasks import contracts
+
+    hashed = []
+    monkeypatch.setattr(contracts, "file_digest", lambda path, *a: hashed.append(path) or file_digest(path, *a))
     result = evaluate.run(evaluated.evaluate, evaluated.paths)
+    assert hashed.count(evaluated.paths["model"]) == 1  # checked against the embeddings, not again to register
     assert (result["model_version"], result["model_alias"]) == (1, "champion")
     client = _client(evaluated)
     mv = client.get_model_version_by_alias("embedder", "champion")
     assert float(mv.tags["map_at_r"]) == pytest.approx(result["map_at_r"])
-    # evaluate hands register the digest it checked; the tag still names these weights
+    # register got the digest evaluate checked: the tag still names these weights
     assert mv.tags["model_sha256"] == file_digest(evaluated.paths["model"])
     assert mv.run_id == tracking.parent_from_run_info(evaluated.paths.root, evaluated.paths["run_info"])
 

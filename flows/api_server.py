@@ -13,33 +13,16 @@ On Linux the server also gets SIGTERM when this process dies without that exit f
 
 from __future__ import annotations
 
-import ctypes
 import os
+import signal
 import subprocess
-import sys
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 from prefect.server.api import server as prefect_server
 from prefect.settings import get_current_settings
 
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux for SIGTERM when this process dies (PR_SET_PDEATHSIG); None
-    elsewhere. prctl is looked up here, in the parent: the child only calls it, between fork and
-    exec. A parent already dead by then would never signal: the child then exits instead."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent, pr_set_pdeathsig, sigterm = os.getpid(), 1, 15
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, sigterm)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+from tasks.cli import parent_death_signal
 
 
 class _DetachedServer(prefect_server.SubprocessASGIServer):
@@ -53,7 +36,8 @@ class _DetachedServer(prefect_server.SubprocessASGIServer):
         # ``subprocess`` (not the shared module) stands for one adding only the process group and
         # the death signal, for this one call.
         def detached(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-            return subprocess.Popen(*args, **kwargs, process_group=0, preexec_fn=_die_with_parent())
+            death = parent_death_signal(signal.SIGTERM, os.getpid())  # run in the child
+            return subprocess.Popen(*args, **kwargs, process_group=0, preexec_fn=death)
 
         shared = prefect_server.subprocess
         prefect_server.subprocess = SimpleNamespace(Popen=detached)

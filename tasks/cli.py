@@ -124,6 +124,25 @@ def exit_interrupted(prog: str, err: KeyboardInterrupt) -> NoReturn:
     raise SystemExit(128 + signal.SIGINT)  # where SIGINT cannot end a process (not on POSIX)
 
 
+def parent_death_signal(signum: int, parent: int) -> Callable[[], None] | None:
+    """A call that has Linux send ``signum`` to the calling process when its parent dies
+    (PR_SET_PDEATHSIG), or None elsewhere. ``parent``: the pid its parent must have. A parent gone
+    before the call would never signal: the process then exits at once. prctl is looked up here,
+    so the call also serves as a ``preexec_fn``, run in the child between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def call() -> None:
+        prctl(1, signum)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return call
+
+
 def json_line(obj: object) -> str:
     """``obj`` as strict JSON: NaN and ±inf (an epoch that mined nothing has no mean distance)
     become null — ``json.dumps`` would write NaN, which no JSON parser but Python's reads."""

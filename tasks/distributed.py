@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tasks.cli import parent_death_signal
 from tasks.errors import ParamsError
 from tasks.models import gpu_errors, pick_device
 
@@ -114,15 +116,8 @@ def _die_with_parent() -> None:
     """This rank dies with its torchrun agent (Linux: PR_SET_PDEATHSIG). An agent killed with
     SIGKILL cannot stop its workers, and orphaned ranks would go on training and write the stage's
     outputs under a restarted run's feet."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the agent died before the call: nobody would signal us
-        os._exit(1)
+    if die := parent_death_signal(signal.SIGKILL, os.getppid()):
+        die()
 
 
 def gather_rows(part: np.ndarray, beside: Path, world: World) -> np.ndarray:
